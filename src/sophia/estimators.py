@@ -1,0 +1,140 @@
+"""Estimators of the Hessian diagonal that Sophia folds into its state every k steps.
+
+* Gauss-Newton-Bartlett (Sophia-G): draw labels ŷ from the model's own softmax, back-propagate
+  the mean cross-entropy on ŷ over its B samples, and take ĥ = B · ĝ ⊙ ĝ. Its expectation is
+  the diagonal of the Gauss-Newton matrix of the mean loss. ``sampled_cross_entropy`` gives the
+  loss and B; ``SophiaG.update_hessian(scale=B)`` does the rest from ``p.grad``.
+* Hutchinson (Sophia-H): with u of i.i.d. ±1 entries, ĥ = u ⊙ (∇²L · u) is unbiased for the
+  Hessian diagonal. ``hutchinson_estimate`` computes it with one Hessian-vector product.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["sampled_cross_entropy", "rademacher_like", "hutchinson_estimate"]
+
+
+def sampled_cross_entropy(
+    logits: Tensor,
+    *,
+    targets: Tensor | None = None,
+    ignore_index: int = -100,
+    mask: Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, int]:
+    """Mean cross-entropy of ``logits`` against labels drawn from ``softmax(logits)``.
+
+    Args:
+        logits: ``(..., C)`` unnormalised scores, any float dtype; classes last.
+        targets: optional ``(...)`` integer tensor shaped like ``logits[..., 0]``; positions
+            equal to ``ignore_index`` (padding) are left out of the mean.
+        ignore_index: the value of ``targets`` that marks a position to leave out.
+        mask: optional ``(...)`` bool tensor; only positions where it is True enter the mean.
+        generator: the random source of the draw (on ``logits``' device); default: global.
+
+    Returns:
+        ``(loss, num_samples)``: a 0-dim tensor whose backward gives ĝ (the draw itself
+        carries no gradient), and the number B of positions in the mean, a Python int. Pass
+        B — summed over all data-parallel ranks — as ``SophiaG.update_hessian(scale=B)``.
+    """
+    if logits.dim() < 1 or logits.shape[-1] < 1:
+        raise ValueError(f"logits must have a class dimension last, got shape {tuple(logits.shape)}")
+    num_classes = logits.shape[-1]
+    flat_logits = logits.reshape(-1, num_classes)
+    keep = torch.ones(flat_logits.shape[0], dtype=torch.bool, device=logits.device)
+    for name, selector in (("targets", targets), ("mask", mask)):
+        if selector is None:
+            continue
+        if selector.shape != logits.shape[:-1]:
+            raise ValueError(
+                f"{name} must have shape {tuple(logits.shape[:-1])} (logits without the class "
+                f"dimension), got {tuple(selector.shape)}"
+            )
+        selected = selector != ignore_index if name == "targets" else selector.to(torch.bool)
+        keep &= selected.reshape(-1).to(logits.device)
+
+    with torch.no_grad():
+        probabilities = torch.softmax(flat_logits.float(), dim=-1)
+        labels = torch.multinomial(probabilities, 1, generator=generator).squeeze(-1)
+        labels = labels.masked_fill(~keep, -100)
+    num_samples = int(keep.sum())
+    if num_samples == 0:
+        raise ValueError("sampled_cross_entropy got no position to sample: every one is masked")
+    loss = F.cross_entropy(flat_logits, labels, ignore_index=-100, reduction="mean")
+    return loss, num_samples
+
+
+def rademacher_like(tensor: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """A tensor shaped and typed like ``tensor`` with i.i.d. entries ±1 (probability ½ each).
+
+    Drawn on the generator's device (CPU by default) and moved to ``tensor``'s.
+    """
+    device = generator.device if generator is not None else tensor.device
+    bits = torch.randint(0, 2, tensor.shape, generator=generator, device=device)
+    return (bits * 2 - 1).to(device=tensor.device, dtype=tensor.dtype)
+
+
+_NO_DOUBLE_BACKWARD_HINT = (
+    "the loss closure uses an operation with no double backward (most often a fused "
+    "scaled_dot_product_attention kernel). SophiaH needs a Hessian-vector product: run the "
+    "closure with math attention, e.g. `update_hessian(closure, math_attention=True)` "
+    "(the default), or inside `torch.nn.attention.sdpa_kernel(SDPBackend.MATH)`."
+)
+
+
+def _math_attention() -> contextlib.AbstractContextManager:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.MATH])
+
+
+def hutchinson_estimate(
+    closure: Callable[[], Tensor],
+    params: Sequence[Tensor],
+    *,
+    generator: torch.Generator | None = None,
+    math_attention: bool = True,
+) -> list[Tensor]:
+    """One Hutchinson estimate ĥ = u ⊙ (∇²L · u) per parameter, u Rademacher.
+
+    Args:
+        closure: recomputes and returns the scalar loss L (without calling backward).
+        params: the tensors to differentiate against; ``p.grad`` is left untouched.
+        generator: random source of the probes u.
+        math_attention: run the closure under the math SDPA backend, the only one with a
+            double backward on every device. Costs speed on that one forward, only.
+
+    Returns:
+        a list of tensors shaped like ``params`` (zeros where L does not depend on p).
+    """
+    params = list(params)
+    context = _math_attention() if math_attention else contextlib.nullcontext()
+    with torch.enable_grad(), context:
+        loss = closure()
+        if not isinstance(loss, Tensor) or loss.dim() != 0:
+            raise ValueError("the closure must return the loss as a 0-dim tensor")
+        grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+        used = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
+        probes = [rademacher_like(p, generator) for p in params]
+        try:
+            hvps = torch.autograd.grad(
+                [grads[i] for i in used],
+                [params[i] for i in used],
+                grad_outputs=[probes[i] for i in used],
+                allow_unused=True,
+            )
+        except RuntimeError as error:
+            if "not implemented" in str(error) or "double backward" in str(error).lower():
+                raise RuntimeError(_NO_DOUBLE_BACKWARD_HINT) from error
+            raise
+    estimates = [torch.zeros_like(p) for p in params]
+    for index, hvp in zip(used, hvps):
+        if hvp is not None:
+            estimates[index] = probes[index] * hvp
+    return estimates
