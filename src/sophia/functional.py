@@ -25,6 +25,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .fused import fused_sophia_
+
 __all__ = [
     "sophia_update",
     "hessian_ema_update",
@@ -128,6 +130,7 @@ def sophia_update(
     eps: float,
     maximize: bool = False,
     foreach: bool = False,
+    fused: bool = False,
 ) -> None:
     """One Sophia step, in place, on matching lists of tensors.
 
@@ -143,7 +146,19 @@ def sophia_update(
         eps: floor of the denominator ρh.
         maximize: ascend instead of descend.
         foreach: use torch's multi-tensor kernels.
+        fused: use the one-pass CPU kernel of :mod:`sophia.fused` (bitwise equal to the
+            for-loop) on the tensors it supports; ``foreach`` picks the path for the rest.
     """
+    if fused:
+        left = fused_sophia_(
+            params, grads, exp_avgs, hessians,
+            lr=lr, beta1=beta1, rho=rho, weight_decay=weight_decay, eps=eps, maximize=maximize,
+        )
+        if not left:
+            return
+        params, grads, exp_avgs, hessians = (
+            [tensors[i] for i in left] for tensors in (params, grads, exp_avgs, hessians)
+        )
     update = _multi_tensor_sophia if foreach else _single_tensor_sophia
     update(
         params, grads, exp_avgs, hessians,

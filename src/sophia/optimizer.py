@@ -19,6 +19,9 @@ from .functional import (
     sophia_update,
     unclipped_count,
 )
+from .fused import is_available as fused_kernel_available
+from .fused import unavailable_reason as fused_kernel_unavailable_reason
+from .fused import warn_unavailable_once as warn_fused_kernel_unavailable
 
 __all__ = ["SophiaG", "SophiaH"]
 
@@ -52,6 +55,7 @@ class _Sophia(Optimizer):
         *,
         maximize: bool,
         foreach: bool | None,
+        fused: bool | None,
         refresh_every: int,
     ) -> None:
         _check_number("learning rate (lr)", lr)
@@ -66,9 +70,16 @@ class _Sophia(Optimizer):
             raise ValueError(f"Invalid refresh_every: {refresh_every!r}; it must be an int >= 1")
         if foreach is not None and not isinstance(foreach, bool):
             raise ValueError(f"Invalid foreach: {foreach!r}; expected True, False or None")
+        if fused is not None and not isinstance(fused, bool):
+            raise ValueError(f"Invalid fused: {fused!r}; expected True, False or None")
+        if fused and foreach:
+            raise ValueError("fused=True and foreach=True cannot be asked for together")
+        if fused and not fused_kernel_available():
+            reason = fused_kernel_unavailable_reason()
+            raise RuntimeError(f"fused=True, but the fused kernel is unavailable: {reason}")
         defaults = dict(
             lr=lr, betas=tuple(betas), rho=rho, weight_decay=weight_decay, eps=eps,
-            maximize=maximize, foreach=foreach, refresh_every=refresh_every,
+            maximize=maximize, foreach=foreach, fused=fused, refresh_every=refresh_every,
         )
         super().__init__(params, defaults)
         self.register_load_state_dict_pre_hook(_Sophia._remember_state_dtypes)
@@ -79,6 +90,7 @@ class _Sophia(Optimizer):
         for group in self.param_groups:
             group.setdefault("maximize", False)
             group.setdefault("foreach", None)
+            group.setdefault("fused", None)
             group.setdefault("eps", 1e-15)
             group.setdefault("refresh_every", 10)
         for param_state in self.state.values():
@@ -129,6 +141,25 @@ class _Sophia(Optimizer):
             return False
         return bool(params) and all(p.device.type in ("cuda", "xpu", "mps") for p in params)
 
+    def _use_fused(self, group: dict[str, Any], params: list[Tensor]) -> bool:
+        """The one-pass CPU kernel: when asked for, and by default where it applies.
+
+        It is bitwise equal to the for-loop, so the default (fused and foreach both None, as in
+        torch) takes it for CPU parameters unless the lr is a Tensor or the step is compiled.
+        """
+        if torch.compiler.is_compiling():
+            return False
+        if group["fused"] is not None:
+            return group["fused"]
+        if group["foreach"] is not None or isinstance(group["lr"], Tensor):
+            return False
+        if not any(p.device.type == "cpu" for p in params):
+            return False
+        if fused_kernel_available():
+            return True
+        warn_fused_kernel_unavailable()
+        return False
+
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
         """Perform one update of every parameter that has a gradient.
@@ -155,6 +186,7 @@ class _Sophia(Optimizer):
                 lr=group["lr"], beta1=group["betas"][0], rho=group["rho"],
                 weight_decay=group["weight_decay"], eps=group["eps"],
                 maximize=group["maximize"], foreach=self._use_foreach(group, params),
+                fused=self._use_fused(group, params),
             )
         return loss
 
@@ -233,6 +265,9 @@ class SophiaG(_Sophia):
         eps: floor of the denominator ρh (default 1e-15).
         maximize: maximise the objective instead of minimising it (default False).
         foreach: use the multi-tensor path; None picks it on accelerators (default None).
+        fused: use the one-pass CPU kernel of :mod:`sophia.fused`, bitwise equal to the
+            for-loop; None takes it for CPU parameters when it can be built, else falls back
+            with one warning; True raises if it cannot be built (default None).
         refresh_every: k, the Hessian refresh interval used by ``hessian_due()`` (default 10).
 
     Migrating from the official ``SophiaG``: where it called ``update_hessian()`` and
@@ -250,11 +285,12 @@ class SophiaG(_Sophia):
         *,
         maximize: bool = False,
         foreach: bool | None = None,
+        fused: bool | None = None,
         refresh_every: int = 10,
     ) -> None:
         super().__init__(
             params, lr, betas, rho, weight_decay, eps,
-            maximize=maximize, foreach=foreach, refresh_every=refresh_every,
+            maximize=maximize, foreach=foreach, fused=fused, refresh_every=refresh_every,
         )
 
     @torch.no_grad()
@@ -297,7 +333,7 @@ class SophiaH(_Sophia):
         weight_decay: decoupled weight decay (default 0.1).
         eps: floor of ρh (default 1e-15). A negative ĥ can make h negative; the floor turns
             such a coordinate's update into a full sign step, never a reversed one.
-        maximize, foreach, refresh_every: as in :class:`SophiaG`.
+        maximize, foreach, fused, refresh_every: as in :class:`SophiaG`.
     """
 
     def __init__(
@@ -311,11 +347,12 @@ class SophiaH(_Sophia):
         *,
         maximize: bool = False,
         foreach: bool | None = None,
+        fused: bool | None = None,
         refresh_every: int = 10,
     ) -> None:
         super().__init__(
             params, lr, betas, rho, weight_decay, eps,
-            maximize=maximize, foreach=foreach, refresh_every=refresh_every,
+            maximize=maximize, foreach=foreach, fused=fused, refresh_every=refresh_every,
         )
 
     def update_hessian(

@@ -1,0 +1,221 @@
+// One pass of the Sophia step per tensor: read θ, g, m, h once, write θ and m once.
+//
+// The arithmetic repeats, operation for operation and rounding for rounding, what
+// sophia.functional._single_tensor_sophia asks of torch's CPU kernels, so the result is
+// bitwise the same:
+//   θ ← θ·decay                              (param.mul_, rounded to θ's dtype)
+//   m ← fma(g, 1−β1, m·β1)                   (mul_ then add_(alpha=): torch fuses the alpha)
+//   r ← clamp(m / max(ρ·h, ε), −1, 1)        (NaN passes through, as in torch's clamp)
+//   θ ← fma(r, −lr, θ)                       (add_(alpha=−lr)); for bf16/fp16 θ with float32
+//                                            state: θ + round(r·(−lr)), as the .to() there does
+// Scalars arrive as doubles and are rounded to the state dtype, as torch rounds a Python
+// scalar to a kernel's compute type. Built with -ffp-contract=off so the compiler adds no
+// fusions of its own.
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+namespace {
+
+struct Coefficients {
+  double decay;            // 1 − lr·weight_decay
+  double beta1;
+  double one_minus_beta1;  // 1 − β1
+  double rho;
+  double eps;
+  double neg_lr;           // −lr
+  bool maximize;
+};
+
+// max(x, floor) and min(x, ceiling) the way torch's clamp does them: a NaN x passes through.
+template <typename T>
+inline T floor_at(T x, T floor) { return floor > x ? floor : x; }
+template <typename T>
+inline T ceil_at(T x, T ceiling) { return ceiling < x ? ceiling : x; }
+
+// θ, g and the state share one dtype T (float or double). Maximize negates g (a sign-bit flip,
+// as torch's neg does, so even a NaN gradient keeps its bits).
+template <typename T, bool Maximize>
+void step_same_dtype(T* __restrict param, const T* __restrict grad, T* __restrict exp_avg,
+                     const T* __restrict hessian, int64_t begin, int64_t end,
+                     const Coefficients& c) {
+  const T decay = static_cast<T>(c.decay), beta1 = static_cast<T>(c.beta1);
+  const T one_minus_beta1 = static_cast<T>(c.one_minus_beta1), rho = static_cast<T>(c.rho);
+  const T eps = static_cast<T>(c.eps), neg_lr = static_cast<T>(c.neg_lr);
+#pragma omp simd
+  for (int64_t i = begin; i < end; ++i) {
+    const T theta = param[i] * decay;
+    const T m = std::fma(Maximize ? -grad[i] : grad[i], one_minus_beta1, exp_avg[i] * beta1);
+    exp_avg[i] = m;
+    const T ratio = ceil_at(floor_at(m / floor_at(rho * hessian[i], eps), T(-1)), T(1));
+    param[i] = std::fma(ratio, neg_lr, theta);
+  }
+}
+
+// θ and g in a 16-bit type P, state and arithmetic in float32.
+template <typename P, bool Maximize>
+void step_low_precision(P* __restrict param, const P* __restrict grad,
+                        float* __restrict exp_avg, const float* __restrict hessian,
+                        int64_t begin, int64_t end, const Coefficients& c) {
+  const float decay = static_cast<float>(c.decay), beta1 = static_cast<float>(c.beta1);
+  const float one_minus_beta1 = static_cast<float>(c.one_minus_beta1);
+  const float rho = static_cast<float>(c.rho), eps = static_cast<float>(c.eps);
+  const float neg_lr = static_cast<float>(c.neg_lr);
+  for (int64_t i = begin; i < end; ++i) {
+    const float theta = static_cast<float>(P(static_cast<float>(param[i]) * decay));
+    const float g = static_cast<float>(grad[i]);
+    const float m = std::fma(Maximize ? -g : g, one_minus_beta1, exp_avg[i] * beta1);
+    exp_avg[i] = m;
+    const float ratio = ceil_at(floor_at(m / floor_at(rho * hessian[i], eps), -1.0f), 1.0f);
+    const float step = static_cast<float>(P(ratio * neg_lr));
+    param[i] = P(theta + step);
+  }
+}
+
+// The real dtype a tensor's storage is read as, and how many of them per element.
+std::pair<at::ScalarType, int64_t> real_view(at::ScalarType dtype) {
+  switch (dtype) {
+    case at::kComplexFloat: return {at::kFloat, 2};
+    case at::kComplexDouble: return {at::kDouble, 2};
+    default: return {dtype, 1};
+  }
+}
+
+// The kernel handles a tensor when all four are dense CPU tensors laid out alike, with
+// dtypes (θ, g, m, h) of (T, T, T, T) for T float/double (or their complex), or
+// (P, P, float, float) for P bfloat16/float16. Anything else is left to the caller.
+bool supported(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& exp_avg,
+               const at::Tensor& hessian) {
+  for (const at::Tensor* t : {&param, &grad, &exp_avg, &hessian}) {
+    if (!t->defined() || t->device().type() != c10::DeviceType::CPU || t->is_sparse() ||
+        t->layout() != c10::kStrided || !t->is_non_overlapping_and_dense() || t->is_neg() ||
+        t->is_conj()) {
+      return false;
+    }
+  }
+  if (grad.sizes() != param.sizes() || exp_avg.sizes() != param.sizes() ||
+      hessian.sizes() != param.sizes() || grad.strides() != param.strides() ||
+      exp_avg.strides() != param.strides() || hessian.strides() != param.strides()) {
+    return false;
+  }
+  const auto dtype = param.scalar_type(), state = exp_avg.scalar_type();
+  if (grad.scalar_type() != dtype || hessian.scalar_type() != state) return false;
+  switch (dtype) {
+    case at::kFloat: case at::kDouble: case at::kComplexFloat: case at::kComplexDouble:
+      return state == dtype;
+    case at::kBFloat16: case at::kHalf:
+      return state == at::kFloat;
+    default:
+      return false;
+  }
+}
+
+void step_one(at::Tensor& param, const at::Tensor& grad, at::Tensor& exp_avg,
+              const at::Tensor& hessian, const Coefficients& c) {
+  const auto [dtype, per_element] = real_view(param.scalar_type());
+  const int64_t n = param.numel() * per_element;
+  if (n == 0) return;
+  // Chunks of a few hundred KiB per thread; small tensors stay on the calling thread.
+  const int64_t grain = 32768;
+  switch (dtype) {
+    case at::kFloat: {
+      auto* p = static_cast<float*>(param.data_ptr());
+      auto* g = static_cast<const float*>(grad.const_data_ptr());
+      auto* m = static_cast<float*>(exp_avg.data_ptr());
+      auto* h = static_cast<const float*>(hessian.const_data_ptr());
+      at::parallel_for(0, n, grain, [&](int64_t b, int64_t e) {
+        if (c.maximize) {
+          step_same_dtype<float, true>(p, g, m, h, b, e, c);
+        } else {
+          step_same_dtype<float, false>(p, g, m, h, b, e, c);
+        }
+      });
+      break;
+    }
+    case at::kDouble: {
+      auto* p = static_cast<double*>(param.data_ptr());
+      auto* g = static_cast<const double*>(grad.const_data_ptr());
+      auto* m = static_cast<double*>(exp_avg.data_ptr());
+      auto* h = static_cast<const double*>(hessian.const_data_ptr());
+      at::parallel_for(0, n, grain, [&](int64_t b, int64_t e) {
+        if (c.maximize) {
+          step_same_dtype<double, true>(p, g, m, h, b, e, c);
+        } else {
+          step_same_dtype<double, false>(p, g, m, h, b, e, c);
+        }
+      });
+      break;
+    }
+    case at::kBFloat16: {
+      auto* p = static_cast<c10::BFloat16*>(param.data_ptr());
+      auto* g = static_cast<const c10::BFloat16*>(grad.const_data_ptr());
+      auto* m = static_cast<float*>(exp_avg.data_ptr());
+      auto* h = static_cast<const float*>(hessian.const_data_ptr());
+      at::parallel_for(0, n, grain, [&](int64_t b, int64_t e) {
+        if (c.maximize) {
+          step_low_precision<c10::BFloat16, true>(p, g, m, h, b, e, c);
+        } else {
+          step_low_precision<c10::BFloat16, false>(p, g, m, h, b, e, c);
+        }
+      });
+      break;
+    }
+    case at::kHalf: {
+      auto* p = static_cast<c10::Half*>(param.data_ptr());
+      auto* g = static_cast<const c10::Half*>(grad.const_data_ptr());
+      auto* m = static_cast<float*>(exp_avg.data_ptr());
+      auto* h = static_cast<const float*>(hessian.const_data_ptr());
+      at::parallel_for(0, n, grain, [&](int64_t b, int64_t e) {
+        if (c.maximize) {
+          step_low_precision<c10::Half, true>(p, g, m, h, b, e, c);
+        } else {
+          step_low_precision<c10::Half, false>(p, g, m, h, b, e, c);
+        }
+      });
+      break;
+    }
+    default:
+      TORCH_CHECK(false, "sophia fused step: unsupported dtype ", param.scalar_type());
+  }
+  // Written through raw pointers: tell autograd the tensors changed, as an in-place op would.
+  param.unsafeGetTensorImpl()->bump_version();
+  exp_avg.unsafeGetTensorImpl()->bump_version();
+}
+
+// Updates every index i whose tensors the kernel supports; returns the indices it skipped.
+std::vector<int64_t> step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                          at::TensorList hessians, double decay, double beta1,
+                          double one_minus_beta1, double rho, double eps, double neg_lr,
+                          bool maximize) {
+  TORCH_CHECK(grads.size() == params.size() && exp_avgs.size() == params.size() &&
+                  hessians.size() == params.size(),
+              "sophia fused step: the four tensor lists must have the same length");
+  const Coefficients c{decay, beta1, one_minus_beta1, rho, eps, neg_lr, maximize};
+  std::vector<int64_t> skipped;
+  for (size_t i = 0; i < params.size(); ++i) {
+    if (!supported(params[i], grads[i], exp_avgs[i], hessians[i])) {
+      skipped.push_back(static_cast<int64_t>(i));
+      continue;
+    }
+    at::Tensor param = params[i], exp_avg = exp_avgs[i];
+    step_one(param, grads[i], exp_avg, hessians[i], c);
+  }
+  return skipped;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(sophia_fused, m) {
+  m.def(
+      "step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor[] hessians, "
+      "float decay, float beta1, float one_minus_beta1, float rho, float eps, float neg_lr, "
+      "bool maximize) -> int[]",
+      &step);
+}

@@ -1,0 +1,188 @@
+"""The fused CPU path of the Sophia step: one pass over memory per parameter.
+
+The step reads θ, g, m, h and writes θ, m: 24 bytes per float32 coordinate, and nothing else
+if it is done in one pass. The for-loop and foreach paths make about nine passes (each torch
+op reads and writes whole tensors), so on a CPU, where the step is bound by memory bandwidth,
+a single loop is several times faster. ``csrc/sophia_step.cpp`` is that loop, threaded with
+``at::parallel_for``; it rounds exactly as ``_single_tensor_sophia`` does, so the fused path
+is bitwise equal to the ground truth and can be the default.
+
+The kernel is compiled on first use with torch's C++ extension machinery (a C++ compiler and
+ninja are needed; ``-march=native`` is safe because it is built on the machine that runs it)
+and cached in ``$TORCH_EXTENSIONS_DIR`` or torch's default extension root, keyed by the
+source, the torch version and the CPU, so later processes load it in well under a second.
+Where it cannot be built the optimizers fall back to the other paths with one warning; set
+``SOPHIA_DISABLE_FUSED=1`` to never try.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import sys
+import threading
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+__all__ = ["BuildInfo", "build_info", "fused_sophia_", "is_available", "unavailable_reason"]
+
+logger = logging.getLogger(__name__)
+
+_SOURCE = Path(__file__).with_name("csrc") / "sophia_step.cpp"
+# -ffp-contract=off: the compiler must not fuse a multiply and an add that torch rounds
+# separately; the fused multiply-adds torch does make are written out as std::fma.
+_CFLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fopenmp"]
+_DISABLE_ENV = "SOPHIA_DISABLE_FUSED"
+
+
+@dataclass(frozen=True)
+class BuildInfo:
+    """How the kernel was obtained in this process.
+
+    Attributes:
+        name: extension name, ``sophia_step_<hash>``.
+        directory: where the compiled library is cached.
+        seconds: wall time of the load, compilation included when ``cached`` is False.
+        cached: True when a library built earlier was loaded, False when it was compiled now.
+    """
+
+    name: str
+    directory: Path
+    seconds: float
+    cached: bool
+
+
+_lock = threading.Lock()
+_op = None
+_build: BuildInfo | None = None
+_failure: str | None = None
+_tried = False
+_warned = False
+
+
+def _cpu_identity() -> str:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith(("flags", "Features")):
+                    return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _extension_name(source: bytes) -> str:
+    key = hashlib.sha256()
+    for part in (source, torch.__version__.encode(), sys.version.encode(),
+                 " ".join(_CFLAGS).encode(), platform.machine().encode(),
+                 _cpu_identity().encode()):
+        key.update(part)
+        key.update(b"\0")
+    return f"sophia_step_{key.hexdigest()[:16]}"
+
+
+def _load() -> None:
+    global _op, _build, _failure, _tried
+    _tried = True
+    if os.environ.get(_DISABLE_ENV, "").strip() not in ("", "0"):
+        _failure = f"disabled by {_DISABLE_ENV}"
+        return
+    try:
+        from torch.utils import cpp_extension
+
+        source = _SOURCE.read_bytes()
+        name = _extension_name(source)
+        root = os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()
+        directory = Path(root) / name
+        directory.mkdir(parents=True, exist_ok=True)
+        cached = (directory / f"{name}.so").exists()
+        if not cached:
+            logger.warning(
+                "sophia: compiling the fused CPU kernel of the Sophia step, once (about a "
+                "minute); it is cached in %s. Pass fused=False to skip it.", directory,
+            )
+        start = time.perf_counter()
+        cpp_extension.load(
+            name=name, sources=[str(_SOURCE)], extra_cflags=_CFLAGS,
+            build_directory=str(directory), is_python_module=False, verbose=False,
+        )
+        _op = torch.ops.sophia_fused.step
+        _build = BuildInfo(name, directory, time.perf_counter() - start, cached)
+        if not cached:
+            logger.warning("sophia: fused kernel built in %.1f s", _build.seconds)
+    except Exception as error:  # no compiler, no ninja, no source file, a failed build …
+        _failure = f"{type(error).__name__}: {error}".strip()
+
+
+def is_available() -> bool:
+    """Whether the fused kernel can be used, building or loading it on the first call."""
+    with _lock:
+        if not _tried:
+            _load()
+    return _op is not None
+
+
+def unavailable_reason() -> str | None:
+    """Why the fused kernel is unavailable (None when it is available or not yet tried)."""
+    return _failure
+
+
+def build_info() -> BuildInfo | None:
+    """Name, cache directory and load time of the kernel; None until it has been loaded."""
+    return _build
+
+
+def warn_unavailable_once() -> None:
+    """Warn, once per process, that the default fused path fell back (unless disabled)."""
+    global _warned
+    if _warned or _failure is None or _failure.startswith("disabled"):
+        return
+    _warned = True
+    warnings.warn(
+        f"sophia: the fused CPU kernel is unavailable ({_failure.splitlines()[0][:300]}); "
+        "using the slower unfused step. Pass fused=False to silence this.",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
+def fused_sophia_(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    hessians: list[Tensor],
+    *,
+    lr: float | Tensor,
+    beta1: float,
+    rho: float,
+    weight_decay: float,
+    eps: float,
+    maximize: bool,
+) -> list[int]:
+    """The Sophia step, in place, on every tensor the kernel supports.
+
+    The arguments are those of :func:`sophia.functional.sophia_update`. Supported are dense
+    CPU tensors whose θ, g, m, h share one layout, in float32 or float64 (or complex of
+    those), or with bfloat16/float16 θ and g and float32 m and h. A Tensor ``lr`` is not.
+
+    Returns:
+        the indices of the tensors left untouched, for the caller's unfused path.
+
+    Raises:
+        RuntimeError: the kernel is unavailable; see :func:`unavailable_reason`.
+    """
+    if not is_available():
+        raise RuntimeError(f"sophia: the fused kernel is unavailable: {_failure}")
+    if isinstance(lr, Tensor):
+        return list(range(len(params)))
+    return _op(
+        params, grads, exp_avgs, hessians,
+        1 - lr * weight_decay, beta1, 1 - beta1, rho, eps, -lr, maximize,
+    )
