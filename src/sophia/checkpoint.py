@@ -1,0 +1,108 @@
+"""Atomic checkpoints and the RNG states that make a resumed run bit-identical.
+
+A checkpoint is written to a temporary file in the same folder, flushed and fsynced, then
+renamed over the old one with ``os.replace`` (atomic on POSIX and Windows), and the folder is
+fsynced so the rename itself survives a power cut. A process killed at any point leaves
+either the previous checkpoint or the new one, never a torn file. Checkpoints hold only
+tensors and plain Python values, so they load with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import random
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import SophiaError
+
+__all__ = ["load_checkpoint", "rng_state", "save_checkpoint", "set_rng_state"]
+
+
+def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
+    """Write ``state`` (tensors, numbers, strings, lists, dicts) to ``path`` atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as file:
+            torch.save(state, file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temp_name, path)
+    except BaseException:
+        Path(temp_name).unlink(missing_ok=True)
+        raise
+    _fsync_folder(path.parent)
+
+
+def _fsync_folder(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # Windows cannot open folders; its rename is durable enough
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a checkpoint onto the CPU with ``weights_only=True``; a bad file is a SophiaError."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "checkpoint.pt"
+    if not path.exists():
+        raise SophiaError(
+            f"checkpoint {str(path)!r} does not exist; pass the run folder or checkpoint.pt "
+            "of an earlier run to --resume"
+        )
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise SophiaError(
+            f"cannot read checkpoint {str(path)!r} ({first_line}); it is damaged or not a "
+            "sophia checkpoint: point --resume at another one or start without --resume"
+        ) from None
+    if not isinstance(state, dict) or "model" not in state or "step" not in state:
+        raise SophiaError(
+            f"{str(path)!r} is not a sophia training checkpoint (no model/step); point --resume "
+            "at a checkpoint.pt written by `sophia train`"
+        )
+    return state
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG the loop may touch: torch CPU (and CUDA), Python ``random`` and NumPy."""
+    version, mt_state, gauss = random.getstate()
+    np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": [version, list(mt_state), gauss],
+        "numpy": [np_kind, torch.from_numpy(np_keys.astype(np.int64)), np_pos, np_has_gauss,
+                  np_gauss],
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` captured."""
+    torch.set_rng_state(state["torch"])
+    version, mt_state, gauss = state["python"]
+    random.setstate((version, tuple(mt_state), gauss))
+    np_kind, np_keys, np_pos, np_has_gauss, np_gauss = state["numpy"]
+    np.random.set_state((np_kind, np_keys.numpy().astype(np.uint32), np_pos, np_has_gauss,
+                         np_gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
