@@ -9,6 +9,8 @@ to, written from the contract, not from the code under test::
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -81,3 +83,18 @@ def optimizer_paths() -> dict[str, dict]:
         if fused.is_available():
             paths["fused"] = {"fused": True}
     return paths
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Run torch on one intra-op thread, then restore the count.
+
+    For loops of thousands of tiny ops: on a busy shared machine every op that wakes torch's
+    thread pool can wait milliseconds for a core, which would make a Monte-Carlo test slow.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
