@@ -18,8 +18,10 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -117,79 +119,42 @@ bool supported(const at::Tensor& param, const at::Tensor& grad, const at::Tensor
   }
 }
 
-void step_one(at::Tensor& param, const at::Tensor& grad, at::Tensor& exp_avg,
-              const at::Tensor& hessian, const Coefficients& c) {
-  const auto [dtype, per_element] = real_view(param.scalar_type());
-  const int64_t n = param.numel() * per_element;
-  if (n == 0) return;
-  // Chunks of a few hundred KiB per thread; small tensors stay on the calling thread.
-  const int64_t grain = 32768;
-  switch (dtype) {
-    case at::kFloat: {
-      auto* p = static_cast<float*>(param.data_ptr());
-      auto* g = static_cast<const float*>(grad.const_data_ptr());
-      auto* m = static_cast<float*>(exp_avg.data_ptr());
-      auto* h = static_cast<const float*>(hessian.const_data_ptr());
-      at::parallel_for(0, n, grain, [&](int64_t b, int64_t e) {
-        if (c.maximize) {
-          step_same_dtype<float, true>(p, g, m, h, b, e, c);
-        } else {
-          step_same_dtype<float, false>(p, g, m, h, b, e, c);
-        }
-      });
-      break;
-    }
-    case at::kDouble: {
-      auto* p = static_cast<double*>(param.data_ptr());
-      auto* g = static_cast<const double*>(grad.const_data_ptr());
-      auto* m = static_cast<double*>(exp_avg.data_ptr());
-      auto* h = static_cast<const double*>(hessian.const_data_ptr());
-      at::parallel_for(0, n, grain, [&](int64_t b, int64_t e) {
-        if (c.maximize) {
-          step_same_dtype<double, true>(p, g, m, h, b, e, c);
-        } else {
-          step_same_dtype<double, false>(p, g, m, h, b, e, c);
-        }
-      });
-      break;
-    }
-    case at::kBFloat16: {
-      auto* p = static_cast<c10::BFloat16*>(param.data_ptr());
-      auto* g = static_cast<const c10::BFloat16*>(grad.const_data_ptr());
-      auto* m = static_cast<float*>(exp_avg.data_ptr());
-      auto* h = static_cast<const float*>(hessian.const_data_ptr());
-      at::parallel_for(0, n, grain, [&](int64_t b, int64_t e) {
-        if (c.maximize) {
-          step_low_precision<c10::BFloat16, true>(p, g, m, h, b, e, c);
-        } else {
-          step_low_precision<c10::BFloat16, false>(p, g, m, h, b, e, c);
-        }
-      });
-      break;
-    }
-    case at::kHalf: {
-      auto* p = static_cast<c10::Half*>(param.data_ptr());
-      auto* g = static_cast<const c10::Half*>(grad.const_data_ptr());
-      auto* m = static_cast<float*>(exp_avg.data_ptr());
-      auto* h = static_cast<const float*>(hessian.const_data_ptr());
-      at::parallel_for(0, n, grain, [&](int64_t b, int64_t e) {
-        if (c.maximize) {
-          step_low_precision<c10::Half, true>(p, g, m, h, b, e, c);
-        } else {
-          step_low_precision<c10::Half, false>(p, g, m, h, b, e, c);
-        }
-      });
-      break;
-    }
-    default:
-      TORCH_CHECK(false, "sophia fused step: unsupported dtype ", param.scalar_type());
+// A stretch [begin, end) of one tensor's elements, and the loop that updates it.
+struct Chunk {
+  void (*update)(void*, const void*, void*, const void*, int64_t, int64_t, const Coefficients&);
+  void* param;
+  const void* grad;
+  void* exp_avg;
+  const void* hessian;
+  int64_t begin, end;
+};
+
+template <typename P, typename S, bool Maximize>
+void update_chunk(void* param, const void* grad, void* exp_avg, const void* hessian,
+                  int64_t begin, int64_t end, const Coefficients& c) {
+  if constexpr (std::is_same_v<P, S>) {
+    step_same_dtype<P, Maximize>(static_cast<P*>(param), static_cast<const P*>(grad),
+                                 static_cast<S*>(exp_avg), static_cast<const S*>(hessian),
+                                 begin, end, c);
+  } else {
+    step_low_precision<P, Maximize>(static_cast<P*>(param), static_cast<const P*>(grad),
+                                    static_cast<S*>(exp_avg), static_cast<const S*>(hessian),
+                                    begin, end, c);
   }
-  // Written through raw pointers: tell autograd the tensors changed, as an in-place op would.
-  param.unsafeGetTensorImpl()->bump_version();
-  exp_avg.unsafeGetTensorImpl()->bump_version();
 }
 
+template <typename P, typename S>
+decltype(Chunk::update) chunk_loop(bool maximize) {
+  return maximize ? &update_chunk<P, S, true> : &update_chunk<P, S, false>;
+}
+
+// Elements per chunk: 128 KiB of float32 per stream, enough to amortise the dispatch and
+// small enough that two threads split even a model's worth of small tensors evenly.
+constexpr int64_t kChunk = 32768;
+
 // Updates every index i whose tensors the kernel supports; returns the indices it skipped.
+// All tensors are cut into chunks that the threads share in one parallel region, so a step
+// synchronises its threads once rather than once per tensor.
 std::vector<int64_t> step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                           at::TensorList hessians, double decay, double beta1,
                           double one_minus_beta1, double rho, double eps, double neg_lr,
@@ -199,13 +164,41 @@ std::vector<int64_t> step(at::TensorList params, at::TensorList grads, at::Tenso
               "sophia fused step: the four tensor lists must have the same length");
   const Coefficients c{decay, beta1, one_minus_beta1, rho, eps, neg_lr, maximize};
   std::vector<int64_t> skipped;
+  std::vector<size_t> updated;
+  std::vector<Chunk> chunks;
   for (size_t i = 0; i < params.size(); ++i) {
     if (!supported(params[i], grads[i], exp_avgs[i], hessians[i])) {
       skipped.push_back(static_cast<int64_t>(i));
       continue;
     }
-    at::Tensor param = params[i], exp_avg = exp_avgs[i];
-    step_one(param, grads[i], exp_avg, hessians[i], c);
+    const auto [dtype, per_element] = real_view(params[i].scalar_type());
+    const int64_t n = params[i].numel() * per_element;
+    updated.push_back(i);
+    decltype(Chunk::update) loop = nullptr;
+    switch (dtype) {
+      case at::kFloat: loop = chunk_loop<float, float>(maximize); break;
+      case at::kDouble: loop = chunk_loop<double, double>(maximize); break;
+      case at::kBFloat16: loop = chunk_loop<c10::BFloat16, float>(maximize); break;
+      case at::kHalf: loop = chunk_loop<c10::Half, float>(maximize); break;
+      default: TORCH_CHECK(false, "sophia fused step: unsupported dtype ", dtype);
+    }
+    for (int64_t begin = 0; begin < n; begin += kChunk) {
+      chunks.push_back(Chunk{loop, params[i].data_ptr(), grads[i].const_data_ptr(),
+                             exp_avgs[i].data_ptr(), hessians[i].const_data_ptr(), begin,
+                             std::min(begin + kChunk, n)});
+    }
+  }
+  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t first, int64_t last) {
+    for (int64_t k = first; k < last; ++k) {
+      const Chunk& chunk = chunks[k];
+      chunk.update(chunk.param, chunk.grad, chunk.exp_avg, chunk.hessian, chunk.begin,
+                   chunk.end, c);
+    }
+  });
+  // Written through raw pointers: tell autograd the tensors changed, as an in-place op would.
+  for (size_t i : updated) {
+    params[i].unsafeGetTensorImpl()->bump_version();
+    exp_avgs[i].unsafeGetTensorImpl()->bump_version();
   }
   return skipped;
 }
