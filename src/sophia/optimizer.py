@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from .distributed import all_reduce_mean, is_dtensor, local_shards, sum_over_shards
 from .estimators import hutchinson_estimate
 from .functional import (
     gauss_newton_ema_update,
@@ -128,10 +129,14 @@ class _Sophia(Optimizer):
             if param.grad.is_sparse:
                 raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
             state = self._state_for(param)
+            # FSDP2 (DTensor) parameters: update the local shards; see sophia.distributed.
+            param, grad, exp_avg, hessian = local_shards(
+                param, param.grad, state["exp_avg"], state["hessian"]
+            )
             params.append(param)
-            grads.append(param.grad)
-            exp_avgs.append(state["exp_avg"])
-            hessians.append(state["hessian"])
+            grads.append(grad)
+            exp_avgs.append(exp_avg)
+            hessians.append(hessian)
             steps.append(state["step"])
 
     def _use_foreach(self, group: dict[str, Any], params: list[Tensor]) -> bool:
@@ -210,17 +215,19 @@ class _Sophia(Optimizer):
         """Fraction of coordinates with ``|m| < ρ·h``: those the clip leaves alone.
 
         The official code logs it as "win rate"; healthy runs sit around 0.1-0.5. 0.0 before
-        any state exists or when every coordinate is clipped (a pure sign step).
+        any state exists or when every coordinate is clipped (a pure sign step). Counted over
+        whole parameters: with FSDP2 (DTensor) parameters this is a collective, to be called
+        on every rank.
         """
-        unclipped = total = 0
+        counts = []
         for group in self.param_groups:
             for param in group["params"]:
                 state = self.state.get(param)
                 if not state or "exp_avg" not in state:
                     continue
-                count, size = unclipped_count(state["exp_avg"], state["hessian"], group["rho"])
-                unclipped += count
-                total += size
+                exp_avg, hessian = local_shards(state["exp_avg"], state["hessian"])
+                counts.append((state["exp_avg"], *unclipped_count(exp_avg, hessian, group["rho"])))
+        unclipped, total = sum_over_shards(counts)
         return unclipped / total if total else 0.0
 
     # --------------------------------------------------------- state_dict dtype handling
@@ -307,8 +314,10 @@ class SophiaG(_Sophia):
             for param in group["params"]:
                 if param.grad is None:
                     continue
-                hessians.append(self._state_for(param)["hessian"])
-                grads.append(param.grad)
+                state = self._state_for(param)
+                _, hessian, grad = local_shards(param, state["hessian"], param.grad)
+                hessians.append(hessian)
+                grads.append(grad)
             gauss_newton_ema_update(
                 hessians, grads, beta2=group["betas"][1], scale=float(scale),
                 foreach=self._use_foreach(group, hessians),
@@ -375,6 +384,12 @@ class SophiaH(_Sophia):
             the loss the closure returned, detached.
         """
         params = [p for group in self.param_groups for p in group["params"] if p.requires_grad]
+        if any(is_dtensor(p) for p in params):
+            raise NotImplementedError(
+                "SophiaH does not support DTensor parameters (FSDP2 `fully_shard`): FSDP2 "
+                "all-gathers them outside autograd, so no Hessian-vector product reaches the "
+                "shards. Use DistributedDataParallel, or SophiaG, for data-parallel SophiaH."
+            )
         loss_holder: list[Tensor] = []
 
         def recording_closure() -> Tensor:
@@ -386,8 +401,6 @@ class SophiaH(_Sophia):
             recording_closure, params, generator=generator, math_attention=math_attention
         )
         if torch.distributed.is_available() and torch.distributed.is_initialized():
-            from .distributed import all_reduce_mean
-
             all_reduce_mean(estimates)
         estimate_of = dict(zip(params, estimates))
         with torch.no_grad():
