@@ -106,13 +106,28 @@ def hutchinson_estimate(
     Args:
         closure: recomputes and returns the scalar loss L (without calling backward).
         params: the tensors to differentiate against; ``p.grad`` is left untouched.
-        generator: random source of the probes u.
+        generator: random source of the probes u (one probe per parameter, always drawn,
+            so the generator advances the same whatever the loss uses).
         math_attention: run the closure under the math SDPA backend, the only one with a
             double backward on every device. Costs speed on that one forward, only.
 
     Returns:
         a list of tensors shaped like ``params`` (zeros where L does not depend on p).
     """
+    estimates = _hutchinson_estimate(
+        closure, params, generator=generator, math_attention=math_attention
+    )
+    return [torch.zeros_like(p) if e is None else e for p, e in zip(params, estimates)]
+
+
+def _hutchinson_estimate(
+    closure: Callable[[], Tensor],
+    params: Sequence[Tensor],
+    *,
+    generator: torch.Generator | None,
+    math_attention: bool,
+) -> list[Tensor | None]:
+    """``hutchinson_estimate``, with None for the parameters L does not depend on at all."""
     params = list(params)
     context = _math_attention() if math_attention else contextlib.nullcontext()
     with torch.enable_grad(), context:
@@ -122,6 +137,12 @@ def hutchinson_estimate(
         grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
         used = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
         probes = [rademacher_like(p, generator) for p in params]
+        estimates: list[Tensor | None] = [
+            torch.zeros_like(params[i]) if grads[i] is not None else None
+            for i in range(len(params))
+        ]
+        if not used:  # L is at most linear in every parameter: its Hessian is zero
+            return estimates
         try:
             hvps = torch.autograd.grad(
                 [grads[i] for i in used],
@@ -133,7 +154,6 @@ def hutchinson_estimate(
             if "not implemented" in str(error) or "double backward" in str(error).lower():
                 raise RuntimeError(_NO_DOUBLE_BACKWARD_HINT) from error
             raise
-    estimates = [torch.zeros_like(p) for p in params]
     for index, hvp in zip(used, hvps):
         if hvp is not None:
             estimates[index] = probes[index] * hvp

@@ -39,6 +39,12 @@ def _as_real(*tensors: Tensor) -> list[Tensor]:
     return [torch.view_as_real(t) if torch.is_complex(t) else t for t in tensors]
 
 
+def _in_dtype(lr: float | Tensor, dtype: torch.dtype) -> float | Tensor:
+    """A Tensor ``lr`` in the state's precision, so a float32 lr tensor cannot round the
+    weight-decay factor of float64 parameters; a float ``lr`` as it is."""
+    return lr.to(dtype) if isinstance(lr, Tensor) and lr.dtype != dtype else lr
+
+
 def _single_tensor_sophia(
     params: list[Tensor],
     grads: list[Tensor],
@@ -57,7 +63,7 @@ def _single_tensor_sophia(
         if maximize:
             grad = -grad
         if weight_decay != 0:
-            param.mul_(1 - lr * weight_decay)
+            param.mul_(1 - _in_dtype(lr, exp_avg.dtype) * weight_decay)
         exp_avg.mul_(beta1).add_(grad.to(exp_avg.dtype), alpha=1 - beta1)
         ratio = (exp_avg / (rho * hessian).clamp_(min=eps)).clamp_(-1, 1)
         if isinstance(lr, Tensor):
@@ -98,7 +104,7 @@ def _multi_tensor_sophia(
         if maximize:
             group_grads = torch._foreach_neg(group_grads)
         if weight_decay != 0:
-            torch._foreach_mul_(group_params, 1 - lr * weight_decay)
+            torch._foreach_mul_(group_params, 1 - _in_dtype(lr, state_dtype) * weight_decay)
         torch._foreach_mul_(group_exp_avgs, beta1)
         torch._foreach_add_(group_exp_avgs, group_grads, alpha=1 - beta1)
 
