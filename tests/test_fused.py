@@ -282,3 +282,15 @@ def test_the_foreach_path_is_the_kernel_fallback_and_agrees_with_the_for_loop():
     _multi_tensor_sophia(*[[t] for t in actual], **HYPER, maximize=False)
     for want, got in zip(expected, actual, strict=True):
         torch.testing.assert_close(got, want)
+
+
+def test_a_second_process_loads_the_cached_kernel_without_compiling(kernel):
+    script = (
+        "import sophia.fused as f; assert f.is_available(), f.unavailable_reason();"
+        "info = f.build_info(); print(info.cached, info.seconds)"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    cached, seconds = result.stdout.split()
+    assert cached == "True" and float(seconds) < 5.0
