@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
+import pytest
 import torch
 
 
@@ -98,3 +99,11 @@ def one_thread() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(previous)
+
+
+@pytest.fixture(autouse=True)
+def torch_on_one_thread() -> Iterator[None]:
+    """Autouse in the core test modules that import it: their tensors are tiny, and on a busy
+    shared machine two intra-op threads cost more in waiting than they save."""
+    with one_thread():
+        yield

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _core_helpers import one_thread
+from _core_helpers import (
+    torch_on_one_thread,  # noqa: F401  (autouse fixture)
+)
 
 import sophia
 
@@ -52,17 +54,16 @@ def test_gnb_refresh_is_unbiased_for_the_gauss_newton_diagonal():
     draws = 3000
     totals = [torch.zeros_like(weight), torch.zeros_like(bias)]
     squares = [torch.zeros_like(weight), torch.zeros_like(bias)]
-    with one_thread():
-        for _ in range(draws):
-            optimizer.zero_grad()
-            loss, num_samples = sophia.sampled_cross_entropy(
-                inputs @ weight.T + bias, generator=generator)
-            loss.backward()
-            optimizer.update_hessian(scale=num_samples)
-            for total, square, p in zip(totals, squares, (weight, bias), strict=True):
-                estimate = optimizer.state[p]["hessian"]
-                total += estimate
-                square += estimate * estimate
+    for _ in range(draws):
+        optimizer.zero_grad()
+        loss, num_samples = sophia.sampled_cross_entropy(
+            inputs @ weight.T + bias, generator=generator)
+        loss.backward()
+        optimizer.update_hessian(scale=num_samples)
+        for total, square, p in zip(totals, squares, (weight, bias), strict=True):
+            estimate = optimizer.state[p]["hessian"]
+            total += estimate
+            square += estimate * estimate
     assert num_samples == len(inputs)
     for total, square, target in zip(totals, squares, exact, strict=True):
         mean = total / draws
@@ -193,9 +194,8 @@ def _assert_unbiased_for_hessian_diagonal(draw, params, hessian, draws: int) -> 
     diagonal = hessian.diagonal()
     standard_error = ((hessian.pow(2).sum(1) - diagonal.pow(2)) / draws).sqrt()
     total = torch.zeros_like(diagonal)
-    with one_thread():
-        for _ in range(draws):
-            total += torch.cat([e.reshape(-1) for e in draw()])
+    for _ in range(draws):
+        total += torch.cat([e.reshape(-1) for e in draw()])
     mean = total / draws
     assert ((mean - diagonal).abs() <= 5 * standard_error + 1e-12).all(), (mean, diagonal)
     # Informative: the large curvatures are pinned down to a fraction of their size.

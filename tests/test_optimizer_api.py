@@ -12,7 +12,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from _core_helpers import ReferenceParam, as_numpy, reference_refresh, reference_step
+from _core_helpers import (
+    ReferenceParam,
+    as_numpy,
+    reference_refresh,
+    reference_step,
+    torch_on_one_thread,  # noqa: F401  (autouse fixture)
+)
 
 import sophia
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from _core_helpers import torch_on_one_thread  # noqa: F401  (autouse fixture)
 
 import sophia
 

@@ -6,7 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from _core_helpers import one_thread
+from _core_helpers import (
+    torch_on_one_thread,  # noqa: F401  (autouse fixture)
+)
 
 import sophia
 
@@ -28,15 +30,14 @@ def _train(model, optimizer, batches) -> tuple[float, float]:
     """Returns the mean loss of the first and of the last 10 batches."""
     generator = torch.Generator().manual_seed(7)
     losses = []
-    with one_thread():
-        for inputs, targets in batches:
-            optimizer.zero_grad()
-            loss = F.cross_entropy(model(inputs).flatten(0, -2), targets.flatten())
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())
-            if optimizer.hessian_due():
-                _refresh(optimizer, model, inputs, targets, generator)
+    for inputs, targets in batches:
+        optimizer.zero_grad()
+        loss = F.cross_entropy(model(inputs).flatten(0, -2), targets.flatten())
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+        if optimizer.hessian_due():
+            _refresh(optimizer, model, inputs, targets, generator)
     return sum(losses[:10]) / 10, sum(losses[-10:]) / 10
 
 

@@ -17,6 +17,7 @@ from _core_helpers import (
     optimizer_paths,
     reference_refresh,
     reference_step,
+    torch_on_one_thread,  # noqa: F401  (autouse fixture)
 )
 
 import sophia
