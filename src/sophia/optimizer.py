@@ -13,7 +13,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from .distributed import all_reduce_mean, is_dtensor, local_shards, sum_over_shards
-from .estimators import hutchinson_estimate
+from .estimators import _hutchinson_estimate
 from .functional import (
     gauss_newton_ema_update,
     hessian_ema_update,
@@ -42,6 +42,22 @@ def _check_number(name: str, value: Any, *, low: float = 0.0, high: float | None
         raise ValueError(f"Invalid {name}: {value!r}; it must be {bounds}")
 
 
+def _validate_hyperparameters(group: dict[str, Any]) -> None:
+    """Raise ValueError naming the first invalid hyperparameter of a group (or the defaults)."""
+    _check_number("learning rate (lr)", group["lr"])
+    betas = group["betas"]
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"Invalid betas: expected a pair (beta1, beta2), got {betas!r}")
+    _check_number("beta1 (betas[0])", betas[0], high=1.0)
+    _check_number("beta2 (betas[1])", betas[1], high=1.0)
+    _check_number("rho", group["rho"])
+    _check_number("weight_decay", group["weight_decay"])
+    _check_number("eps", group["eps"])
+    refresh_every = group["refresh_every"]
+    if isinstance(refresh_every, bool) or not isinstance(refresh_every, int) or refresh_every < 1:
+        raise ValueError(f"Invalid refresh_every: {refresh_every!r}; it must be an int >= 1")
+
+
 class _Sophia(Optimizer):
     """Shared plumbing of SophiaG and SophiaH: validation, state, step, diagnostics."""
 
@@ -59,16 +75,10 @@ class _Sophia(Optimizer):
         fused: bool | None,
         refresh_every: int,
     ) -> None:
-        _check_number("learning rate (lr)", lr)
-        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-            raise ValueError(f"Invalid betas: expected a pair (beta1, beta2), got {betas!r}")
-        _check_number("beta1 (betas[0])", betas[0], high=1.0)
-        _check_number("beta2 (betas[1])", betas[1], high=1.0)
-        _check_number("rho", rho)
-        _check_number("weight_decay", weight_decay)
-        _check_number("eps", eps)
-        if isinstance(refresh_every, bool) or not isinstance(refresh_every, int) or refresh_every < 1:
-            raise ValueError(f"Invalid refresh_every: {refresh_every!r}; it must be an int >= 1")
+        _validate_hyperparameters(
+            dict(lr=lr, betas=betas, rho=rho, weight_decay=weight_decay, eps=eps,
+                 refresh_every=refresh_every)
+        )
         if foreach is not None and not isinstance(foreach, bool):
             raise ValueError(f"Invalid foreach: {foreach!r}; expected True, False or None")
         if fused is not None and not isinstance(fused, bool):
@@ -85,6 +95,15 @@ class _Sophia(Optimizer):
         super().__init__(params, defaults)
         self.register_load_state_dict_pre_hook(_Sophia._remember_state_dtypes)
         self.register_load_state_dict_post_hook(_Sophia._restore_state_dtypes)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group, as torch.optim does, after checking its own hyperparameters."""
+        super().add_param_group(param_group)
+        try:
+            _validate_hyperparameters(self.param_groups[-1])
+        except ValueError:
+            self.param_groups.pop()
+            raise
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -397,12 +416,12 @@ class SophiaH(_Sophia):
             loss_holder.append(loss)
             return loss
 
-        estimates = hutchinson_estimate(
+        estimates = _hutchinson_estimate(
             recording_closure, params, generator=generator, math_attention=math_attention
         )
         if torch.distributed.is_available() and torch.distributed.is_initialized():
-            all_reduce_mean(estimates)
-        estimate_of = dict(zip(params, estimates))
+            all_reduce_mean([e for e in estimates if e is not None])
+        estimate_of = {p: e for p, e in zip(params, estimates) if e is not None}
         with torch.no_grad():
             for group in self.param_groups:
                 members = [p for p in group["params"] if p in estimate_of]
