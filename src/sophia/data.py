@@ -18,8 +18,9 @@ Each source is tokenized once into ``<cache>/<name>-<tokenizer>-<hash>/{train,va
 (flat ``uint16``/``uint32`` token ids) read back with ``np.memmap``; the hash covers the
 source's files (names, sizes, mtimes), the tokenizer and the split, so a changed corpus is
 tokenized again. The split is deterministic: the token stream is cut into 32768-token
-chunks and an evenly spaced ``val_fraction`` of them form the validation set, so both sets
-sample every part of the corpus (the Bible is not all validation).
+chunks (fewer tokens for a corpus under 3.3M tokens, so that there are 100 chunks) and an
+evenly spaced ``val_fraction`` of them form the validation set, so both sets sample every
+part of the corpus (the Bible is not all validation).
 """
 
 from __future__ import annotations
@@ -278,33 +279,31 @@ def _is_val_chunk(index: int, val_fraction: float) -> bool:
     return int((index + 1) * val_fraction) > int(index * val_fraction)
 
 
+def _chunk_tokens(total: int) -> int:
+    """Split granularity: 32768 tokens, smaller for a small corpus so val gets ~100 pieces."""
+    return max(256, min(CHUNK_TOKENS, total // 100))
+
+
 def _write_split(documents: Iterable[str], tokenizer, folder: Path, dtype: type,
                  val_fraction: float) -> dict[str, int]:
-    counts = {"train": 0, "val": 0}
-    pending: list[np.ndarray] = []
-    pending_size = 0
-    chunk_index = 0
     separator = tokenizer.encode("\n\n")
-    with (folder / "train.bin").open("wb") as train, (folder / "val.bin").open("wb") as val:
-
-        def emit(chunk: np.ndarray) -> None:
-            nonlocal chunk_index
-            split = "val" if _is_val_chunk(chunk_index, val_fraction) else "train"
-            chunk.astype(dtype).tofile(val if split == "val" else train)
-            counts[split] += len(chunk)
-            chunk_index += 1
-
+    stream_path = folder / "all.bin"
+    with stream_path.open("wb") as stream:
         for document in documents:
-            pending += [tokenizer.encode(document), separator]
-            pending_size += len(pending[-2]) + len(separator)
-            if pending_size >= CHUNK_TOKENS:
-                stream = np.concatenate(pending)
-                full = len(stream) // CHUNK_TOKENS * CHUNK_TOKENS
-                for start in range(0, full, CHUNK_TOKENS):
-                    emit(stream[start:start + CHUNK_TOKENS])
-                pending, pending_size = [stream[full:]], len(stream) - full
-        if pending_size:
-            emit(np.concatenate(pending))
+            tokenizer.encode(document).astype(dtype).tofile(stream)
+            separator.astype(dtype).tofile(stream)
+    tokens = np.memmap(stream_path, dtype=dtype, mode="r") if stream_path.stat().st_size \
+        else np.zeros(0, dtype=dtype)
+    chunk = _chunk_tokens(len(tokens))
+    counts = {"train": 0, "val": 0}
+    with (folder / "train.bin").open("wb") as train, (folder / "val.bin").open("wb") as val:
+        for index, start in enumerate(range(0, len(tokens), chunk)):
+            piece = np.asarray(tokens[start:start + chunk])
+            split = "val" if _is_val_chunk(index, val_fraction) else "train"
+            piece.tofile(val if split == "val" else train)
+            counts[split] += len(piece)
+    del tokens
+    stream_path.unlink()
     return counts
 
 
@@ -399,7 +398,9 @@ class BatchSampler:
         self.device = torch.device(device)
 
     def get(self, index: int) -> tuple[Tensor, Tensor]:
-        generator = torch.Generator().manual_seed((self.seed % 2**31) * 2**32 + index)
+        # The CPU generator keeps only 32 bits of its seed, so (seed, index) is hashed to 32.
+        mixed = hashlib.blake2b(f"{self.seed}:{index}".encode(), digest_size=4).digest()
+        generator = torch.Generator().manual_seed(int.from_bytes(mixed, "little"))
         high = len(self.tokens) - self.block_size
         starts = torch.randint(high, (self.world_size * self.batch_size,), generator=generator)
         starts = starts[self.rank * self.batch_size:(self.rank + 1) * self.batch_size].numpy()

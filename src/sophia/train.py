@@ -26,6 +26,7 @@ import importlib
 import json
 import math
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -335,12 +336,16 @@ def train(config: Config, *, resume: str | Path | None = None,
                 skipped += 1
                 bad_in_row += 1
             optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
+            with warnings.catch_warnings():
+                # Skipped steps are deliberate; torch warns when no optimizer.step() came first.
+                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+                scheduler.step()
             refreshed = False
             hessian_due = getattr(optimizer, "hessian_due", None)
             if finite and hessian_due is not None and hessian_due():
                 refresh_started = time.perf_counter()
-                generator = torch.Generator(device).manual_seed(config.seed * 1_000_003 + step)
+                generator = torch.Generator(device).manual_seed(
+                    (config.seed * 1_000_003 + step) % 2**32)
                 _refresh_hessian(optimizer, train_model, micro_batches, config, generator,
                                  autocast)
                 refreshed = True
