@@ -429,3 +429,29 @@ def test_compiled_step_matches_eager_step():
         assert float(optimizers[1].state[q]["step"]) == 4
         torch.testing.assert_close(optimizers[0].state[p]["hessian"],
                                    optimizers[1].state[q]["hessian"])
+
+
+STATE_DTYPE_CASES = [(torch.float32, torch.float64), (torch.float64, torch.float32),
+                     (torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32)]
+
+
+@pytest.mark.parametrize(("saved", "loaded"), STATE_DTYPE_CASES,
+                         ids=[f"{str(s)[6:]}-to-{str(t)[6:]}" for s, t in STATE_DTYPE_CASES])
+def test_loaded_state_takes_the_dtype_rule_of_the_parameter(saved, loaded):
+    """After load_state_dict, m and h have the dtype a fresh state would have for the *loaded*
+    parameter (its own dtype, float32 for bf16/fp16), whatever the checkpoint's model used."""
+    source = torch.nn.Linear(3, 2).to(saved)
+    optimizer = sophia.SophiaG(source.parameters())
+    for p in source.parameters():
+        p.grad = torch.ones_like(p)
+    optimizer.update_hessian(scale=3.0)
+    optimizer.step()
+    target = torch.nn.Linear(3, 2).to(loaded)
+    resumed = sophia.SophiaG(target.parameters())
+    resumed.load_state_dict(copy.deepcopy(optimizer.state_dict()))
+    expected = torch.float32 if loaded in (torch.bfloat16, torch.float16) else loaded
+    for p, q in zip(source.parameters(), target.parameters(), strict=True):
+        for key in ("exp_avg", "hessian"):
+            assert resumed.state[q][key].dtype == expected
+            torch.testing.assert_close(resumed.state[q][key],
+                                       optimizer.state[p][key].to(expected))

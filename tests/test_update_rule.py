@@ -279,3 +279,20 @@ def test_first_step_from_zero_hessian_is_a_sign_step():
     expected = torch.tensor([0.5, -1.5, 2.0], dtype=torch.float64) * (1 - 0.25 * 0.2)
     expected -= 0.25 * torch.sign(theta.grad)
     torch.testing.assert_close(theta.detach(), expected, rtol=1e-15, atol=0)
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+def test_zero_eps_never_makes_a_parameter_nan(path):
+    """eps = 0 is not negative, so the contract allows it: then a coordinate with m = 0 and
+    h = 0 (a zero gradient before any refresh) has 0/0 to clamp. Either the constructor rejects
+    eps = 0 with a ValueError naming it, or that coordinate stays finite and does not move."""
+    theta = torch.tensor([1.0, 2.0, -1.0], dtype=torch.float64, requires_grad=True)
+    try:
+        optimizer = sophia.SophiaG([theta], lr=0.1, eps=0.0, weight_decay=0.0, **PATHS[path])
+    except ValueError as error:
+        assert "eps" in str(error) and "0.0" in str(error)
+        return
+    theta.grad = torch.tensor([0.0, 1.0, -1.0], dtype=torch.float64)
+    optimizer.step()
+    assert torch.isfinite(theta).all(), theta
+    torch.testing.assert_close(theta.detach(), torch.tensor([1.0, 1.9, -0.9], dtype=torch.float64))
