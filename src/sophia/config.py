@@ -78,18 +78,19 @@ class Config:
     rho: float | None = None
     batch_size: int = 32
     grad_accum: int = 1
-    max_steps: int = 400
+    max_steps: int = 200
     warmup_steps: int = 20
     grad_clip: float = 1.0  # 0 disables clipping
     hessian_every: int = 10
     hessian_fraction: float = 1.0  # fraction of the step's batch used for a Sophia-G refresh
     dtype: str = "auto"  # autocast dtype; auto = bfloat16 on a CUDA GPU that supports it
     device: str = "auto"
+    threads: int = 0  # CPU threads for torch; 0 keeps torch's default (all cores)
     seed: int = 0
     compile: bool = False
     # Evaluation, logging, checkpoints.
-    eval_every: int = 50
-    eval_batches: int = 16
+    eval_every: int = 25
+    eval_batches: int = 8
     checkpoint_every: int = 0  # 0: only at the end
     out_dir: str = ""  # "" means runs/<preset>-<optimizer>-<time>
     tensorboard: bool = False
@@ -146,7 +147,7 @@ PRESETS: dict[str, Preset] = {
             "adamw": OptimizerHparams(3e-3, 3e-4, (0.9, 0.95), 0.1),
             "sophiag": OptimizerHparams(3e-3, 3e-4, (0.965, 0.99), 0.2, 0.05),
             "sophiah": OptimizerHparams(3e-3, 3e-4, (0.965, 0.99), 0.2, 0.05),
-            "lion": OptimizerHparams(6e-4, 6e-5, (0.9, 0.99), 1.0),
+            "lion": OptimizerHparams(1e-3, 1e-4, (0.9, 0.99), 1.0),
         },
     ),
     "gpt2-small": _gpt2(12, 12, 768, adamw=(6e-4, 3e-5), sophiag=(6e-4, 1.5e-5, 0.05)),
@@ -267,7 +268,7 @@ def _validate(config: Config) -> None:
     for name in ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "grad_accum",
                  "max_steps", "hessian_every", "eval_batches", "max_bad_steps", "bpe_vocab_size"):
         need(getattr(config, name) >= 1, f"{name} must be at least 1, got {getattr(config, name)}")
-    for name in ("warmup_steps", "eval_every", "checkpoint_every", "lr", "min_lr",
+    for name in ("warmup_steps", "eval_every", "threads", "checkpoint_every", "lr", "min_lr",
                  "weight_decay", "rho", "grad_clip"):
         need(getattr(config, name) >= 0, f"{name} must be >= 0, got {getattr(config, name)}")
     need(config.n_embd % config.n_head == 0,

@@ -252,6 +252,8 @@ def train(config: Config, *, resume: str | Path | None = None,
     def autocast() -> contextlib.AbstractContextManager:
         return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
+    if config.threads:
+        torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
     data = prepare_data(config.data, tokenizer=config.tokenizer,
                         bpe_vocab_size=config.bpe_vocab_size, val_fraction=config.val_fraction,
