@@ -103,8 +103,9 @@ def _accumulate(rank: int, world_size: int, mode: str) -> dict:
         if index == 0:
             after_first = {n: None if p.grad is None else parallel.full_tensor(p.grad).clone()
                            for n, p in model.named_parameters()}
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=1e9)
     return {"after_first": after_first, "grads": _grads(model),
-            "wrapper": type(train_model).__name__,
+            "norm": float(parallel.full_tensor(norm)), "wrapper": type(train_model).__name__,
             "dtensor": all(isinstance(p, DTensor) for p in model.parameters())}
 
 
@@ -147,23 +148,14 @@ def test_gradient_sync_disabled_leaves_the_micro_batch_unreduced(accumulated):
             torch.testing.assert_close(run["after_first"][name], expected, **TOLERANCE)
 
 
-# ---------------------------------------------------------------------------- FSDP2 odds
-def _clipped_norm(rank: int, world_size: int) -> float:
+def test_full_tensor_makes_the_gradient_norm_the_global_one(accumulated):
+    _, runs = accumulated  # under FSDP2 clip_grad_norm_ returns a DTensor
     model = _model()
-    parallel.wrap_model(model, "fsdp")
-    x, y = _batch(1)
-    F.cross_entropy(model(x[4 * rank:4 * rank + 4]), y[4 * rank:4 * rank + 4]).backward()
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=1e9)
-    return float(parallel.full_tensor(norm))
-
-
-def test_full_tensor_makes_the_fsdp2_gradient_norm_the_global_one(tmp_path):
-    model = _model()
-    x, y = _batch(1)
+    x, y = _batch(0, rows=16)
     F.cross_entropy(model(x), y).backward()
     expected = float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=1e9))
-    for norm in run_on_ranks(_clipped_norm, tmp_path):
-        assert norm == pytest.approx(expected, rel=1e-12)
+    for run in runs:
+        assert run["norm"] == pytest.approx(expected, rel=1e-12)
 
 
 # --------------------------------------------------------------------------- checkpoints
