@@ -53,6 +53,8 @@ def _validate_hyperparameters(group: dict[str, Any]) -> None:
     _check_number("rho", group["rho"])
     _check_number("weight_decay", group["weight_decay"])
     _check_number("eps", group["eps"])
+    if not group["eps"] > 0:  # eps = 0 makes 0/0 = NaN where m = 0 and h <= 0
+        raise ValueError(f"Invalid eps: {group['eps']!r}; it must be > 0 (default 1e-15)")
     refresh_every = group["refresh_every"]
     if isinstance(refresh_every, bool) or not isinstance(refresh_every, int) or refresh_every < 1:
         raise ValueError(f"Invalid refresh_every: {refresh_every!r}; it must be an int >= 1")
@@ -79,6 +81,8 @@ class _Sophia(Optimizer):
             dict(lr=lr, betas=betas, rho=rho, weight_decay=weight_decay, eps=eps,
                  refresh_every=refresh_every)
         )
+        if not isinstance(maximize, bool):
+            raise ValueError(f"Invalid maximize: {maximize!r}; expected True or False")
         if foreach is not None and not isinstance(foreach, bool):
             raise ValueError(f"Invalid foreach: {foreach!r}; expected True, False or None")
         if fused is not None and not isinstance(fused, bool):
@@ -129,8 +133,10 @@ class _Sophia(Optimizer):
         if len(state) == 0:
             dtype = torch.float32 if param.dtype in _LOW_PRECISION else param.dtype
             state["step"] = torch.tensor(0.0, dtype=torch.float32)
-            state["exp_avg"] = torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format)
-            state["hessian"] = torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format)
+            for key in _STATE_KEYS:
+                state[key] = torch.zeros_like(
+                    param, dtype=dtype, memory_format=torch.preserve_format
+                )
         return state
 
     def _init_group(
@@ -225,6 +231,7 @@ class _Sophia(Optimizer):
 
         Call it after ``step()``; when True, refresh the Hessian (``update_hessian``) before
         the next one. With ``refresh_every=10`` this refreshes after steps 10, 20, ….
+        The interval is the first parameter group's: the refresh is one backward for all.
         """
         taken = self.steps_taken()
         return taken > 0 and taken % self.param_groups[0]["refresh_every"] == 0
@@ -267,8 +274,8 @@ class _Sophia(Optimizer):
             for param_id, param in zip(ids, group["params"]):
                 for key, value in saved.get(param_id, {}).items():
                     state = optimizer.state[param]
-                    if isinstance(value, Tensor) and state[key].dtype != value.dtype:
-                        state[key] = value.to(device=param.device, copy=True)
+                    if param.dtype in _LOW_PRECISION and isinstance(value, Tensor):
+                        state[key] = value.to(device=param.device, dtype=torch.float32, copy=True)
 
 
 class SophiaG(_Sophia):
