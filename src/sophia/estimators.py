@@ -44,7 +44,9 @@ def sampled_cross_entropy(
         B — summed over all data-parallel ranks — as ``SophiaG.update_hessian(scale=B)``.
     """
     if logits.dim() < 1 or logits.shape[-1] < 1:
-        raise ValueError(f"logits must have a class dimension last, got shape {tuple(logits.shape)}")
+        raise ValueError(
+            f"logits must have a class dimension last, got shape {tuple(logits.shape)}"
+        )
     num_classes = logits.shape[-1]
     flat_logits = logits.reshape(-1, num_classes)
     keep = torch.ones(flat_logits.shape[0], dtype=torch.bool, device=logits.device)
