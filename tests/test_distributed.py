@@ -226,3 +226,35 @@ def _sophiah_on_fsdp2(rank: int, world_size: int) -> str:
 def test_sophiah_on_fsdp2_refuses_with_a_clear_error(tmp_path):
     for message in run_on_ranks(_sophiah_on_fsdp2, tmp_path):
         assert "DistributedDataParallel" in message
+
+
+# ------------------------------------------------------------------ all_reduce_mean
+def _averaged(rank: int, world_size: int) -> list[torch.Tensor]:
+    from sophia import distributed
+
+    distributed._BUCKET_BYTES = 64  # several buckets, split by size and by dtype
+    tensors = [
+        torch.full((3, 2), float(rank + 1), dtype=torch.float64),
+        torch.full((5,), 10.0 * (rank + 1), dtype=torch.float32),
+        torch.full((4,), -2.0 * (rank + 1), dtype=torch.float32),
+        torch.arange(20, dtype=torch.float32) * (rank + 1),
+    ]
+    distributed.all_reduce_mean(tensors)
+    model = _model()
+    fully_shard(model)
+    with pytest.raises(TypeError, match="DTensor"):
+        distributed.all_reduce_mean(list(model.parameters()))
+    return tensors
+
+
+def test_all_reduce_mean_averages_every_tensor_in_place_across_buckets(tmp_path):
+    expected = [  # the mean of rank + 1 over ranks 0 and 1 is 1.5
+        torch.full((3, 2), 1.5, dtype=torch.float64),
+        torch.full((5,), 15.0),
+        torch.full((4,), -3.0),
+        torch.arange(20, dtype=torch.float32) * 1.5,
+    ]
+    for tensors in run_on_ranks(_averaged, tmp_path):
+        for tensor, reference in zip(tensors, expected, strict=True):
+            assert tensor.dtype == reference.dtype
+            torch.testing.assert_close(tensor, reference, rtol=0, atol=0)
