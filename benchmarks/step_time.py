@@ -222,6 +222,8 @@ def main() -> None:
     parser.add_argument("--sets", nargs="+", choices=list(GPT_SETS), default=list(GPT_SETS))
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default 5)")
     parser.add_argument("--steps", type=int, default=4, help="timed steps per round (default 4)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch.set_num_threads for every optimizer (default: torch's)")
     parser.add_argument("--rebuild", action="store_true",
                         help="build the fused kernel from scratch in a temporary directory")
     parser.add_argument("--compile", action="store_true",
@@ -230,6 +232,8 @@ def main() -> None:
                         help="leave out our for-loop path (the slowest row)")
     args = parser.parse_args()
 
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     if args.rebuild:
         os.environ["TORCH_EXTENSIONS_DIR"] = tempfile.mkdtemp(prefix="sophia_ext_")
     import sophia.fused
