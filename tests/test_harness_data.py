@@ -133,3 +133,14 @@ def test_bpe_tokenizer_trains_and_round_trips(tmp_path):
     assert tokens.vocab_size <= 300
     assert len(tokens.train) < 0.5 * len(path.read_bytes())
     assert tokens.tokenizer.decode(tokens.train[:20]) in path.read_text()
+
+
+def test_hugging_face_source_without_datasets_names_the_install(monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "datasets", None)  # import fails
+    with pytest.raises(SophiaError, match="pip install datasets"):
+        list(iter_documents("hf:tiny_shakespeare"))
+
+
+def test_hugging_face_source_defaults_to_the_train_split_and_text_column():
+    assert data._parse_hf("hf:openwebtext") == ("openwebtext", "train", "text")
+    assert data._parse_hf("hf:wikitext:validation:page") == ("wikitext", "validation", "page")

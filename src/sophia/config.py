@@ -142,7 +142,9 @@ def _gpt2(n_layer: int, n_head: int, n_embd: int, adamw: tuple, sophiag: tuple) 
 PRESETS: dict[str, Preset] = {
     "tiny": Preset(
         description="0.8M parameters, bytes, context 64: hundreds of steps a minute on CPU",
-        values={},
+        # One thread: its matrices are too small for more to pay much, and on a shared 2-core
+        # machine two busy-waiting threads ran 5x slower than one (1.6 s vs 0.32 s a step).
+        values={"threads": 1},
         # Centred by 100-step pilots, then tuned on the lr grid in benchmarks/RESULTS.md.
         # Sophia's rho is far above the paper's 0.05: with h still warming up (its EMA has
         # seen only 20 refreshes in 200 steps, with no bias correction) rho = 0.05 clipped

@@ -227,7 +227,7 @@ class BPETokenizer:
             import tokenizers
         except ImportError:
             raise SophiaError(
-                "tokenizer 'bpe' needs the tokenizers package; run: pip install tokenizers "
+                "tokenizer 'bpe' needs the tokenizers package; run: pip install 'sophia[bpe]' "
                 "(or use --tokenizer byte)"
             ) from None
         return tokenizers
