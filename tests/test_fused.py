@@ -19,8 +19,9 @@ from sophia import SophiaG
 from sophia.functional import _multi_tensor_sophia, _single_tensor_sophia, sophia_update
 
 HYPER = dict(lr=3e-3, beta1=0.965, rho=0.04, weight_decay=0.1, eps=1e-15)
-# Sizes around the 8-lane vector width, and one above the 32768-element parallel grain.
-SIZES = [1, 7, 8, 9, 33, 100_003]
+# Sizes around the 8-lane vector width, and one above the size at which the kernel goes
+# parallel (131072 elements in all).
+SIZES = [1, 7, 8, 9, 33, 300_007]
 DTYPES = {
     "float32": (torch.float32, torch.float32),
     "float64": (torch.float64, torch.float64),
@@ -131,6 +132,26 @@ def test_fused_step_matches_the_update_rule_computed_in_float64(kernel, dtype):
                                atol=1000 * ulp * lr)
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_fused_step_over_many_tensors_is_bitwise_equal_whatever_the_thread_count(kernel,
+                                                                                 threads):
+    """Many tensors of uneven sizes, dealt out to threads by element count."""
+    sizes = [5, 70_000, 1, 33, 131_072, 9, 250_001, 768]
+    inputs = [_inputs(n, torch.float32, torch.float32, seed=n) for n in sizes]
+    lists = [list(t) for t in zip(*inputs, strict=True)]
+    expected = [[t.clone() for t in ts] for ts in lists]
+    _single_tensor_sophia(*expected, **HYPER, maximize=False)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        assert fused.fused_sophia_(*lists, **HYPER, maximize=False) == []
+    finally:
+        torch.set_num_threads(previous)
+    for want_list, got_list in zip(expected, lists, strict=True):
+        for want, got in zip(want_list, got_list, strict=True):
+            assert torch.equal(_bits(got), _bits(want))
+
+
 def test_fused_kernel_leaves_unsupported_tensors_to_the_caller(kernel):
     dense = _inputs(64, torch.float32, torch.float32)
     strided_grad = list(_inputs((8, 8), torch.float32, torch.float32, seed=3))
@@ -180,7 +201,7 @@ def test_sophia_update_sends_what_the_kernel_skips_down_the_foreach_path(kernel)
 def _train(optimizer_kwargs, *, steps=6, dtype=torch.float32, lr=HYPER["lr"]):
     """A few steps of SophiaG with GNB refreshes on a fixed gradient sequence."""
     generator = torch.Generator().manual_seed(0)
-    shapes = [(17, 5), (5,), (3, 4, 2), (40_000,)]
+    shapes = [(17, 5), (5,), (3, 4, 2), (40_000,), (300, 700)]
     params = [torch.randn(s, generator=generator).to(dtype).requires_grad_() for s in shapes]
     optimizer = SophiaG(params, lr=lr, **optimizer_kwargs)
     for step in range(steps):

@@ -127,6 +127,7 @@ struct Chunk {
   void* exp_avg;
   const void* hessian;
   int64_t begin, end;
+  int64_t offset;  // of `begin` in the concatenation of all the step's tensors
 };
 
 template <typename P, typename S, bool Maximize>
@@ -148,13 +149,16 @@ decltype(Chunk::update) chunk_loop(bool maximize) {
   return maximize ? &update_chunk<P, S, true> : &update_chunk<P, S, false>;
 }
 
-// Elements per chunk: 128 KiB of float32 per stream, enough to amortise the dispatch and
-// small enough that two threads split even a model's worth of small tensors evenly.
+// Elements per chunk: the unit in which the step's elements are dealt out to threads.
 constexpr int64_t kChunk = 32768;
+// Below this many elements in all, the step runs on the calling thread: waking the other
+// threads costs more than it saves (and, on a loaded machine, up to a scheduler time slice).
+constexpr int64_t kSerialBelow = 4 * kChunk;
 
 // Updates every index i whose tensors the kernel supports; returns the indices it skipped.
-// All tensors are cut into chunks that the threads share in one parallel region, so a step
-// synchronises its threads once rather than once per tensor.
+// All tensors are cut into chunks; each thread takes the chunks of one equal share of all
+// the elements, in a single parallel region, so a step synchronises its threads once rather
+// than once per tensor.
 std::vector<int64_t> step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                           at::TensorList hessians, double decay, double beta1,
                           double one_minus_beta1, double rho, double eps, double neg_lr,
@@ -166,6 +170,7 @@ std::vector<int64_t> step(at::TensorList params, at::TensorList grads, at::Tenso
   std::vector<int64_t> skipped;
   std::vector<size_t> updated;
   std::vector<Chunk> chunks;
+  int64_t total = 0;
   for (size_t i = 0; i < params.size(); ++i) {
     if (!supported(params[i], grads[i], exp_avgs[i], hessians[i])) {
       skipped.push_back(static_cast<int64_t>(i));
@@ -185,16 +190,36 @@ std::vector<int64_t> step(at::TensorList params, at::TensorList grads, at::Tenso
     for (int64_t begin = 0; begin < n; begin += kChunk) {
       chunks.push_back(Chunk{loop, params[i].data_ptr(), grads[i].const_data_ptr(),
                              exp_avgs[i].data_ptr(), hessians[i].const_data_ptr(), begin,
-                             std::min(begin + kChunk, n)});
+                             std::min(begin + kChunk, n), total + begin});
     }
+    total += n;
   }
-  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t first, int64_t last) {
-    for (int64_t k = first; k < last; ++k) {
+  const auto run = [&](size_t first, size_t last) {
+    for (size_t k = first; k < last; ++k) {
       const Chunk& chunk = chunks[k];
       chunk.update(chunk.param, chunk.grad, chunk.exp_avg, chunk.hessian, chunk.begin,
                    chunk.end, c);
     }
-  });
+  };
+  const int64_t threads = total < kSerialBelow ? 1 : at::get_num_threads();
+  if (threads <= 1) {
+    run(0, chunks.size());
+  } else {
+    // Share s holds the chunks starting in [s·total/threads, (s+1)·total/threads).
+    const auto first_chunk_of = [&](int64_t share) {
+      const int64_t start = total / threads * share + total % threads * share / threads;
+      return static_cast<size_t>(
+          std::lower_bound(chunks.begin(), chunks.end(), start,
+                           [](const Chunk& chunk, int64_t at) { return chunk.offset < at; }) -
+          chunks.begin());
+    };
+    at::parallel_for(0, threads, 1, [&](int64_t first, int64_t last) {
+      for (int64_t share = first; share < last; ++share) {
+        const size_t end = share + 1 == threads ? chunks.size() : first_chunk_of(share + 1);
+        run(first_chunk_of(share), end);
+      }
+    });
+  }
   // Written through raw pointers: tell autograd the tensors changed, as an in-place op would.
   for (size_t i : updated) {
     params[i].unsafeGetTensorImpl()->bump_version();
