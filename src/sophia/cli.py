@@ -99,8 +99,9 @@ def _parse_list(text: str, kind: type, name: str) -> list:
 
 
 def _run_train(args: argparse.Namespace) -> int:
+    from . import parallel
     from .checkpoint import load_checkpoint
-    from .train import train
+    from .train import is_main_process, train
 
     overrides = _overrides(args)
     if args.resume:
@@ -109,7 +110,12 @@ def _run_train(args: argparse.Namespace) -> int:
         resume_dir = resume_dir if resume_dir.is_dir() else resume_dir.parent
         overrides = {**saved, "out_dir": str(resume_dir), **overrides}
     config = make_config(overrides.pop("preset", "tiny"), overrides)
-    result = train(config, resume=args.resume)
+    try:
+        result = train(config, resume=args.resume)
+        if not is_main_process():  # under torchrun, rank 0 reports
+            return 0
+    finally:
+        parallel.destroy()
     print(f"done: {result.steps} steps, final val loss {result.final_val_loss:.4f}, "
           f"{result.train_seconds:.1f} s of training, {result.skipped_steps} skipped steps")
     print(f"run folder: {result.run_dir} (log.jsonl, checkpoint.pt)")

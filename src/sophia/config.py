@@ -34,6 +34,7 @@ __all__ = [
 OPTIMIZERS = ("sophiag", "sophiah", "adamw", "lion")
 DTYPES = ("auto", "float32", "bfloat16")
 TOKENIZERS = ("byte", "bpe")
+PARALLEL_MODES = ("none", "ddp", "fsdp")  # sophia.parallel.wrap_model
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,7 @@ class Config:
     dtype: str = "auto"  # autocast dtype; auto = bfloat16 on a CUDA GPU that supports it
     device: str = "auto"
     threads: int = 0  # CPU threads for torch; 0 keeps torch's default (all cores)
+    parallel: str = "none"  # none, ddp or fsdp; ddp/fsdp under torchrun (docs/DISTRIBUTED.md)
     seed: int = 0
     compile: bool = False
     # Evaluation, logging, checkpoints.
@@ -289,6 +291,11 @@ def _validate(config: Config) -> None:
     need(config.min_lr <= config.lr,  # type: ignore[operator]
          f"min_lr ({config.min_lr}) must not exceed lr ({config.lr})")
     need(config.dtype in DTYPES, f"unknown dtype {config.dtype!r}; choose one of {DTYPES}")
+    need(config.parallel in PARALLEL_MODES,
+         f"unknown parallel mode {config.parallel!r}; choose one of {', '.join(PARALLEL_MODES)}")
+    need(not (config.optimizer == "sophiah" and config.parallel == "fsdp"),
+         "sophiah cannot run under --parallel fsdp (FSDP2 gathers parameters outside autograd: "
+         "no Hessian-vector product); use --parallel ddp, or sophiag")
     need(config.tokenizer in TOKENIZERS,
          f"unknown tokenizer {config.tokenizer!r}; choose one of {', '.join(TOKENIZERS)}")
 

@@ -15,8 +15,10 @@ Every step and every evaluation is one JSON line in ``<run>/log.jsonl``. The tim
 wall-clock comparisons between optimizers are fair. Checkpoints (see ``sophia.checkpoint``)
 hold everything needed for ``resume`` to continue the same loss curve bit for bit on CPU.
 
-Data-parallel training will wrap the model in :func:`wrap_model` and guard file output
-with :func:`is_main_process`; batches already take a rank and world size.
+Under ``torchrun`` with ``parallel`` = ddp or fsdp (``sophia.parallel``, and
+``docs/DISTRIBUTED.md``), each rank reads its own rows of every global batch, gradients are
+reduced once per step, and only rank 0 logs, shows progress and writes files; FSDP2 runs keep
+model and optimizer state in a ``torch.distributed.checkpoint`` folder beside checkpoint.pt.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import contextlib
 import importlib
 import json
 import math
+import shutil
 import time
 import warnings
 from collections.abc import Callable
@@ -36,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import parallel
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import Config, to_dict
 from .data import BatchSampler, prepare_data
@@ -129,8 +133,10 @@ def build_optimizer(config: Config, model: nn.Module,
     return cls(groups, **kwargs, rho=config.rho, refresh_every=config.hessian_every)
 
 
-def wrap_model(model: nn.Module, config: Config) -> nn.Module:
-    """The one place the model is wrapped for training (torch.compile now; DDP later)."""
+def wrap_model(model: nn.Module, config: Config, device: torch.device | None = None) -> nn.Module:
+    """The one place the model is wrapped for training: DDP or FSDP2, then torch.compile."""
+    model = parallel.wrap_model(model, config.parallel, device=device,  # type: ignore[arg-type]
+                                shard_units=getattr(model, "blocks", ()))
     return torch.compile(model) if config.compile else model
 
 
@@ -226,7 +232,8 @@ def _refresh_hessian(optimizer: torch.optim.Optimizer, model: nn.Module, micro_b
         loss, num_samples = sophia.sampled_cross_entropy(logits, generator=generator)
         # Weighted so p.grad is the gradient of the mean over all `total_samples` positions.
         (loss * (num_samples / total_samples)).backward()
-    optimizer.update_hessian(scale=total_samples)
+    # Under DDP/FSDP2 p.grad is the mean over the ranks' (equal) means: B counts every rank.
+    optimizer.update_hessian(scale=parallel.global_num_samples(total_samples))
     optimizer.zero_grad(set_to_none=True)
 
 
@@ -246,7 +253,16 @@ def train(config: Config, *, resume: str | Path | None = None,
             ``max_bad_steps`` non-finite steps in a row.
     """
     tqdm = require("tqdm").tqdm if config.progress else None
-    device = pick_device(config.device)
+    env = parallel.init_from_env(pick_device(config.device))
+    if (env.world_size > 1 and config.parallel == "none") or (
+            config.parallel != "none" and not parallel.is_initialized()):
+        raise SophiaError(
+            f"--parallel {config.parallel} on {env.world_size} process(es): launch with "
+            "`torchrun --nproc-per-node N -m sophia train --parallel ddp|fsdp ...`, or run "
+            "one process with --parallel none"
+        )
+    device = env.device
+    tokens_per_step = config.tokens_per_step * env.world_size
     dtype = pick_dtype(config.dtype, device)
 
     def autocast() -> contextlib.AbstractContextManager:
@@ -255,18 +271,24 @@ def train(config: Config, *, resume: str | Path | None = None,
     if config.threads:
         torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
+    if not env.is_main:
+        parallel.barrier()  # rank 0 builds the token cache, the others then read it
     data = prepare_data(config.data, tokenizer=config.tokenizer,
                         bpe_vocab_size=config.bpe_vocab_size, val_fraction=config.val_fraction,
                         cache_dir=config.cache_dir or None, min_tokens=config.block_size + 1)
+    if env.is_main:
+        parallel.barrier()
     model = GPT(GPTConfig(vocab_size=data.vocab_size, block_size=config.block_size,
                           n_layer=config.n_layer, n_head=config.n_head, n_embd=config.n_embd,
                           dropout=config.dropout)).to(device)
+    train_model = wrap_model(model, config, device)  # before the optimizer: FSDP2 shards
     optimizer = build_optimizer(config, model, device)
     min_lr_ratio = config.min_lr / config.lr if config.lr else 1.0
     scheduler = WarmupCosine(optimizer, min_lr_ratio=min_lr_ratio,
                              warmup_steps=config.warmup_steps, max_steps=config.max_steps)
     train_batches = BatchSampler(data.train, config.batch_size, config.block_size,
-                                 seed=config.seed, device=device)
+                                 seed=config.seed, rank=env.rank, world_size=env.world_size,
+                                 device=device)
     val_batches = BatchSampler(data.val, config.batch_size, config.block_size, seed=EVAL_SEED,
                                device=device)
     run_dir = make_run_dir(config)
@@ -277,14 +299,22 @@ def train(config: Config, *, resume: str | Path | None = None,
     if resume is not None:
         state = load_checkpoint(resume)
         _check_compatible(state["config"], config, resume)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        if state.get("sharded"):  # an FSDP2 run's: DCP reshards it to this job's ranks
+            resume_dir = Path(resume) if Path(resume).is_dir() else Path(resume).parent
+            parallel.load_sharded(resume_dir / state["sharded"], model, optimizer)
+        elif config.parallel == "fsdp":
+            raise SophiaError(
+                f"checkpoint {str(resume)!r} is not sharded: resume it with --parallel ddp "
+                "or none"
+            )
+        else:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         step, train_seconds = state["step"], state["train_seconds"]
         hessian_seconds = state.get("hessian_seconds", 0.0)
         skipped, bad_in_row, evals = state["skipped_steps"], state["bad_in_row"], state["evals"]
         set_rng_state(state["rng"])
-    train_model = wrap_model(model, config)
     log = RunLog(run_dir, keep_until_step=step if resume is not None else None,
                  tensorboard=config.tensorboard)
     if is_main_process():
@@ -293,26 +323,35 @@ def train(config: Config, *, resume: str | Path | None = None,
     def run_eval(done: int) -> None:
         val_loss = evaluate(train_model, val_batches, config.eval_batches, autocast)
         record = {"kind": "eval", "step": done, "val_loss": val_loss, "seconds": train_seconds,
-                  "tokens": done * config.tokens_per_step}
+                  "tokens": done * tokens_per_step}
         evals.append({k: v for k, v in record.items() if k != "kind"})
         log.write(record)
 
     def save(done: int) -> None:
+        sharded = None
+        if config.parallel == "fsdp":  # every rank writes its shards to a new folder
+            sharded = f"checkpoint-{done:08d}"
+            parallel.save_sharded(run_dir / sharded, model, optimizer)
         if not is_main_process():
             return
         save_checkpoint({
-            "format": 1, "config": to_dict(config), "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "format": 1, "config": to_dict(config), "sharded": sharded,
+            "model": None if sharded else model.state_dict(),
+            "optimizer": None if sharded else optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
             "step": done, "data_position": done * config.grad_accum,
             "train_seconds": train_seconds, "hessian_seconds": hessian_seconds,
             "skipped_steps": skipped, "bad_in_row": bad_in_row, "evals": evals,
             "rng": rng_state(),
         }, checkpoint_path)
+        for folder in run_dir.glob("checkpoint-*"):  # checkpoint.pt now names the new one
+            if folder.name != sharded:
+                shutil.rmtree(folder, ignore_errors=True)
 
     if step == 0 and config.eval_every:
         run_eval(0)
     bar = tqdm(total=config.max_steps, initial=step, dynamic_ncols=True, leave=True,
-               desc=config.optimizer) if tqdm else None
+               desc=config.optimizer) if tqdm and env.is_main else None
     train_loss = math.nan
     model.train()
     try:
@@ -322,14 +361,17 @@ def train(config: Config, *, resume: str | Path | None = None,
             micro_batches = [train_batches.get(step * config.grad_accum + micro)
                              for micro in range(config.grad_accum)]
             loss_sum = torch.zeros((), device=device)
-            for x, y in micro_batches:
-                with autocast():
-                    loss = lm_loss(train_model(x), y)
-                (loss / config.grad_accum).backward()
+            for index, (x, y) in enumerate(micro_batches):
+                # Reduce gradients across ranks on the last micro-batch only.
+                with parallel.gradient_sync(train_model, enabled=index == config.grad_accum - 1):
+                    with autocast():
+                        loss = lm_loss(train_model(x), y)
+                    (loss / config.grad_accum).backward()
                 loss_sum += loss.detach()
-            train_loss = loss_sum.item() / config.grad_accum
+            train_loss = parallel.mean_over_ranks(loss_sum) / config.grad_accum
             max_norm = config.grad_clip if config.grad_clip > 0 else math.inf
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm).item()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+            grad_norm = parallel.full_tensor(grad_norm).item()  # FSDP2: global, not my shard's
             finite = math.isfinite(train_loss) and math.isfinite(grad_norm)
             if finite:
                 optimizer.step()
@@ -346,8 +388,10 @@ def train(config: Config, *, resume: str | Path | None = None,
             hessian_due = getattr(optimizer, "hessian_due", None)
             if finite and hessian_due is not None and hessian_due():
                 refresh_started = time.perf_counter()
+                # SophiaH's probes must agree across ranks; SophiaG's labels should not.
+                rank = 0 if config.optimizer == "sophiah" else env.rank
                 generator = torch.Generator(device).manual_seed(
-                    (config.seed * 1_000_003 + step) % 2**32)
+                    ((config.seed * 1_000_003 + step) * env.world_size + rank) % 2**32)
                 _refresh_hessian(optimizer, train_model, micro_batches, config, generator,
                                  autocast)
                 refreshed = True
@@ -359,7 +403,7 @@ def train(config: Config, *, resume: str | Path | None = None,
             unclipped = getattr(optimizer, "unclipped_fraction", None)
             record = {
                 "kind": "step", "step": step, "loss": train_loss, "lr": lr,
-                "grad_norm": grad_norm, "tokens": step * config.tokens_per_step,
+                "grad_norm": grad_norm, "tokens": step * tokens_per_step,
                 "seconds": train_seconds, "skipped": not finite, "hessian": refreshed,
                 "unclipped_fraction": unclipped() if unclipped is not None else None,
             }
@@ -391,7 +435,7 @@ def train(config: Config, *, resume: str | Path | None = None,
     final_val = evals[-1]["val_loss"] if evals else math.nan
     return TrainResult(
         run_dir=run_dir, config=to_dict(config), evals=evals, final_val_loss=final_val,
-        steps=step, train_seconds=train_seconds, tokens=step * config.tokens_per_step,
+        steps=step, train_seconds=train_seconds, tokens=step * tokens_per_step,
         skipped_steps=skipped, num_parameters=model.num_parameters(),
         hessian_seconds=hessian_seconds, final_train_loss=train_loss,
     )
