@@ -315,3 +315,18 @@ def test_a_second_process_loads_the_cached_kernel_without_compiling(kernel):
     assert result.returncode == 0, result.stderr
     cached, seconds = result.stdout.split()
     assert cached == "True" and float(seconds) < 5.0
+
+
+def test_the_load_time_probe_accepts_the_kernel_and_rejects_one_that_rounds_otherwise(kernel):
+    def unfused_multiply_add(params, grads, exp_avgs, hessians, decay, beta1, one_minus_beta1,
+                             rho, eps, neg_lr, maximize):
+        for param, grad, exp_avg, hessian in zip(params, grads, exp_avgs, hessians,
+                                                 strict=True):
+            param.mul_(decay)
+            exp_avg.mul_(beta1).add_(grad * one_minus_beta1)  # rounds g·(1−β1) first
+            ratio = (exp_avg / (rho * hessian).clamp(min=eps)).clamp(-1, 1)
+            param.add_(ratio, alpha=neg_lr)
+        return []
+
+    assert fused._rounds_as_torch_does(fused._op)
+    assert not fused._rounds_as_torch_does(unfused_multiply_add)

@@ -122,12 +122,44 @@ def _load() -> None:
                 name=name, sources=[str(_SOURCE)], extra_cflags=_CFLAGS,
                 build_directory=str(directory), is_python_module=False, verbose=False,
             )
-        _op = torch.ops.sophia_fused.step
         _build = BuildInfo(name, directory, time.perf_counter() - start, cached)
         if not cached:
             logger.warning("sophia: fused kernel built in %.1f s", _build.seconds)
+        op = torch.ops.sophia_fused.step
+        if not _rounds_as_torch_does(op):
+            _failure = (
+                "the compiled kernel does not round as this torch build does (CPU capability "
+                f"{torch.backends.cpu.get_cpu_capability()})"
+            )
+            return
+        _op = op
     except Exception as error:  # no compiler, no ninja, no source file, a failed build …
         _failure = f"{type(error).__name__}: {error}".strip()
+
+
+def _rounds_as_torch_does(op) -> bool:
+    """Whether the kernel is bitwise equal to the for-loop here, on a small probe.
+
+    The kernel mirrors the fused multiply-adds of torch's vectorised CPU kernels; a torch
+    running its non-vectorised kernels (``ATEN_CPU_CAPABILITY=default``, or a CPU without
+    FMA) rounds differently, and then the fused path must not be the default.
+    """
+    from .functional import _single_tensor_sophia
+
+    generator = torch.Generator().manual_seed(0)
+    hyper = dict(lr=3e-3, beta1=0.965, rho=0.04, weight_decay=0.1, eps=1e-15, maximize=False)
+    for dtype in (torch.float32, torch.float64):
+        probe = [torch.randn(1031, generator=generator, dtype=dtype) for _ in range(4)]
+        probe[2].mul_(0.05)
+        probe[3].abs_()[::5] *= -1
+        expected = [[t.clone()] for t in probe]
+        actual = [[t.clone()] for t in probe]
+        _single_tensor_sophia(*expected, **hyper)
+        op(*actual, 1 - hyper["lr"] * hyper["weight_decay"], hyper["beta1"],
+           1 - hyper["beta1"], hyper["rho"], hyper["eps"], -hyper["lr"], False)
+        if not all(torch.equal(a[0], e[0]) for a, e in zip(actual, expected, strict=True)):
+            return False
+    return True
 
 
 def is_available() -> bool:
