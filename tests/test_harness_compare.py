@@ -35,6 +35,12 @@ def test_compare_runs_the_grid_then_seeds_and_writes_the_report(tmp_path):
     adamw = results["headline"]["optimizers"]["adamw"]
     assert results["headline"]["reference"] == "adamw"
     assert adamw["reached"] == 2 and adamw["step_ratio"]["mean"] == pytest.approx(1.0)
+    for entry in results["headline"]["optimizers"]["sophiag"]["per_seed"]:
+        best = results["best_multipliers"]["adamw"]
+        adamw_run = next(r for r in runs if r["optimizer"] == "adamw"
+                         and r["seed"] == entry["seed"] and r["lr_multiplier"] == best)
+        assert entry["reference_steps_to_final"] == reach(adamw_run["evals"],
+                                                          entry["final_val_loss"], "step")
     report = summary.report_path.read_text()
     assert "steps to target" in report and "sophiag" in report
     for name in ("val_loss_vs_steps.png", "val_loss_vs_seconds.png", "val_loss_vs_tokens.png",

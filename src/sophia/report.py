@@ -63,7 +63,10 @@ def _headline(records: list[Any], best: dict[str, float], optimizers: list[str],
             run, ref = chosen.get((optimizer, seed)), chosen[(reference, seed)]
             if run is None or not math.isfinite(target):
                 continue
-            entry = {"seed": seed, "target": target, "final_val_loss": run.final_val_loss}
+            entry = {"seed": seed, "target": target, "final_val_loss": run.final_val_loss,
+                     # The other way round, defined even when the target is missed: the
+                     # reference's steps to reach this optimizer's final loss.
+                     "reference_steps_to_final": reach(ref.evals, run.final_val_loss, "step")}
             for key in ("step", "seconds", "tokens"):
                 mine, theirs = reach(run.evals, target, key), reach(ref.evals, target, key)
                 entry[key] = mine
@@ -79,6 +82,9 @@ def _headline(records: list[Any], best: dict[str, float], optimizers: list[str],
         for key in ("step", "seconds", "step_ratio", "seconds_ratio"):
             values = [e[key] for e in reached if e[key] is not None]
             summary[key] = _spread(values) if values else None
+        backwards = [e["reference_steps_to_final"] for e in per_seed
+                     if e["reference_steps_to_final"] is not None]
+        summary["reference_steps_to_final"] = _spread(backwards) if backwards else None
         rows["optimizers"][optimizer] = summary
     return rows
 
@@ -187,17 +193,20 @@ def write_report(out: Path, *, records: list[Any], best_multipliers: dict[str, f
         "",
         f"Target: {reference}'s final validation loss at its tuned lr, per seed. Mean "
         "(min-max) over seeds; ratios are to "
-        f"{reference}'s own steps/seconds to the same target (lower is better).",
+        f"{reference}'s own steps/seconds to the same target (lower is better). The last column "
+        f"reads the other way: the steps {reference} needed to reach each optimizer's final "
+        "loss (not reached: that optimizer ended below it).",
         "",
         "| optimizer | tuned lr | final val loss | steps to target | x steps | "
-        "seconds to target | x seconds | seeds reached |",
-        "|---|---|---|---|---|---|---|---|",
+        f"seconds to target | x seconds | seeds reached | {reference} steps to this final loss |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for optimizer, row in headline["optimizers"].items():
         lines.append(
             f"| {optimizer} | {row['lr']:.3g} | {_fmt(row['final_val_loss'], 4)} | "
             f"{_fmt(row['step'])} | {_fmt(row['step_ratio'], 2)} | {_fmt(row['seconds'], 1)} | "
-            f"{_fmt(row['seconds_ratio'], 2)} | {row['reached']}/{row['seeds']} |"
+            f"{_fmt(row['seconds_ratio'], 2)} | {row['reached']}/{row['seeds']} | "
+            f"{_fmt(row['reference_steps_to_final'])} |"
         )
     lines += ["", "## Plots", ""]
     lines += [f"![{p.stem}]({p.name})" for p in plot_paths]
@@ -214,13 +223,15 @@ def write_report(out: Path, *, records: list[Any], best_multipliers: dict[str, f
     report_path = out / "report.md"
     report_path.write_text("\n".join(lines))
     text = [f"{'optimizer':10s} {'tuned lr':>9s} {'final val':>10s} {'steps to target':>16s} "
-            f"{'x steps':>8s} {'x seconds':>9s}"]
+            f"{'x steps':>8s} {'x seconds':>9s} {reference + ' steps to its final':>26s}"]
     for optimizer, row in headline["optimizers"].items():
         ratio = row["step_ratio"]["mean"] if row["step_ratio"] else math.nan
         seconds_ratio = row["seconds_ratio"]["mean"] if row["seconds_ratio"] else math.nan
         steps = f"{row['step']['mean']:.0f}" if row["step"] else "not reached"
         final = row["final_val_loss"]["mean"] if row["final_val_loss"] else math.nan
+        backwards = row["reference_steps_to_final"]
+        backwards = f"{backwards['mean']:.0f}" if backwards else "not reached"
         text.append(f"{optimizer:10s} {row['lr']:9.3g} {final:10.4f} {steps:>16s} "
-                    f"{ratio:8.2f} {seconds_ratio:9.2f}")
+                    f"{ratio:8.2f} {seconds_ratio:9.2f} {backwards:>26s}")
     return CompareSummary(out_dir=out, report_path=report_path, results_path=results_path,
                           plot_paths=plot_paths, headline="\n".join(text), results=results)
