@@ -125,6 +125,25 @@ def test_a_non_finite_step_is_skipped_without_touching_the_optimizer(tmp_path, m
     assert all(torch.isfinite(s["exp_avg"]).all() for s in state["state"].values())
 
 
+def test_a_non_finite_gradient_with_a_finite_loss_is_skipped_too(tmp_path, monkeypatch):
+    real = torch.nn.utils.clip_grad_norm_
+    calls = {"n": 0}
+
+    def infinite_on_second_call(parameters, max_norm, *args, **kwargs):
+        calls["n"] += 1
+        parameters = list(parameters)
+        if calls["n"] == 2:
+            parameters[0].grad.fill_(math.inf)
+        return real(parameters, max_norm, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", infinite_on_second_call)
+    result = train(tiny_config(tmp_path, optimizer="sophiag", eval_every=0, max_steps=3))
+    assert [r["skipped"] for r in _log(result.run_dir)] == [False, True, False]
+    state = torch.load(result.run_dir / "checkpoint.pt", weights_only=True)["optimizer"]
+    assert all(torch.isfinite(s["exp_avg"]).all() for s in state["state"].values())
+    assert all(int(s["step"]) == 2 for s in state["state"].values())
+
+
 def test_too_many_non_finite_steps_in_a_row_abort_with_a_clear_message(tmp_path, monkeypatch):
     monkeypatch.setattr(train_module, "lm_loss", lambda logits, targets: logits.sum() * math.nan)
     config = tiny_config(tmp_path, eval_every=0, max_bad_steps=3, max_steps=10)
