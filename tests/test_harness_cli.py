@@ -75,3 +75,11 @@ def test_unreadable_checkpoint_is_one_line_without_traceback(tmp_path):
     assert done.stderr.startswith("error: cannot read checkpoint")
     assert "Traceback" not in done.stderr
     assert done.stderr.count("\n") == 1
+
+
+def test_tensorboard_without_the_package_names_the_install(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails
+    args = ["train", *_small(tmp_path, "--max-steps", "1", "--tensorboard", "--out-dir",
+                             str(tmp_path / "run"))]
+    assert main(args) == 2
+    assert "pip install tensorboard" in capsys.readouterr().err
