@@ -10,6 +10,7 @@ import pytest
 from harness_helpers import corpus_slice
 
 from sophia.cli import main
+from sophia.schedule import warmup_cosine
 
 
 def _small(tmp_path, *extra):
@@ -21,12 +22,19 @@ def _small(tmp_path, *extra):
 
 def test_train_then_resume_to_more_steps(tmp_path, capsys):
     run = tmp_path / "run"
-    assert main(["train", *_small(tmp_path, "--max-steps", "3", "--out-dir", str(run))]) == 0
+    assert main(["train", *_small(tmp_path, "--max-steps", "3", "--warmup-steps", "1",
+                                  "--out-dir", str(run))]) == 0
     assert "run folder" in capsys.readouterr().out
     assert main(["train", "--resume", str(run), "--max-steps", "5", "--no-progress"]) == 0
     steps = [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()
              if json.loads(line)["kind"] == "step"]
     assert steps == [1, 2, 3, 4, 5]
+    config = json.loads((run / "config.json").read_text())
+    lrs = [json.loads(line)["lr"] for line in (run / "log.jsonl").read_text().splitlines()
+           if json.loads(line)["kind"] == "step"]
+    expected = [warmup_cosine(s, lr=config["lr"], min_lr=config["min_lr"],
+                              warmup_steps=config["warmup_steps"], max_steps=5) for s in (3, 4)]
+    assert lrs[3:] == pytest.approx(expected)  # the schedule was stretched to the new length
 
 
 def test_toml_file_overrides_the_preset_and_flags_override_the_file(tmp_path):

@@ -311,6 +311,12 @@ def train(config: Config, *, resume: str | Path | None = None,
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        # The schedule follows the current config, so `--resume --max-steps N` extends it.
+        scheduler.min_lr_ratio, scheduler.warmup_steps, scheduler.max_steps = (
+            min_lr_ratio, config.warmup_steps, config.max_steps)
+        for group, group_lr in zip(optimizer.param_groups, scheduler.get_lr(), strict=True):
+            group["lr"] = group_lr
+        scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
         step, train_seconds = state["step"], state["train_seconds"]
         hessian_seconds = state.get("hessian_seconds", 0.0)
         skipped, bad_in_row, evals = state["skipped_steps"], state["bad_in_row"], state["evals"]
