@@ -19,6 +19,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <type_traits>
@@ -127,7 +128,6 @@ struct Chunk {
   void* exp_avg;
   const void* hessian;
   int64_t begin, end;
-  int64_t offset;  // of `begin` in the concatenation of all the step's tensors
 };
 
 template <typename P, typename S, bool Maximize>
@@ -156,9 +156,8 @@ constexpr int64_t kChunk = 32768;
 constexpr int64_t kSerialBelow = 4 * kChunk;
 
 // Updates every index i whose tensors the kernel supports; returns the indices it skipped.
-// All tensors are cut into chunks; each thread takes the chunks of one equal share of all
-// the elements, in a single parallel region, so a step synchronises its threads once rather
-// than once per tensor.
+// All tensors are cut into chunks that the threads share in a single parallel region, so a
+// step synchronises its threads once rather than once per tensor.
 std::vector<int64_t> step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                           at::TensorList hessians, double decay, double beta1,
                           double one_minus_beta1, double rho, double eps, double neg_lr,
@@ -190,7 +189,7 @@ std::vector<int64_t> step(at::TensorList params, at::TensorList grads, at::Tenso
     for (int64_t begin = 0; begin < n; begin += kChunk) {
       chunks.push_back(Chunk{loop, params[i].data_ptr(), grads[i].const_data_ptr(),
                              exp_avgs[i].data_ptr(), hessians[i].const_data_ptr(), begin,
-                             std::min(begin + kChunk, n), total + begin});
+                             std::min(begin + kChunk, n)});
     }
     total += n;
   }
@@ -205,18 +204,13 @@ std::vector<int64_t> step(at::TensorList params, at::TensorList grads, at::Tenso
   if (threads <= 1) {
     run(0, chunks.size());
   } else {
-    // Share s holds the chunks starting in [s·total/threads, (s+1)·total/threads).
-    const auto first_chunk_of = [&](int64_t share) {
-      const int64_t start = total / threads * share + total % threads * share / threads;
-      return static_cast<size_t>(
-          std::lower_bound(chunks.begin(), chunks.end(), start,
-                           [](const Chunk& chunk, int64_t at) { return chunk.offset < at; }) -
-          chunks.begin());
-    };
-    at::parallel_for(0, threads, 1, [&](int64_t first, int64_t last) {
-      for (int64_t share = first; share < last; ++share) {
-        const size_t end = share + 1 == threads ? chunks.size() : first_chunk_of(share + 1);
-        run(first_chunk_of(share), end);
+    // Threads take chunks in order from a shared counter rather than a fixed share each: on
+    // a shared machine a thread that loses its core leaves its work to the others instead
+    // of making them wait for it at the end of the step.
+    std::atomic<size_t> next{0};
+    at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+      for (size_t k = next.fetch_add(1); k < chunks.size(); k = next.fetch_add(1)) {
+        run(k, k + 1);
       }
     });
   }
