@@ -330,3 +330,14 @@ def test_the_load_time_probe_accepts_the_kernel_and_rejects_one_that_rounds_othe
 
     assert fused._rounds_as_torch_does(fused._op)
     assert not fused._rounds_as_torch_does(unfused_multiply_add)
+
+
+def test_a_build_lock_left_by_a_killed_build_is_removed_and_a_fresh_one_kept(tmp_path):
+    stale, fresh = tmp_path / "stale", tmp_path / "fresh"
+    stale.touch()
+    fresh.touch()
+    os.utime(stale, (0, 0))
+    fused._remove_stale_lock(stale)
+    fused._remove_stale_lock(fresh)
+    fused._remove_stale_lock(tmp_path / "absent")
+    assert not stale.exists() and fresh.exists()

@@ -118,6 +118,7 @@ def _load() -> None:
                 "sophia: compiling the fused CPU kernel of the Sophia step, once (20-60 s); "
                 "it is cached in %s. Pass fused=False to skip it.", directory,
             )
+            _remove_stale_lock(directory / "lock")
             cpp_extension.load(
                 name=name, sources=[str(_SOURCE)], extra_cflags=_CFLAGS,
                 build_directory=str(directory), is_python_module=False, verbose=False,
@@ -135,6 +136,21 @@ def _load() -> None:
         _op = op
     except Exception as error:  # no compiler, no ninja, no source file, a failed build …
         _failure = f"{type(error).__name__}: {error}".strip()
+
+
+def _remove_stale_lock(lock: Path, *, older_than_s: float = 600.0) -> None:
+    """Delete the build lock a killed build left behind.
+
+    torch's extension builder waits, without a time limit, for another process's lock file to
+    go; a build killed midway leaves it, and every later process would wait forever. A build
+    here takes well under a minute, so a lock ten minutes old is stale.
+    """
+    try:
+        if time.time() - lock.stat().st_mtime > older_than_s:
+            lock.unlink()
+            logger.warning("sophia: removed a stale build lock %s", lock)
+    except FileNotFoundError:
+        pass
 
 
 def _rounds_as_torch_does(op) -> bool:
