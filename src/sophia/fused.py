@@ -9,7 +9,7 @@ is bitwise equal to the ground truth and can be the default.
 
 The kernel is compiled on first use with torch's C++ extension machinery (a C++ compiler and
 ninja are needed; ``-march=native`` is safe because it is built on the machine that runs it),
-which took about 20 s on a 2-core machine, and cached in ``$TORCH_EXTENSIONS_DIR`` or torch's
+which took 12-20 s on a 2-core machine, and cached in ``$TORCH_EXTENSIONS_DIR`` or torch's
 default extension root, keyed by the source, the torch and Python versions and the CPU's
 features, so later processes load it in a fraction of a second. torch.compile of the foreach
 path was the other candidate: it fuses too, but it rounds differently (it is not bitwise equal
@@ -115,7 +115,7 @@ def _load() -> None:
                 cached = False
         if not cached:
             logger.warning(
-                "sophia: compiling the fused CPU kernel of the Sophia step, once (20-60 s); "
+                "sophia: compiling the fused CPU kernel of the Sophia step, once (10-60 s); "
                 "it is cached in %s. Pass fused=False to skip it.", directory,
             )
             _remove_stale_lock(directory / "lock")
