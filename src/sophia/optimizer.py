@@ -66,16 +66,16 @@ class _Sophia(Optimizer):
     def __init__(
         self,
         params: Iterable[Tensor] | Iterable[dict[str, Any]],
-        lr: float | Tensor,
-        betas: tuple[float, float],
-        rho: float,
-        weight_decay: float,
-        eps: float,
+        lr: float | Tensor = 1e-4,
+        betas: tuple[float, float] = (0.965, 0.99),
+        rho: float = 0.04,
+        weight_decay: float = 0.1,
+        eps: float = 1e-15,
         *,
-        maximize: bool,
-        foreach: bool | None,
-        fused: bool | None,
-        refresh_every: int,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+        refresh_every: int = 10,
     ) -> None:
         _validate_hyperparameters(
             dict(lr=lr, betas=betas, rho=rho, weight_decay=weight_decay, eps=eps,
@@ -307,25 +307,6 @@ class SophiaG(_Sophia):
     ``step(bs=bs)``, call ``update_hessian(scale=bs)`` and ``step()``; the trajectories agree.
     """
 
-    def __init__(
-        self,
-        params: Iterable[Tensor] | Iterable[dict[str, Any]],
-        lr: float | Tensor = 1e-4,
-        betas: tuple[float, float] = (0.965, 0.99),
-        rho: float = 0.04,
-        weight_decay: float = 0.1,
-        eps: float = 1e-15,
-        *,
-        maximize: bool = False,
-        foreach: bool | None = None,
-        fused: bool | None = None,
-        refresh_every: int = 10,
-    ) -> None:
-        super().__init__(
-            params, lr, betas, rho, weight_decay, eps,
-            maximize=maximize, foreach=foreach, fused=fused, refresh_every=refresh_every,
-        )
-
     @torch.no_grad()
     def update_hessian(self, scale: float = 1.0) -> None:
         """Fold ĥ = ``scale``·p.grad⊙p.grad into h for every parameter with a gradient.
@@ -370,25 +351,6 @@ class SophiaH(_Sophia):
             such a coordinate's update into a full sign step, never a reversed one.
         maximize, foreach, fused, refresh_every: as in :class:`SophiaG`.
     """
-
-    def __init__(
-        self,
-        params: Iterable[Tensor] | Iterable[dict[str, Any]],
-        lr: float | Tensor = 1e-4,
-        betas: tuple[float, float] = (0.965, 0.99),
-        rho: float = 0.04,
-        weight_decay: float = 0.1,
-        eps: float = 1e-15,
-        *,
-        maximize: bool = False,
-        foreach: bool | None = None,
-        fused: bool | None = None,
-        refresh_every: int = 10,
-    ) -> None:
-        super().__init__(
-            params, lr, betas, rho, weight_decay, eps,
-            maximize=maximize, foreach=foreach, fused=fused, refresh_every=refresh_every,
-        )
 
     def update_hessian(
         self,
