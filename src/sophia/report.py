@@ -225,13 +225,13 @@ def write_report(out: Path, *, records: list[Any], best_multipliers: dict[str, f
     text = [f"{'optimizer':10s} {'tuned lr':>9s} {'final val':>10s} {'steps to target':>16s} "
             f"{'x steps':>8s} {'x seconds':>9s} {reference + ' steps to its final':>26s}"]
     for optimizer, row in headline["optimizers"].items():
-        ratio = row["step_ratio"]["mean"] if row["step_ratio"] else math.nan
-        seconds_ratio = row["seconds_ratio"]["mean"] if row["seconds_ratio"] else math.nan
+        ratio = f"{row['step_ratio']['mean']:.2f}" if row["step_ratio"] else "-"
+        seconds_ratio = f"{row['seconds_ratio']['mean']:.2f}" if row["seconds_ratio"] else "-"
         steps = f"{row['step']['mean']:.0f}" if row["step"] else "not reached"
         final = row["final_val_loss"]["mean"] if row["final_val_loss"] else math.nan
         backwards = row["reference_steps_to_final"]
         backwards = f"{backwards['mean']:.0f}" if backwards else "not reached"
         text.append(f"{optimizer:10s} {row['lr']:9.3g} {final:10.4f} {steps:>16s} "
-                    f"{ratio:8.2f} {seconds_ratio:9.2f} {backwards:>26s}")
+                    f"{ratio:>8s} {seconds_ratio:>9s} {backwards:>26s}")
     return CompareSummary(out_dir=out, report_path=report_path, results_path=results_path,
                           plot_paths=plot_paths, headline="\n".join(text), results=results)
