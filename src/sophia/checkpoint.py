@@ -69,6 +69,8 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile) as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if "weights_only" in first_line:  # torch's advice (weights_only=False) is not ours
+            first_line = "not a tensors-only checkpoint"
         raise SophiaError(
             f"cannot read checkpoint {str(path)!r} ({first_line}); it is damaged or not a "
             "sophia checkpoint: point --resume at another one or start without --resume"
