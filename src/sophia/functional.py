@@ -216,7 +216,11 @@ def gauss_newton_ema_update(
             hessian.mul_(beta2).addcmul_(grad, grad, value=(1 - beta2) * scale)
 
 
-def unclipped_count(exp_avg: Tensor, hessian: Tensor, rho: float) -> tuple[int, int]:
-    """(number of coordinates with |m| < ρ·h, number of coordinates) for one parameter."""
+def unclipped_count(exp_avg: Tensor, hessian: Tensor, rho: float) -> tuple[Tensor, int]:
+    """(number of coordinates with |m| < ρ·h, number of coordinates) for one parameter.
+
+    The count is a 0-dim int64 tensor on the state's device, so that a caller summing over
+    many parameters reads it back once rather than synchronising per parameter.
+    """
     exp_avg, hessian = _as_real(exp_avg, hessian)
-    return int((exp_avg.abs() < rho * hessian).sum()), exp_avg.numel()
+    return (exp_avg.abs() < rho * hessian).sum(), exp_avg.numel()

@@ -206,7 +206,7 @@ class _Sophia(Optimizer):
             self._init_group(group, params, grads, exp_avgs, hessians, steps)
             if not params:
                 continue
-            if torch.compiler.is_compiling() or not steps:
+            if torch.compiler.is_compiling():
                 for step in steps:
                     step += 1
             else:
@@ -245,15 +245,20 @@ class _Sophia(Optimizer):
         whole parameters: with FSDP2 (DTensor) parameters this is a collective, to be called
         on every rank.
         """
-        counts = []
+        states, counts, sizes = [], [], []
         for group in self.param_groups:
             for param in group["params"]:
                 state = self.state.get(param)
                 if not state or "exp_avg" not in state:
                     continue
                 exp_avg, hessian = local_shards(state["exp_avg"], state["hessian"])
-                counts.append((state["exp_avg"], *unclipped_count(exp_avg, hessian, group["rho"])))
-        unclipped, total = sum_over_shards(counts)
+                count, size = unclipped_count(exp_avg, hessian, group["rho"])
+                states.append(state["exp_avg"])
+                counts.append(count)
+                sizes.append(size)
+        if counts:  # one device-to-host read for all parameters, not one each
+            counts = torch.stack([c.to(counts[0].device) for c in counts]).tolist()
+        unclipped, total = sum_over_shards(zip(states, counts, sizes))
         return unclipped / total if total else 0.0
 
     # --------------------------------------------------------- state_dict dtype handling
