@@ -240,7 +240,7 @@ class _Sophia(Optimizer):
     def unclipped_fraction(self) -> float:
         """Fraction of coordinates with ``|m| < ρ·h``: those the clip leaves alone.
 
-        The official code logs it as "win rate"; healthy runs sit around 0.1-0.5. 0.0 before
+        The official code logs it as "win rate". 0.0 before
         any state exists or when every coordinate is clipped (a pure sign step). Counted over
         whole parameters: with FSDP2 (DTensor) parameters this is a collective, to be called
         on every rank.
