@@ -20,7 +20,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.distributed.fsdp import fully_shard
 
-from sophia.functional import sophia_update
+from sophia_pytorch.functional import sophia_update
 
 
 def _resident_mib() -> float:

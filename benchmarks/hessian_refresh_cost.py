@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import argparse
 
-from sophia.config import make_config
-from sophia.train import train
+from sophia_pytorch.harness.config import make_config
+from sophia_pytorch.harness.trainer import train
 
 
 def main() -> None:

@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import sophia
-from sophia.model import GPT, GPTConfig
+import sophia_pytorch
+from sophia_pytorch.harness.model import GPT, GPTConfig
 
 
 class _MallInfo2(ctypes.Structure):
@@ -68,7 +68,7 @@ def train_step(model, optimizer, inputs, targets) -> None:
 
 def refresh(model, optimizer, inputs, fraction: float) -> None:
     rows = max(1, round(fraction * inputs.shape[0]))
-    loss, num_samples = sophia.sampled_cross_entropy(model(inputs[:rows]))
+    loss, num_samples = sophia_pytorch.sampled_cross_entropy(model(inputs[:rows]))
     loss.backward()
     optimizer.update_hessian(scale=num_samples)
     optimizer.zero_grad(set_to_none=True)
@@ -96,7 +96,7 @@ def main() -> None:
     config = GPTConfig(vocab_size=256, block_size=args.context, n_layer=args.layers,
                        n_head=max(1, args.width // 64), n_embd=args.width)
     model = GPT(config)
-    optimizer = sophia.SophiaG(model.parameters(), lr=1e-4)
+    optimizer = sophia_pytorch.SophiaG(model.parameters(), lr=1e-4)
     inputs = torch.randint(0, 256, (args.batch, args.context))
     targets = torch.randint(0, 256, (args.batch, args.context))
     train_step(model, optimizer, inputs, targets)  # state exists before measuring

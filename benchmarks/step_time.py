@@ -95,19 +95,19 @@ def make_rows(params: list[torch.Tensor], args: argparse.Namespace) -> list[Row]
     from pytorch_optimizer import SophiaH
     from sophia_opt import SophiaG as OfficialSophiaG
 
-    import sophia.fused
-    from sophia import SophiaG
-    from sophia.functional import _multi_tensor_sophia
+    import sophia_pytorch._kernel.loader
+    from sophia_pytorch import SophiaG
+    from sophia_pytorch.functional import _multi_tensor_sophia, fused_kernel_available
 
     rows = []
 
     # Our three paths share one state: they compute bitwise-equal (fused, for-loop) or
     # near-equal (foreach) updates, and sharing halves the memory of the run.
     ours = {}
-    if sophia.fused.is_available():
+    if fused_kernel_available():
         ours["SophiaG fused (ours, default)"] = SophiaG(params, lr=LR, fused=True)
     else:
-        print(f"fused kernel unavailable: {sophia.fused.unavailable_reason()}")
+        print(f"fused kernel unavailable: {sophia_pytorch._kernel.loader.unavailable_reason()}")
     ours["SophiaG foreach (ours)"] = SophiaG(params, lr=LR, foreach=True, fused=False)
     if not args.skip_for_loop:
         ours["SophiaG for-loop (ours)"] = SophiaG(params, lr=LR, foreach=False, fused=False)
@@ -236,15 +236,16 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     if args.rebuild:
         os.environ["TORCH_EXTENSIONS_DIR"] = tempfile.mkdtemp(prefix="sophia_ext_")
-    import sophia.fused
+    import sophia_pytorch._kernel.loader
+    from sophia_pytorch.functional import fused_kernel_available
 
-    sophia.fused.is_available()
-    info = sophia.fused.build_info()
+    fused_kernel_available()
+    info = sophia_pytorch._kernel.loader.build_info()
     print(f"machine: {machine_description()}")
     print(f"commit: {git_commit()}")
     print(f"command: python {' '.join(sys.argv)}")
     if info is None:
-        print(f"fused kernel: unavailable ({sophia.fused.unavailable_reason()})")
+        print(f"fused kernel: unavailable ({sophia_pytorch._kernel.loader.unavailable_reason()})")
     else:
         how = "loaded from cache" if info.cached else "compiled from scratch"
         print(f"fused kernel: {how} in {info.seconds:.1f} s ({info.directory})")

@@ -11,10 +11,11 @@ import time
 
 
 def pytest_sessionstart(session) -> None:  # noqa: ARG001 - pytest's hook signature
-    from sophia import fused
+    from sophia_pytorch._kernel import loader as fused
+    from sophia_pytorch.functional import fused_kernel_available
 
     start = time.perf_counter()
-    available = fused.is_available()
+    available = fused_kernel_available()
     info = fused.build_info()
     if info is not None and not info.cached:
         print(f"\nsophia: built the fused CPU kernel in {time.perf_counter() - start:.1f} s")

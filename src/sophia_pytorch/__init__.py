@@ -1,0 +1,16 @@
+"""sophia_pytorch: Sophia, the second-order clipped optimizer, native to PyTorch.
+
+    >>> from sophia_pytorch import SophiaG, sampled_cross_entropy
+"""
+
+from .estimators import hutchinson_estimate, rademacher_like, sampled_cross_entropy
+from .optimizer import SophiaG, SophiaH
+
+__all__ = [
+    "SophiaG",
+    "SophiaH",
+    "sampled_cross_entropy",
+    "hutchinson_estimate",
+    "rademacher_like",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,233 @@
+"""The Sophia update rule as pure functions over lists of tensors.
+
+Per parameter θ with gradient g, gradient EMA m and Hessian-diagonal EMA h::
+
+    θ ← θ · (1 − lr · weight_decay)                 decoupled weight decay
+    m ← β1 · m + (1 − β1) · g                        every step, no bias correction
+    θ ← θ − lr · clamp(m / max(ρ · h, ε), −1, 1)     = sign(m) · min(|m| / max(ρh, ε), 1)
+
+and, every k steps, with a fresh diagonal estimate ĥ::
+
+    h ← β2 · h + (1 − β2) · ĥ
+
+``max(ρh, ε)`` rather than ``ρh + ε``: a Hutchinson estimate can be negative, and a negative
+denominator would flip the update against the momentum. With the max, a coordinate whose
+curvature is not positive takes a full sign step, as a clipped coordinate does.
+
+``_single_tensor_sophia`` is the readable ground truth; ``_multi_tensor_sophia`` does the same
+with torch's foreach kernels; ``sophia_update`` picks one. The state (``exp_avgs``,
+``hessians``) may be float32 for low-precision parameters: the update is then computed in the
+state's dtype and rounded once into the parameter.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._kernel import loader as _kernel
+
+__all__ = [
+    "sophia_update",
+    "hessian_ema_update",
+    "gauss_newton_ema_update",
+    "unclipped_count",
+    "fused_kernel_available",
+]
+
+
+def _as_real(*tensors: Tensor) -> list[Tensor]:
+    return [torch.view_as_real(t) if torch.is_complex(t) else t for t in tensors]
+
+
+def _in_dtype(lr: float | Tensor, dtype: torch.dtype) -> float | Tensor:
+    """A Tensor ``lr`` in the state's precision, so a float32 lr tensor cannot round the
+    weight-decay factor of float64 parameters; a float ``lr`` as it is."""
+    return lr.to(dtype) if isinstance(lr, Tensor) and lr.dtype != dtype else lr
+
+
+def _single_tensor_sophia(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    hessians: list[Tensor],
+    *,
+    lr: float | Tensor,
+    beta1: float,
+    rho: float,
+    weight_decay: float,
+    eps: float,
+    maximize: bool,
+) -> None:
+    for param, grad, exp_avg, hessian in zip(params, grads, exp_avgs, hessians):
+        param, grad, exp_avg, hessian = _as_real(param, grad, exp_avg, hessian)
+        if maximize:
+            grad = -grad
+        if weight_decay != 0:
+            param.mul_(1 - _in_dtype(lr, exp_avg.dtype) * weight_decay)
+        exp_avg.mul_(beta1).add_(grad.to(exp_avg.dtype), alpha=1 - beta1)
+        ratio = (exp_avg / (rho * hessian).clamp_(min=eps)).clamp_(-1, 1)
+        if isinstance(lr, Tensor):
+            param.sub_((ratio * lr).to(param.dtype))
+        elif ratio.dtype == param.dtype:
+            param.add_(ratio, alpha=-lr)
+        else:
+            param.add_(ratio.mul_(-lr).to(param.dtype))
+
+
+def _multi_tensor_sophia(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    hessians: list[Tensor],
+    *,
+    lr: float | Tensor,
+    beta1: float,
+    rho: float,
+    weight_decay: float,
+    eps: float,
+    maximize: bool,
+) -> None:
+    if not params:
+        return
+    groups: dict[tuple, list[int]] = {}
+    for index, (param, exp_avg) in enumerate(zip(params, exp_avgs)):
+        groups.setdefault((param.device, param.dtype, exp_avg.dtype), []).append(index)
+
+    for (_, param_dtype, state_dtype), indices in groups.items():
+        group_params = _as_real(*[params[i] for i in indices])
+        group_grads = _as_real(*[grads[i] for i in indices])
+        group_exp_avgs = _as_real(*[exp_avgs[i] for i in indices])
+        group_hessians = _as_real(*[hessians[i] for i in indices])
+
+        if state_dtype != param_dtype:
+            group_grads = [g.to(state_dtype) for g in group_grads]
+        if maximize:
+            group_grads = torch._foreach_neg(group_grads)
+        if weight_decay != 0:
+            torch._foreach_mul_(group_params, 1 - _in_dtype(lr, state_dtype) * weight_decay)
+        torch._foreach_mul_(group_exp_avgs, beta1)
+        torch._foreach_add_(group_exp_avgs, group_grads, alpha=1 - beta1)
+
+        denominators = torch._foreach_mul(group_hessians, rho)
+        torch._foreach_clamp_min_(denominators, eps)
+        ratios = torch._foreach_div(group_exp_avgs, denominators)
+        del denominators
+        torch._foreach_clamp_min_(ratios, -1.0)
+        torch._foreach_clamp_max_(ratios, 1.0)
+        if isinstance(lr, Tensor) or state_dtype != param_dtype:
+            torch._foreach_mul_(ratios, -lr)
+            if state_dtype != param_dtype:
+                ratios = [r.to(param_dtype) for r in ratios]
+            torch._foreach_add_(group_params, ratios)
+        else:
+            torch._foreach_add_(group_params, ratios, alpha=-lr)
+
+
+def sophia_update(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    hessians: list[Tensor],
+    *,
+    lr: float | Tensor,
+    beta1: float,
+    rho: float,
+    weight_decay: float,
+    eps: float,
+    maximize: bool = False,
+    foreach: bool = False,
+    fused: bool = False,
+) -> None:
+    """One Sophia step, in place, on matching lists of tensors.
+
+    Args:
+        params: parameters θ, any shape and floating dtype (complex is viewed as real pairs).
+        grads: gradients, same shapes and dtypes as ``params``.
+        exp_avgs: m, same shapes; dtype of ``params`` or float32 for low-precision params.
+        hessians: h, same shapes and dtype as ``exp_avgs``.
+        lr: step size, a float or a 0-dim tensor (units of θ per step).
+        beta1: EMA coefficient of m.
+        rho: γ in the paper: scales h against |m| before clipping.
+        weight_decay: decoupled, multiplied by ``lr``.
+        eps: floor of the denominator ρh.
+        maximize: ascend instead of descend.
+        foreach: use torch's multi-tensor kernels.
+        fused: use the one-pass CPU kernel of :mod:`sophia_pytorch._kernel` (bitwise equal to the
+            for-loop) on the tensors it supports; ``foreach`` picks the path for the rest.
+    """
+    if fused:
+        left = _kernel.fused_sophia_(
+            params, grads, exp_avgs, hessians,
+            lr=lr, beta1=beta1, rho=rho, weight_decay=weight_decay, eps=eps, maximize=maximize,
+        )
+        if not left:
+            return
+        params, grads, exp_avgs, hessians = (
+            [tensors[i] for i in left] for tensors in (params, grads, exp_avgs, hessians)
+        )
+    update = _multi_tensor_sophia if foreach else _single_tensor_sophia
+    update(
+        params, grads, exp_avgs, hessians,
+        lr=lr, beta1=beta1, rho=rho, weight_decay=weight_decay, eps=eps, maximize=maximize,
+    )
+
+
+def fused_kernel_available() -> bool:
+    """Whether the one-pass CPU kernel can be used here (built or loaded on the first call,
+    then checked bitwise against :func:`_single_tensor_sophia` on a probe)."""
+    return _kernel.is_available(_single_tensor_sophia)
+
+
+def hessian_ema_update(
+    hessians: list[Tensor],
+    estimates: list[Tensor],
+    *,
+    beta2: float,
+    foreach: bool = False,
+) -> None:
+    """Fold fresh diagonal estimates ĥ into h: ``h ← β2·h + (1 − β2)·ĥ``, in place.
+
+    ``estimates`` match ``hessians`` in shape (any dtype; cast to h's).
+    """
+    hessians = _as_real(*hessians)
+    estimates = [e.to(h.dtype) for e, h in zip(_as_real(*estimates), hessians)]
+    if foreach and hessians:
+        torch._foreach_mul_(hessians, beta2)
+        torch._foreach_add_(hessians, estimates, alpha=1 - beta2)
+    else:
+        for hessian, estimate in zip(hessians, estimates):
+            hessian.mul_(beta2).add_(estimate, alpha=1 - beta2)
+
+
+def gauss_newton_ema_update(
+    hessians: list[Tensor],
+    grads: list[Tensor],
+    *,
+    beta2: float,
+    scale: float,
+    foreach: bool = False,
+) -> None:
+    """Fold ĥ = scale · g ⊙ g into h (``h ← β2·h + (1 − β2)·scale·g⊙g``), in place.
+
+    With ``g`` the gradient of the mean loss on B sampled labels and ``scale = B`` this is
+    the Gauss-Newton-Bartlett estimate; it never materialises ĥ.
+    """
+    hessians = _as_real(*hessians)
+    grads = [g.to(h.dtype) for g, h in zip(_as_real(*grads), hessians)]
+    if foreach and hessians:
+        torch._foreach_mul_(hessians, beta2)
+        torch._foreach_addcmul_(hessians, grads, grads, value=(1 - beta2) * scale)
+    else:
+        for hessian, grad in zip(hessians, grads):
+            hessian.mul_(beta2).addcmul_(grad, grad, value=(1 - beta2) * scale)
+
+
+def unclipped_count(exp_avg: Tensor, hessian: Tensor, rho: float) -> tuple[Tensor, int]:
+    """(number of coordinates with |m| < ρ·h, number of coordinates) for one parameter.
+
+    The count is a 0-dim int64 tensor on the state's device, so that a caller summing over
+    many parameters reads it back once rather than synchronising per parameter.
+    """
+    exp_avg, hessian = _as_real(exp_avg, hessian)
+    return (exp_avg.abs() < rho * hessian).sum(), exp_avg.numel()

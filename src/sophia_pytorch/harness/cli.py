@@ -1,0 +1,173 @@
+"""The ``sophia`` command: ``sophia train``, ``sophia compare``, ``sophia presets``.
+
+Every :class:`~.config.Config` field is a flag (``n_layer`` -> ``--n-layer``); values
+given on the command line override a ``--config`` TOML file, which overrides the preset.
+User errors print one line, ``error: <problem>; <fix>``, and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+from .config import OPTIMIZERS, PRESETS, Config, load_toml, make_config
+from .errors import SophiaError
+
+__all__ = ["main"]
+
+_COMPARE_OWN = ("optimizer", "lr", "seed", "out_dir", "checkpoint_every")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (no usage block), in the same form as SophiaError's."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise SophiaError(f"{message}; see `{self.prog} --help`")
+
+
+def _add_config_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+    group = parser.add_argument_group("settings (override the preset and --config)")
+    for f in fields(Config):
+        if f.name in ("preset", *skip):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in ("bool", bool):
+            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
+                               default=None, help=f"(default {f.default})")
+        else:
+            group.add_argument(flag, dest=f.name, default=None, metavar="VALUE",
+                               help=f"(preset default {f.default!r})")
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="sophia", description="Train a GPT with Sophia and compare optimizers.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    train = commands.add_parser("train", help="train one model",
+                                description="Train a GPT; writes log.jsonl and checkpoint.pt.")
+    train.add_argument("--preset", default=None, help=f"one of {', '.join(PRESETS)} (tiny)")
+    train.add_argument("--config", dest="config_file", metavar="FILE.toml",
+                       help="TOML file of settings (flat key = value)")
+    train.add_argument("--resume", metavar="PATH",
+                       help="continue from a run folder or checkpoint.pt (keeps its settings)")
+    _add_config_flags(train)
+
+    compare = commands.add_parser(
+        "compare", help="compare optimizers side by side",
+        description="Train the same GPT with several optimizers (same data order and seeds) "
+                    "and write report.md, results.json and plots.")
+    compare.add_argument("--preset", default=None, help=f"one of {', '.join(PRESETS)} (tiny)")
+    compare.add_argument("--config", dest="config_file", metavar="FILE.toml")
+    compare.add_argument("--optimizers", default="sophiag,adamw",
+                         help=f"comma-separated, from {', '.join(OPTIMIZERS)} (sophiag,adamw)")
+    compare.add_argument("--lr-grid", default="1",
+                         help="comma-separated multipliers of each optimizer's preset lr; the "
+                              "best (lowest final val loss, first seed) is kept (1)")
+    compare.add_argument("--seeds", default="1", help="seeds per optimizer at its best lr (1)")
+    compare.add_argument("--seed", default="0", help="first seed (0)")
+    compare.add_argument("--out", default=None, help="run folder (runs/compare-<preset>-<time>)")
+    _add_config_flags(compare, skip=_COMPARE_OWN)
+
+    commands.add_parser("presets", help="list the presets and their optimizer settings")
+    return parser
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """TOML values, then command-line flags on top; unset flags are left out."""
+    values: dict[str, Any] = load_toml(args.config_file) if args.config_file else {}
+    for f in fields(Config):
+        given = getattr(args, f.name, None)
+        if given is not None and f.name != "preset":
+            values[f.name] = given
+    if args.preset is not None:
+        values["preset"] = args.preset
+    return values
+
+
+def _parse_list(text: str, kind: type, name: str) -> list:
+    try:
+        items = [kind(item.strip()) for item in text.split(",") if item.strip()]
+    except ValueError:
+        raise SophiaError(f"bad {name} {text!r}: expected comma-separated {kind.__name__}s") \
+            from None
+    if not items:
+        raise SophiaError(f"{name} is empty; give at least one value")
+    return items
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from . import distributed
+    from .checkpoint import load_checkpoint
+    from .trainer import is_main_process, train
+
+    overrides = _overrides(args)
+    if args.resume:
+        saved = load_checkpoint(args.resume)["config"]
+        resume_dir = Path(args.resume)
+        resume_dir = resume_dir if resume_dir.is_dir() else resume_dir.parent
+        overrides = {**saved, "out_dir": str(resume_dir), **overrides}
+    config = make_config(overrides.pop("preset", "tiny"), overrides)
+    try:
+        result = train(config, resume=args.resume)
+        if not is_main_process():  # under torchrun, rank 0 reports
+            return 0
+    finally:
+        distributed.destroy()
+    print(f"done: {result.steps} steps, final val loss {result.final_val_loss:.4f}, "
+          f"{result.train_seconds:.1f} s of training, {result.skipped_steps} skipped steps")
+    print(f"run folder: {result.run_dir} (log.jsonl, checkpoint.pt)")
+    return 0
+
+
+def _run_compare(args: argparse.Namespace) -> int:
+    from .compare.runner import compare
+
+    overrides = _overrides(args)
+    optimizers = _parse_list(args.optimizers, str, "--optimizers")
+    base = make_config(overrides.pop("preset", "tiny"), overrides)
+    summary = compare(
+        base, optimizers=optimizers,
+        lr_multipliers=_parse_list(args.lr_grid, float, "--lr-grid"),
+        seeds=[int(_parse_list(args.seed, int, "--seed")[0]) + i
+               for i in range(_parse_list(args.seeds, int, "--seeds")[0])],
+        out_dir=args.out, overrides=overrides,
+    )
+    print(summary.headline)
+    print(f"report: {summary.report_path}")
+    print(f"plots:  {', '.join(str(p) for p in summary.plot_paths)}")
+    return 0
+
+
+def _run_presets() -> int:
+    for name, preset in PRESETS.items():
+        print(f"{name}: {preset.description}")
+        for optimizer, hp in preset.optimizers.items():
+            rho = f" rho={hp.rho}" if optimizer.startswith("sophia") else ""
+            print(f"  {optimizer:8s} lr={hp.lr:g} min_lr={hp.min_lr:g} betas={hp.betas} "
+                  f"wd={hp.weight_decay}{rho}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``sophia`` console script; returns the exit status."""
+    try:
+        args = _build_parser().parse_args(argv)
+        if args.command == "train":
+            return _run_train(args)
+        if args.command == "compare":
+            return _run_compare(args)
+        return _run_presets()
+    except SophiaError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; continue a run with `sophia train --resume <run folder>`",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,52 @@
+"""The records a comparison keeps: one per finished run, and the summary of the whole."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..trainer import TrainResult
+
+__all__ = ["CompareSummary", "RunRecord"]
+
+
+@dataclass
+class RunRecord:
+    """One finished run of a comparison. ``evals`` rows: step, val_loss, seconds, tokens."""
+
+    optimizer: str
+    lr: float
+    lr_multiplier: float
+    seed: int
+    final_val_loss: float
+    steps: int
+    train_seconds: float
+    hessian_seconds: float
+    tokens: int
+    skipped_steps: int
+    run_dir: str
+    evals: list[dict[str, float]] = field(default_factory=list)
+
+    @classmethod
+    def from_result(cls, result: TrainResult, multiplier: float) -> RunRecord:
+        return cls(
+            optimizer=result.config["optimizer"], lr=result.config["lr"],
+            lr_multiplier=multiplier, seed=result.config["seed"],
+            final_val_loss=result.final_val_loss, steps=result.steps,
+            train_seconds=result.train_seconds, hessian_seconds=result.hessian_seconds,
+            tokens=result.tokens, skipped_steps=result.skipped_steps,
+            run_dir=str(result.run_dir), evals=result.evals,
+        )
+
+
+@dataclass
+class CompareSummary:
+    """Where the report went, and its headline as text."""
+
+    out_dir: Path
+    report_path: Path
+    results_path: Path
+    plot_paths: list[Path]
+    headline: str
+    results: dict[str, Any]

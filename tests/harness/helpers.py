@@ -1,0 +1,36 @@
+"""Shared helpers of the harness tests: a small corpus slice and a very small run config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sophia_pytorch.harness.config import Config, make_config
+from sophia_pytorch.harness.data import iter_documents
+
+SLICE_CHARS = 120_000
+
+
+def corpus_slice(folder: Path) -> Path:
+    """The first SLICE_CHARS characters of the Shakespeare corpus, as a text file."""
+    path = folder / "slice.txt"
+    if not path.exists():
+        text = ""
+        for document in iter_documents("shakespeare"):
+            text += document
+            if len(text) >= SLICE_CHARS:
+                break
+        folder.mkdir(parents=True, exist_ok=True)
+        path.write_text(text[:SLICE_CHARS], encoding="utf-8")
+    return path
+
+
+def tiny_config(folder: Path, **overrides) -> Config:
+    """A run of a 1-layer, 32-wide GPT on the corpus slice: well under a second a step."""
+    values = dict(
+        n_layer=1, n_head=2, n_embd=32, block_size=16, batch_size=4, max_steps=6,
+        warmup_steps=2, eval_every=3, eval_batches=2, hessian_every=2,
+        data=str(corpus_slice(folder / "data")), cache_dir=str(folder / "cache"),
+        out_dir=str(folder / "run"), progress=False,
+    )
+    values.update(overrides)
+    return make_config(values.pop("preset", "tiny"), values)

@@ -1,0 +1,101 @@
+"""The package's architecture: the optimizer library below, the harness above, no cycles.
+
+The import graph is read from the source with ``ast`` (function-local imports included, since
+those are how a cycle hides), not from what happens to be loaded at run time.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "src" / "sophia_pytorch"
+HARNESS_ONLY = ("matplotlib", "tqdm", "tokenizers", "argparse", "tomllib", "datasets")
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """module -> the package modules it imports anywhere in its source."""
+    modules = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
+    graph: dict[str, set[str]] = {name: set() for name in modules}
+    for name, path in modules.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            targets = []
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    anchor = package.split(".")
+                    anchor = anchor[: len(anchor) - node.level + 1]
+                    base = ".".join(anchor + ([base] if base else []))
+                targets = [base] + [f"{base}.{alias.name}" for alias in node.names]
+            for target in targets:
+                while target and target not in modules:
+                    target = target.rpartition(".")[0]
+                if target and target != name:
+                    graph[name].add(target)
+    return graph
+
+
+def _find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}  # 1: on the stack, 2: done
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        stack.append(node)
+        for child in sorted(graph[node]):
+            if state.get(child) == 1:
+                return stack[stack.index(child):] + [child]
+            if child not in state and (cycle := visit(child)):
+                return cycle
+        stack.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (cycle := visit(node)):
+            return cycle
+    return None
+
+
+def test_the_package_has_no_import_cycle():
+    graph = _import_graph()
+    assert "sophia_pytorch.optimizer" in graph and len(graph) > 15
+    assert _find_cycle(graph) is None, " -> ".join(_find_cycle(graph))
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    assert _find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert _find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_the_library_never_imports_the_harness():
+    graph = _import_graph()
+    library = [m for m in graph if not m.startswith("sophia_pytorch.harness")]
+    offenders = {m: sorted(t for t in graph[m] if t.startswith("sophia_pytorch.harness"))
+                 for m in library}
+    assert not {m: t for m, t in offenders.items() if t}
+
+
+def test_importing_the_library_loads_no_harness_dependency():
+    script = (
+        "import json, sys, torch; before = set(sys.modules); import sophia_pytorch; "
+        "print(json.dumps(sorted(set(sys.modules) - before)))"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          check=True)
+    added = json.loads(done.stdout.strip().splitlines()[-1])
+    assert "sophia_pytorch.optimizer" in added
+    harness = [m for m in added if m.startswith("sophia_pytorch.harness")]
+    third_party = [m for m in added if m.split(".")[0] in HARNESS_ONLY]
+    assert not harness and not third_party, (harness, third_party)
