@@ -4,9 +4,11 @@
 """
 
 from .estimators import hutchinson_estimate, rademacher_like, sampled_cross_entropy
-from .optimizer import SophiaG, SophiaH
+from .optimizer import OFFICIAL_DEFAULTS, SophiaBase, SophiaG, SophiaH
 
 __all__ = [
+    "OFFICIAL_DEFAULTS",
+    "SophiaBase",
     "SophiaG",
     "SophiaH",
     "sampled_cross_entropy",

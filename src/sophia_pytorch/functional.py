@@ -27,6 +27,8 @@ from torch import Tensor
 
 from ._kernel import loader as _kernel
 
+_ACCELERATORS = ("cuda", "xpu", "mps")
+
 __all__ = [
     "sophia_update",
     "hessian_ema_update",
@@ -136,8 +138,8 @@ def sophia_update(
     weight_decay: float,
     eps: float,
     maximize: bool = False,
-    foreach: bool = False,
-    fused: bool = False,
+    foreach: bool | None = None,
+    fused: bool | None = None,
 ) -> None:
     """One Sophia step, in place, on matching lists of tensors.
 
@@ -152,10 +154,13 @@ def sophia_update(
         weight_decay: decoupled, multiplied by ``lr``.
         eps: floor of the denominator ρh.
         maximize: ascend instead of descend.
-        foreach: use torch's multi-tensor kernels.
-        fused: use the one-pass CPU kernel of :mod:`sophia_pytorch._kernel` (bitwise equal to the
-            for-loop) on the tensors it supports; ``foreach`` picks the path for the rest.
+        foreach: use torch's multi-tensor kernels; None: on accelerators (as torch.optim does).
+        fused: use the one-pass CPU kernel of :mod:`sophia_pytorch._kernel` (bitwise equal to
+            the for-loop) on the tensors it supports; ``foreach`` picks the path for the rest.
+            None (with ``foreach`` None too): take it for CPU tensors where it can be built
+            (else warn once and fall back), unless ``lr`` is a Tensor or the step is compiled.
     """
+    foreach, fused = _default_paths(params, lr, foreach, fused)
     if fused:
         left = _kernel.fused_sophia_(
             params, grads, exp_avgs, hessians,
@@ -173,6 +178,29 @@ def sophia_update(
     )
 
 
+def _default_foreach(tensors: list[Tensor]) -> bool:
+    if torch.compiler.is_compiling():
+        return False
+    return bool(tensors) and all(t.device.type in _ACCELERATORS for t in tensors)
+
+
+def _default_paths(params: list[Tensor], lr: float | Tensor, foreach: bool | None,
+                   fused: bool | None) -> tuple[bool, bool]:
+    """The (foreach, fused) pair to run: the caller's choice where given, else the default."""
+    if torch.compiler.is_compiling():
+        return False, False
+    if fused is None:
+        fused = False
+        if foreach is None and not isinstance(lr, Tensor) \
+                and any(p.device.type == "cpu" for p in params):
+            fused = fused_kernel_available()
+            if not fused:
+                _kernel.warn_unavailable_once()
+    if foreach is None:
+        foreach = _default_foreach(params)
+    return foreach, fused
+
+
 def fused_kernel_available() -> bool:
     """Whether the one-pass CPU kernel can be used here (built or loaded on the first call,
     then checked bitwise against :func:`_single_tensor_sophia` on a probe)."""
@@ -184,20 +212,28 @@ def hessian_ema_update(
     estimates: list[Tensor],
     *,
     beta2: float,
-    foreach: bool = False,
+    weights: list[float] | None = None,
+    foreach: bool | None = None,
 ) -> None:
-    """Fold fresh diagonal estimates ĥ into h: ``h ← β2·h + (1 − β2)·ĥ``, in place.
+    """Fold fresh diagonal estimates ĥ into h, in place: ``h ← β2·h + (1 − β2)·ĥ``.
 
-    ``estimates`` match ``hessians`` in shape (any dtype; cast to h's).
+    Args:
+        hessians: h, any shapes; ``estimates`` match them in shape (any dtype; cast to h's).
+        beta2: the EMA coefficient.
+        weights: optional per-tensor weights w replacing ``1 − β2``: ``h ← (1 − w)·h + w·ĥ``
+            (bias correction passes ``(1 − β2) / (1 − β2^r)`` for the r-th estimate).
+        foreach: use torch's multi-tensor kernels; None: on accelerators.
     """
     hessians = _as_real(*hessians)
     estimates = [e.to(h.dtype) for e, h in zip(_as_real(*estimates), hessians)]
-    if foreach and hessians:
-        torch._foreach_mul_(hessians, beta2)
-        torch._foreach_add_(hessians, estimates, alpha=1 - beta2)
-    else:
-        for hessian, estimate in zip(hessians, estimates):
-            hessian.mul_(beta2).add_(estimate, alpha=1 - beta2)
+    for decay, weight, indices in _ema_buckets(beta2, weights, len(hessians)):
+        group_h, group_e = [hessians[i] for i in indices], [estimates[i] for i in indices]
+        if _default_foreach(group_h) if foreach is None else foreach:
+            torch._foreach_mul_(group_h, decay)
+            torch._foreach_add_(group_h, group_e, alpha=weight)
+        else:
+            for hessian, estimate in zip(group_h, group_e):
+                hessian.mul_(decay).add_(estimate, alpha=weight)
 
 
 def gauss_newton_ema_update(
@@ -205,22 +241,51 @@ def gauss_newton_ema_update(
     grads: list[Tensor],
     *,
     beta2: float,
-    scale: float,
-    foreach: bool = False,
+    scale: float | Tensor,
+    weights: list[float] | None = None,
+    foreach: bool | None = None,
 ) -> None:
-    """Fold ĥ = scale · g ⊙ g into h (``h ← β2·h + (1 − β2)·scale·g⊙g``), in place.
+    """Fold ĥ = scale · g ⊙ g into h, in place: ``h ← β2·h + (1 − β2)·scale·g⊙g``.
 
     With ``g`` the gradient of the mean loss on B sampled labels and ``scale = B`` this is
     the Gauss-Newton-Bartlett estimate; it never materialises ĥ.
+
+    Args:
+        hessians: h; ``grads`` match them in shape.
+        beta2: the EMA coefficient.
+        scale: B (a number, or a 0-dim tensor on h's device, read without a host sync).
+        weights: per-tensor weights replacing ``1 − β2``, as in :func:`hessian_ema_update`.
+        foreach: use torch's multi-tensor kernels; None: on accelerators.
     """
     hessians = _as_real(*hessians)
     grads = [g.to(h.dtype) for g, h in zip(_as_real(*grads), hessians)]
-    if foreach and hessians:
-        torch._foreach_mul_(hessians, beta2)
-        torch._foreach_addcmul_(hessians, grads, grads, value=(1 - beta2) * scale)
-    else:
-        for hessian, grad in zip(hessians, grads):
-            hessian.mul_(beta2).addcmul_(grad, grad, value=(1 - beta2) * scale)
+    for decay, weight, indices in _ema_buckets(beta2, weights, len(hessians)):
+        group_h, group_g = [hessians[i] for i in indices], [grads[i] for i in indices]
+        if isinstance(scale, Tensor):  # addcmul's value must be a number: scale g instead
+            scaled = [g * (scale * weight).to(g.dtype) for g in group_g]
+            value = 1.0
+        else:
+            scaled, value = group_g, weight * scale
+        if _default_foreach(group_h) if foreach is None else foreach:
+            torch._foreach_mul_(group_h, decay)
+            torch._foreach_addcmul_(group_h, group_g, scaled, value=value)
+        else:
+            for hessian, grad, other in zip(group_h, group_g, scaled):
+                hessian.mul_(decay).addcmul_(grad, other, value=value)
+
+
+def _ema_buckets(beta2: float, weights: list[float] | None,
+                 count: int) -> list[tuple[float, float, list[int]]]:
+    """(decay, weight, tensor indices) triples: one per distinct weight.
+
+    Without ``weights`` the pair is exactly (β2, 1 − β2), as the official code computes it.
+    """
+    if weights is None:
+        return [(beta2, 1 - beta2, list(range(count)))] if count else []
+    buckets: dict[float, list[int]] = {}
+    for index, weight in enumerate(weights):
+        buckets.setdefault(weight, []).append(index)
+    return [(beta2 if w == 1 - beta2 else 1 - w, w, ids) for w, ids in buckets.items()]
 
 
 def unclipped_count(exp_avg: Tensor, hessian: Tensor, rho: float) -> tuple[Tensor, int]:

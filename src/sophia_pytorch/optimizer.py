@@ -5,6 +5,7 @@ The classes own parameter groups and state; the maths is in ``sophia_pytorch.fun
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -14,7 +15,6 @@ from torch.optim import Optimizer
 
 from ._dtensor import all_reduce_mean, is_dtensor, local_shards, sum_over_shards
 from ._kernel.loader import unavailable_reason as fused_kernel_unavailable_reason
-from ._kernel.loader import warn_unavailable_once as warn_fused_kernel_unavailable
 from .estimators import _hutchinson_estimate
 from .functional import (
     fused_kernel_available,
@@ -24,10 +24,21 @@ from .functional import (
     unclipped_count,
 )
 
-__all__ = ["SophiaG", "SophiaH"]
+__all__ = ["OFFICIAL_DEFAULTS", "SophiaBase", "SophiaG", "SophiaH"]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
-_STATE_KEYS = ("exp_avg", "hessian")
+_STATE_KEYS = ("exp_avg", "hessian")  # shaped like the parameter
+_COUNT_KEYS = ("step", "hessian_step")  # 0-dim float32 counters
+# ρ moves by this factor, at most _MAX_RHO_MOVES times per refresh, to enter the target band.
+_RHO_FACTOR = 2.0 ** 0.5
+_MAX_RHO_MOVES = 16
+
+OFFICIAL_DEFAULTS: dict[str, Any] = dict(
+    lr=1e-4, betas=(0.965, 0.99), rho=0.04, weight_decay=0.1, eps=1e-15,
+    bias_correction=False, refresh_at_start=False, unclipped_band=None,
+)
+"""Constructor keywords that make ``SophiaG(params, **OFFICIAL_DEFAULTS)`` the authors' SophiaG
+(github.com/Liuhong99/Sophia, PyPI ``sophia-opt``): their defaults, every addition off."""
 
 
 def _check_number(name: str, value: Any, *, low: float = 0.0, high: float | None = None) -> None:
@@ -37,7 +48,7 @@ def _check_number(name: str, value: Any, *, low: float = 0.0, high: float | None
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"Invalid {name}: expected a number, got {value!r}")
-    if not value >= low or (high is not None and not value < high):
+    if not math.isfinite(value) or not value >= low or (high is not None and not value < high):
         bounds = f"in [{low}, {high})" if high is not None else f">= {low}"
         raise ValueError(f"Invalid {name}: {value!r}; it must be {bounds}")
 
@@ -58,10 +69,26 @@ def _validate_hyperparameters(group: dict[str, Any]) -> None:
     refresh_every = group["refresh_every"]
     if isinstance(refresh_every, bool) or not isinstance(refresh_every, int) or refresh_every < 1:
         raise ValueError(f"Invalid refresh_every: {refresh_every!r}; it must be an int >= 1")
+    for flag in ("bias_correction", "refresh_at_start"):
+        if not isinstance(group[flag], bool):
+            raise ValueError(f"Invalid {flag}: {group[flag]!r}; expected True or False")
+    band = group["unclipped_band"]
+    if band is not None:
+        if not isinstance(band, (tuple, list)) or len(band) != 2:
+            raise ValueError(f"Invalid unclipped_band: {band!r}; expected None or a pair "
+                             "(low, high) of fractions, e.g. (0.1, 0.5)")
+        _check_number("unclipped_band[0]", band[0], high=1.0)
+        _check_number("unclipped_band[1]", band[1], high=1.0 + 1e-12)
+        if not band[0] < band[1]:
+            raise ValueError(f"Invalid unclipped_band: {band!r}; low must be < high")
 
 
-class _Sophia(Optimizer):
-    """Shared plumbing of SophiaG and SophiaH: validation, state, step, diagnostics."""
+class SophiaBase(Optimizer):
+    """The Sophia step, state and diagnostics that SophiaG and SophiaH share.
+
+    Subclasses add ``update_hessian``, the estimator that feeds h. The keywords are those of
+    :class:`SophiaG`, which documents them.
+    """
 
     def __init__(
         self,
@@ -76,10 +103,15 @@ class _Sophia(Optimizer):
         foreach: bool | None = None,
         fused: bool | None = None,
         refresh_every: int = 10,
+        bias_correction: bool = False,
+        refresh_at_start: bool = False,
+        unclipped_band: tuple[float, float] | None = None,
     ) -> None:
+        options = dict(refresh_every=refresh_every, bias_correction=bias_correction,
+                       refresh_at_start=refresh_at_start,
+                       unclipped_band=None if unclipped_band is None else tuple(unclipped_band))
         _validate_hyperparameters(
-            dict(lr=lr, betas=betas, rho=rho, weight_decay=weight_decay, eps=eps,
-                 refresh_every=refresh_every)
+            dict(lr=lr, betas=betas, rho=rho, weight_decay=weight_decay, eps=eps, **options)
         )
         if not isinstance(maximize, bool):
             raise ValueError(f"Invalid maximize: {maximize!r}; expected True or False")
@@ -94,11 +126,11 @@ class _Sophia(Optimizer):
             raise RuntimeError(f"fused=True, but the fused kernel is unavailable: {reason}")
         defaults = dict(
             lr=lr, betas=tuple(betas), rho=rho, weight_decay=weight_decay, eps=eps,
-            maximize=maximize, foreach=foreach, fused=fused, refresh_every=refresh_every,
+            maximize=maximize, foreach=foreach, fused=fused, **options,
         )
         super().__init__(params, defaults)
-        self.register_load_state_dict_pre_hook(_Sophia._remember_state_dtypes)
-        self.register_load_state_dict_post_hook(_Sophia._restore_state_dtypes)
+        self.register_load_state_dict_pre_hook(SophiaBase._remember_state_dtypes)
+        self.register_load_state_dict_post_hook(SophiaBase._restore_state_dtypes)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group, as torch.optim does, after checking its own hyperparameters."""
@@ -117,6 +149,9 @@ class _Sophia(Optimizer):
             group.setdefault("fused", None)
             group.setdefault("eps", 1e-15)
             group.setdefault("refresh_every", 10)
+            group.setdefault("bias_correction", False)
+            group.setdefault("refresh_at_start", False)
+            group.setdefault("unclipped_band", None)
         for param_state in self.state.values():
             step = param_state.get("step")
             if step is not None and not torch.is_tensor(step):
@@ -124,7 +159,8 @@ class _Sophia(Optimizer):
 
     # ----------------------------------------------------------------------------- state
     def _state_for(self, param: Tensor) -> dict[str, Tensor]:
-        """The state of ``param``, created on first use: m and h are zeros, step a 0-dim tensor.
+        """The state of ``param``, created on first use: m and h are zeros; ``step`` (steps
+        taken) and ``hessian_step`` (estimates folded into h) are 0-dim float32 tensors.
 
         m and h are float32 for float16/bfloat16 parameters (they hold small, slowly moving
         averages that bf16's 8-bit mantissa would round away), else the parameter's dtype.
@@ -132,7 +168,8 @@ class _Sophia(Optimizer):
         state = self.state[param]
         if len(state) == 0:
             dtype = torch.float32 if param.dtype in _LOW_PRECISION else param.dtype
-            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+            for key in _COUNT_KEYS:
+                state[key] = torch.tensor(0.0, dtype=torch.float32)
             for key in _STATE_KEYS:
                 state[key] = torch.zeros_like(
                     param, dtype=dtype, memory_format=torch.preserve_format
@@ -164,32 +201,6 @@ class _Sophia(Optimizer):
             hessians.append(hessian)
             steps.append(state["step"])
 
-    def _use_foreach(self, group: dict[str, Any], params: list[Tensor]) -> bool:
-        if group["foreach"] is not None:
-            return group["foreach"]
-        if torch.compiler.is_compiling():
-            return False
-        return bool(params) and all(p.device.type in ("cuda", "xpu", "mps") for p in params)
-
-    def _use_fused(self, group: dict[str, Any], params: list[Tensor]) -> bool:
-        """The one-pass CPU kernel: when asked for, and by default where it applies.
-
-        It is bitwise equal to the for-loop, so the default (fused and foreach both None, as in
-        torch) takes it for CPU parameters unless the lr is a Tensor or the step is compiled.
-        """
-        if torch.compiler.is_compiling():
-            return False
-        if group["fused"] is not None:
-            return group["fused"]
-        if group["foreach"] is not None or isinstance(group["lr"], Tensor):
-            return False
-        if not any(p.device.type == "cpu" for p in params):
-            return False
-        if fused_kernel_available():
-            return True
-        warn_fused_kernel_unavailable()
-        return False
-
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
         """Perform one update of every parameter that has a gradient.
@@ -215,44 +226,61 @@ class _Sophia(Optimizer):
                 params, grads, exp_avgs, hessians,
                 lr=group["lr"], beta1=group["betas"][0], rho=group["rho"],
                 weight_decay=group["weight_decay"], eps=group["eps"],
-                maximize=group["maximize"], foreach=self._use_foreach(group, params),
-                fused=self._use_fused(group, params),
+                maximize=group["maximize"], foreach=group["foreach"], fused=group["fused"],
             )
         return loss
 
-    # ---------------------------------------------------------------------- diagnostics
+    # ------------------------------------------------------------------ Hessian cadence
     def steps_taken(self) -> int:
         """The largest per-parameter step count: how many times ``step()`` updated a parameter."""
-        counts = [int(s["step"]) for s in self.state.values() if "step" in s]
-        return max(counts, default=0)
+        return self._largest_count("step")
+
+    def refreshes_done(self) -> int:
+        """The largest per-parameter count of Hessian estimates folded into h."""
+        return self._largest_count("hessian_step")
+
+    def _largest_count(self, key: str) -> int:
+        counts = [s[key] for s in self.state.values() if key in s]
+        return int(torch.stack(counts).max()) if counts else 0
 
     def hessian_due(self) -> bool:
-        """True right after a ``step()`` whose count is a multiple of ``refresh_every``.
+        """True when a Hessian refresh (``update_hessian``) is owed before the next step.
 
-        Call it after ``step()``; when True, refresh the Hessian (``update_hessian``) before
-        the next one. With ``refresh_every=10`` this refreshes after steps 10, 20, ….
+        A refresh is owed at every step count that is a multiple of ``refresh_every`` (after
+        steps k, 2k, …) and, with ``refresh_at_start=True``, also before the first step, until
+        it is done. Asking before and after ``step()`` in one loop never refreshes twice.
         The interval is the first parameter group's: the refresh is one backward for all.
         """
+        first = self.param_groups[0]
         taken = self.steps_taken()
-        return taken > 0 and taken % self.param_groups[0]["refresh_every"] == 0
+        if taken % first["refresh_every"]:
+            return False
+        owed = taken // first["refresh_every"] + int(first["refresh_at_start"])
+        return self.refreshes_done() < owed
 
+    # ---------------------------------------------------------------------- diagnostics
     @torch.no_grad()
     def unclipped_fraction(self) -> float:
         """Fraction of coordinates with ``|m| < ρ·h``: those the clip leaves alone.
 
-        The official code logs it as "win rate". 0.0 before
-        any state exists or when every coordinate is clipped (a pure sign step). Counted over
-        whole parameters: with FSDP2 (DTensor) parameters this is a collective, to be called
-        on every rank.
+        The official code logs it as "win rate". 0.0 before any state exists or when every
+        coordinate is clipped (a pure sign step). Counted over whole parameters: with FSDP2
+        (DTensor) parameters this is a collective, to be called on every rank.
         """
+        return self._unclipped_fraction(self.param_groups)
+
+    def _unclipped_fraction(self, groups: list[dict[str, Any]],
+                            rho: float | None = None) -> float:
+        """``unclipped_fraction`` over ``groups``, each at its own ρ or at ``rho``."""
         states, counts, sizes = [], [], []
-        for group in self.param_groups:
+        for group in groups:
             for param in group["params"]:
                 state = self.state.get(param)
                 if not state or "exp_avg" not in state:
                     continue
                 exp_avg, hessian = local_shards(state["exp_avg"], state["hessian"])
-                count, size = unclipped_count(exp_avg, hessian, group["rho"])
+                count, size = unclipped_count(exp_avg, hessian, group["rho"] if rho is None
+                                              else rho)
                 states.append(state["exp_avg"])
                 counts.append(count)
                 sizes.append(size)
@@ -261,38 +289,81 @@ class _Sophia(Optimizer):
         unclipped, total = sum_over_shards(zip(states, counts, sizes))
         return unclipped / total if total else 0.0
 
+    # ------------------------------------------------------------ after a Hessian refresh
+    def _fold_weights(self, group: dict[str, Any], params: list[Tensor]) -> list[float]:
+        """Count one more estimate for each of ``params``; return each one's EMA weight.
+
+        Without bias correction the weight is ``1 − β2``. With it, the r-th estimate gets
+        ``(1 − β2) / (1 − β2^r)``: the first replaces h outright, and h stays equal to the
+        bias-corrected EMA ``h_ema / (1 − β2^r)`` at every refresh, so the step needs no
+        correction of its own.
+        """
+        counters = [self._state_for(p).setdefault("hessian_step", torch.tensor(0.0))
+                    for p in params]
+        if not counters:
+            return []
+        torch._foreach_add_(counters, 1)
+        beta2 = group["betas"][1]
+        if not group["bias_correction"]:
+            return [1 - beta2] * len(params)
+        return [(1 - beta2) / (1 - beta2 ** r) for r in torch.stack(counters).tolist()]
+
+    @torch.no_grad()
+    def _adapt_rho(self) -> None:
+        """Move each group's ρ, by factors of √2, until its unclipped fraction (counted now,
+        at a refresh) lies in the group's ``unclipped_band`` or 16 moves are spent."""
+        for group in self.param_groups:
+            band = group["unclipped_band"]
+            if band is None:
+                continue
+            low, high = band
+            rho, fraction = group["rho"], self._unclipped_fraction([group])
+            direction = 1 if fraction < low else -1 if fraction > high else 0
+            for _ in range(_MAX_RHO_MOVES if direction else 0):
+                rho = rho * _RHO_FACTOR ** direction
+                fraction = self._unclipped_fraction([group], rho)
+                if low <= fraction <= high or (direction > 0) != (fraction < low):
+                    break
+            group["rho"] = rho
+
     # --------------------------------------------------------- state_dict dtype handling
-    # torch casts every loaded floating-point state tensor to its parameter's dtype. That
-    # would round the float32 m and h of bf16 parameters to bf16; these hooks undo it by
-    # keeping the saved tensors and putting them back with their own dtype.
+    # torch casts every loaded floating-point state tensor but "step" to its parameter's dtype.
+    # That would round the float32 m and h of bf16 parameters to bf16, and the refresh count
+    # too (bf16 counts exactly only to 256); these hooks put the saved tensors back.
     @staticmethod
-    def _remember_state_dtypes(optimizer: _Sophia, state_dict: dict[str, Any]) -> None:
+    def _remember_state_dtypes(optimizer: SophiaBase, state_dict: dict[str, Any]) -> None:
         saved: dict[int, dict[str, Tensor]] = {}
         for param_id, param_state in state_dict["state"].items():
-            saved[param_id] = {k: v for k, v in param_state.items() if k in _STATE_KEYS}
+            saved[param_id] = {k: v for k, v in param_state.items()
+                               if k in _STATE_KEYS + _COUNT_KEYS}
         optimizer._saved_state_for_load = (saved, [g["params"] for g in state_dict["param_groups"]])
 
     @staticmethod
-    def _restore_state_dtypes(optimizer: _Sophia) -> None:
+    def _restore_state_dtypes(optimizer: SophiaBase) -> None:
         saved, saved_ids = optimizer.__dict__.pop("_saved_state_for_load", ({}, []))
         for ids, group in zip(saved_ids, optimizer.param_groups):
             for param_id, param in zip(ids, group["params"]):
                 for key, value in saved.get(param_id, {}).items():
                     state = optimizer.state[param]
-                    if param.dtype in _LOW_PRECISION and isinstance(value, Tensor):
+                    if not isinstance(value, Tensor):
+                        continue
+                    if key in _COUNT_KEYS:  # counters stay float32 on the CPU, as torch's step
+                        state[key] = value.to(device="cpu", dtype=torch.float32, copy=True)
+                    elif param.dtype in _LOW_PRECISION:
                         state[key] = value.to(device=param.device, dtype=torch.float32, copy=True)
 
 
-class SophiaG(_Sophia):
+class SophiaG(SophiaBase):
     r"""Sophia with the Gauss-Newton-Bartlett Hessian estimate, for softmax/cross-entropy models.
 
     Every ``step()``::
 
         θ ← θ·(1 − lr·wd);  m ← β1·m + (1 − β1)·g;  θ ← θ − lr·clamp(m / max(ρ·h, ε), −1, 1)
 
-    Every ``refresh_every`` steps, the user back-propagates the sampled-label loss of
-    :func:`sophia_pytorch.sampled_cross_entropy` and calls ``update_hessian(scale=B)``, which folds
-    ĥ = B·g⊙g into h: ``h ← β2·h + (1 − β2)·ĥ``. No bias correction; m and h start at zero.
+    Every ``refresh_every`` steps (when ``hessian_due()``), the user back-propagates the
+    sampled-label loss of :func:`sophia_pytorch.sampled_cross_entropy` and calls
+    ``update_hessian(scale=B)``, which folds ĥ = B·g⊙g into h: ``h ← β2·h + (1 − β2)·ĥ``.
+    m and h start at zero. ``SophiaG(params, **OFFICIAL_DEFAULTS)`` is the authors' SophiaG.
 
     Args:
         params: iterable of parameters or of dicts defining parameter groups.
@@ -307,36 +378,73 @@ class SophiaG(_Sophia):
             for-loop; None takes it for CPU parameters when it can be built, else falls back
             with one warning; True raises if it cannot be built (default None).
         refresh_every: k, the Hessian refresh interval used by ``hessian_due()`` (default 10).
+        bias_correction: keep h equal to its bias-corrected EMA, ``h_ema / (1 − β2^r)`` after
+            r refreshes: the first estimate sets h instead of adding 1% of itself (with
+            β2 = 0.99 an uncorrected h is still 18% of its scale after 20 refreshes), so ρ
+            means the same early and late in training (default False).
+        refresh_at_start: make a refresh due before the first step (``hessian_due()`` is True
+            at step 0), so that the first steps are already preconditioned instead of taking
+            full sign steps against h = 0 (default False).
+        unclipped_band: ``(low, high)`` or None. After every refresh, each group's ρ moves by
+            factors of √2 until the fraction of unclipped coordinates (|m| < ρh, counted
+            at that refresh) lies in the band — the official advice of keeping it in 0.1–0.5,
+            automated. ``group["rho"]`` then holds the current ρ (default None: fixed ρ).
 
     Migrating from the official ``SophiaG``: where it called ``update_hessian()`` and
     ``step(bs=bs)``, call ``update_hessian(scale=bs)`` and ``step()``; the trajectories agree.
     """
 
     @torch.no_grad()
-    def update_hessian(self, scale: float = 1.0) -> None:
-        """Fold ĥ = ``scale``·p.grad⊙p.grad into h for every parameter with a gradient.
+    def update_hessian(self, scale: float | Tensor = 1.0, *,
+                       grad_scale: float | Tensor | None = None) -> bool:
+        """Fold ĥ = ``scale``·g⊙g into h, g = p.grad, for every parameter with a gradient.
 
         Args:
             scale: B, the number of samples in the mean sampled-label loss whose gradient
-                is in ``p.grad`` — counted over all data-parallel ranks (default 1.0).
+                is in ``p.grad`` — counted over all data-parallel ranks (default 1.0); a
+                number or a 0-dim tensor (no host sync, e.g. under CUDA graphs).
+            grad_scale: the loss scale the gradients carry, when they were produced by
+                ``scaler.scale(loss).backward()`` (``scaler.get_scale()``); g is unscaled by
+                it, and a non-finite g skips the refresh. The scaler itself is not touched.
+
+        Returns:
+            True when the estimate was folded in; False when skipped (non-finite gradient
+            under ``grad_scale``).
         """
-        _check_number("scale", scale)
+        if not isinstance(scale, Tensor):
+            _check_number("scale", scale)
+        found: list[tuple[dict[str, Any], list[Tensor], list[Tensor], list[Tensor]]] = []
         for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
             hessians, grads = [], []
-            for param in group["params"]:
-                if param.grad is None:
-                    continue
-                state = self._state_for(param)
-                _, hessian, grad = local_shards(param, state["hessian"], param.grad)
+            for param in params:
+                _, hessian, grad = local_shards(param, self._state_for(param)["hessian"],
+                                                param.grad)
                 hessians.append(hessian)
                 grads.append(grad)
+            found.append((group, params, hessians, grads))
+        if grad_scale is not None:
+            if not _all_finite([g for *_, grads in found for g in grads]):
+                return False
+            scale = scale / grad_scale ** 2
+        for group, params, hessians, grads in found:
             gauss_newton_ema_update(
-                hessians, grads, beta2=group["betas"][1], scale=float(scale),
-                foreach=self._use_foreach(group, hessians),
+                hessians, grads, beta2=group["betas"][1], scale=scale,
+                weights=self._fold_weights(group, params), foreach=group["foreach"],
             )
+        self._adapt_rho()
+        return True
 
 
-class SophiaH(_Sophia):
+def _all_finite(tensors: list[Tensor]) -> bool:
+    """Whether every element of every tensor is finite (one host read for all)."""
+    if not tensors:
+        return True
+    flags = [t.isfinite().all() for t in tensors]
+    return bool(torch.stack([f.to(flags[0].device) for f in flags]).all())
+
+
+class SophiaH(SophiaBase):
     r"""Sophia with the Hutchinson Hessian estimate, for any twice-differentiable loss.
 
     The step is SophiaG's. ``update_hessian(closure)`` re-evaluates the loss, draws u with
@@ -354,7 +462,8 @@ class SophiaH(_Sophia):
         weight_decay: decoupled weight decay (default 0.1).
         eps: floor of ρh (default 1e-15). A negative ĥ can make h negative; the floor turns
             such a coordinate's update into a full sign step, never a reversed one.
-        maximize, foreach, fused, refresh_every: as in :class:`SophiaG`.
+        maximize, foreach, fused, refresh_every, bias_correction, refresh_at_start,
+        unclipped_band: as in :class:`SophiaG`.
     """
 
     def update_hessian(
@@ -363,7 +472,8 @@ class SophiaH(_Sophia):
         *,
         generator: torch.Generator | None = None,
         math_attention: bool = True,
-    ) -> Tensor:
+        grad_scale: float | Tensor | None = None,
+    ) -> Tensor | None:
         """Draw a Hutchinson estimate of the Hessian diagonal and fold it into h.
 
         Args:
@@ -372,9 +482,11 @@ class SophiaH(_Sophia):
                 Use the same seed on every rank for identical probes under data parallel.
             math_attention: evaluate the closure under the math attention backend, which
                 has the double backward that fused attention kernels lack (default True).
+            grad_scale: the scale the closure's loss carries (``scaler.scale(loss)`` under a
+                GradScaler); ĥ is divided by it, and a non-finite ĥ skips the refresh.
 
         Returns:
-            the loss the closure returned, detached.
+            the loss the closure returned, detached; None when the refresh was skipped.
         """
         params = [p for group in self.param_groups for p in group["params"] if p.requires_grad]
         if any(is_dtensor(p) for p in params):
@@ -393,8 +505,13 @@ class SophiaH(_Sophia):
         estimates = _hutchinson_estimate(
             recording_closure, params, generator=generator, math_attention=math_attention
         )
+        present = [e for e in estimates if e is not None]
         if torch.distributed.is_available() and torch.distributed.is_initialized():
-            all_reduce_mean([e for e in estimates if e is not None])
+            all_reduce_mean(present)
+        if grad_scale is not None:
+            if not _all_finite(present):
+                return None
+            torch._foreach_div_(present, grad_scale)
         estimate_of = {p: e for p, e in zip(params, estimates) if e is not None}
         with torch.no_grad():
             for group in self.param_groups:
@@ -402,7 +519,8 @@ class SophiaH(_Sophia):
                 hessian_ema_update(
                     [self._state_for(p)["hessian"] for p in members],
                     [estimate_of[p] for p in members],
-                    beta2=group["betas"][1],
-                    foreach=self._use_foreach(group, members),
+                    beta2=group["betas"][1], weights=self._fold_weights(group, members),
+                    foreach=group["foreach"],
                 )
+            self._adapt_rho()
         return loss_holder[0].detach()

@@ -45,19 +45,21 @@ def test_defaults_are_those_of_the_contract_and_the_official_code(name):
      (torch.bfloat16, torch.float32), (torch.float16, torch.float32)],
     ids=["float64", "float32", "bfloat16", "float16"],
 )
-def test_state_holds_exp_avg_hessian_and_a_step_tensor(dtype, state_dtype):
+def test_state_holds_exp_avg_hessian_and_step_and_refresh_counters(dtype, state_dtype):
     param = torch.zeros(3, 2, dtype=dtype, requires_grad=True)
     optimizer = sophia_pytorch.SophiaG([param])
     assert param not in optimizer.state
     param.grad = torch.ones_like(param)
     optimizer.step()
     optimizer.step()
+    optimizer.update_hessian(scale=4)
     state = optimizer.state[param]
-    assert set(state) == {"exp_avg", "hessian", "step"}
+    assert set(state) == {"exp_avg", "hessian", "step", "hessian_step"}
     assert torch.is_tensor(state["step"]) and float(state["step"]) == 2
+    assert state["hessian_step"].dtype == torch.float32 and float(state["hessian_step"]) == 1
     for key in ("exp_avg", "hessian"):
         assert state[key].dtype == state_dtype and state[key].shape == param.shape
-    assert optimizer.steps_taken() == 2
+    assert optimizer.steps_taken() == 2 and optimizer.refreshes_done() == 1
 
 
 def test_sparse_gradients_are_refused():
