@@ -12,12 +12,37 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Sequence
+from typing import Literal, overload
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = ["sampled_cross_entropy", "rademacher_like", "hutchinson_estimate"]
+
+
+@overload
+def sampled_cross_entropy(
+    logits: Tensor,
+    *,
+    targets: Tensor | None = ...,
+    ignore_index: int = ...,
+    mask: Tensor | None = ...,
+    generator: torch.Generator | None = ...,
+    count_as_tensor: Literal[False] = ...,
+) -> tuple[Tensor, int]: ...
+
+
+@overload
+def sampled_cross_entropy(
+    logits: Tensor,
+    *,
+    targets: Tensor | None = ...,
+    ignore_index: int = ...,
+    mask: Tensor | None = ...,
+    generator: torch.Generator | None = ...,
+    count_as_tensor: Literal[True],
+) -> tuple[Tensor, Tensor]: ...
 
 
 def sampled_cross_entropy(
@@ -27,8 +52,14 @@ def sampled_cross_entropy(
     ignore_index: int = -100,
     mask: Tensor | None = None,
     generator: torch.Generator | None = None,
-) -> tuple[Tensor, int]:
+    count_as_tensor: bool = False,
+) -> tuple[Tensor, int] | tuple[Tensor, Tensor]:
     """Mean cross-entropy of ``logits`` against labels drawn from ``softmax(logits)``.
+
+    The labels are drawn by the Gumbel-max trick, ``argmax(logits + G)`` with G i.i.d.
+    standard Gumbel (``-log E``, E ~ Exp(1), drawn in float32 from ``generator``): exactly a
+    draw from the softmax, made of elementwise ops and an argmax, which ``torch.compile`` and
+    CUDA graphs capture (``torch.multinomial`` syncs with the host and breaks graphs).
 
     Args:
         logits: ``(..., C)`` unnormalised scores, any float dtype; classes last.
@@ -37,11 +68,15 @@ def sampled_cross_entropy(
         ignore_index: the value of ``targets`` that marks a position to leave out.
         mask: optional ``(...)`` bool tensor; only positions where it is True enter the mean.
         generator: the random source of the draw (on ``logits``' device); default: global.
+        count_as_tensor: return B as a 0-dim int64 tensor on ``logits``' device instead of a
+            Python int, so that nothing waits for the device (default False). Then a draw with
+            every position left out gives a loss of 0 (and no gradient) instead of raising,
+            since checking would need that wait.
 
     Returns:
         ``(loss, num_samples)``: a 0-dim tensor whose backward gives ĝ (the draw itself
-        carries no gradient), and the number B of positions in the mean, a Python int. Pass
-        B — summed over all data-parallel ranks — as ``SophiaG.update_hessian(scale=B)``.
+        carries no gradient), and the number B of positions in the mean. Pass B — summed over
+        all data-parallel ranks — as ``SophiaG.update_hessian(scale=B)``.
     """
     if logits.dim() < 1 or logits.shape[-1] < 1:
         raise ValueError(
@@ -62,14 +97,32 @@ def sampled_cross_entropy(
         keep &= selected.reshape(-1).to(logits.device)
 
     with torch.no_grad():
-        probabilities = torch.softmax(flat_logits.float(), dim=-1)
-        labels = torch.multinomial(probabilities, 1, generator=generator).squeeze(-1)
-        labels = labels.masked_fill(~keep, -100)
+        labels = _gumbel_max(flat_logits, generator).masked_fill(~keep, -100)
+    if count_as_tensor:
+        count = keep.sum()
+        total = F.cross_entropy(flat_logits, labels, ignore_index=-100, reduction="sum")
+        return total / count.clamp(min=1).to(total.dtype), count
     num_samples = int(keep.sum())
     if num_samples == 0:
         raise ValueError("sampled_cross_entropy got no position to sample: every one is masked")
     loss = F.cross_entropy(flat_logits, labels, ignore_index=-100, reduction="mean")
     return loss, num_samples
+
+
+def _gumbel_max(flat_logits: Tensor, generator: torch.Generator | None) -> Tensor:
+    """One label per row of ``(N, C)`` logits, drawn from the row's softmax: the index of
+    ``max(logits + G)``, G = -log(E) standard Gumbel, E ~ Exp(1) i.i.d. in float32.
+
+    E is floored at float32's smallest normal number: ``exponential_`` may return 0 in
+    float32, which would make G infinite and that class certain. The sum is taken in float32,
+    or in float64 for float64 logits.
+    """
+    noise = torch.empty(flat_logits.shape, dtype=torch.float32, device=flat_logits.device)
+    noise.exponential_(generator=generator)
+    gumbel = noise.clamp_(min=torch.finfo(torch.float32).tiny).log_().neg_()
+    if flat_logits.dtype == torch.float64:
+        gumbel = gumbel.double()
+    return gumbel.add_(flat_logits).argmax(dim=-1)
 
 
 def rademacher_like(tensor: Tensor, generator: torch.Generator | None = None) -> Tensor:
