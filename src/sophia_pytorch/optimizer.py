@@ -109,7 +109,8 @@ class SophiaBase(Optimizer):
     ) -> None:
         options = dict(refresh_every=refresh_every, bias_correction=bias_correction,
                        refresh_at_start=refresh_at_start,
-                       unclipped_band=None if unclipped_band is None else tuple(unclipped_band))
+                       unclipped_band=tuple(unclipped_band) if isinstance(unclipped_band, list)
+                       else unclipped_band)
         _validate_hyperparameters(
             dict(lr=lr, betas=betas, rho=rho, weight_decay=weight_decay, eps=eps, **options)
         )

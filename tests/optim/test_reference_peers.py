@@ -35,7 +35,8 @@ def _train_against_official(batch_size: int, steps: int = 20):
     inputs = torch.randn(batch_size, 8, generator=data)
     targets = torch.randint(0, 5, (batch_size,), generator=data)
     ours_model, theirs_model = _classifier(1), _classifier(1)
-    ours = sophia_pytorch.SophiaG(ours_model.parameters(), lr=1e-2)
+    ours = sophia_pytorch.SophiaG(ours_model.parameters(),
+                                  **dict(sophia_pytorch.OFFICIAL_DEFAULTS, lr=1e-2))
     theirs = sophia_opt.SophiaG(theirs_model.parameters(), lr=1e-2)
     for t in range(steps):
         for model, optimizer, is_ours in ((ours_model, ours, True), (theirs_model, theirs, False)):
@@ -68,6 +69,21 @@ def test_sophiag_is_bitwise_equal_to_official_sophiag_with_power_of_two_batch():
     ours, theirs = _train_against_official(64)
     for p, q in zip(ours.parameters(), theirs.parameters(), strict=True):
         assert torch.equal(p, q)
+
+
+def test_official_defaults_are_the_official_constructor_defaults():
+    """Read from the authors' own signature, so a drift on either side fails here."""
+    import inspect
+
+    official = {name: parameter.default for name, parameter
+                in inspect.signature(sophia_opt.SophiaG).parameters.items()
+                if parameter.default is not inspect.Parameter.empty}
+    ours = sophia_pytorch.OFFICIAL_DEFAULTS
+    for name in ("lr", "betas", "rho", "weight_decay"):
+        assert tuple(ours[name]) == tuple(official[name]) if name == "betas" \
+            else ours[name] == official[name], name
+    assert not ours["bias_correction"] and not ours["refresh_at_start"]
+    assert ours["unclipped_band"] is None
 
 
 def test_sophiag_tracks_official_sophiag_with_other_batch_sizes():
