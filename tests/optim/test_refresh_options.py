@@ -238,7 +238,7 @@ def test_sophiah_grad_scale_divides_the_hessian_vector_product():
         inputs = torch.randn(16, 5)
         optimizer = sophia_pytorch.SophiaH(model.parameters())
         loss = optimizer.update_hessian(
-            lambda m=model, s=scale: (m(inputs) ** 2).mean() * s,
+            lambda m=model, s=scale, x=inputs: (m(x) ** 2).mean() * s,
             generator=torch.Generator().manual_seed(5),
             grad_scale=None if scale == 1.0 else scale,
         )
