@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from sophia_pytorch.harness.config import PRESETS, make_config
-from sophia_pytorch.harness.model import GPT, GPTConfig
-from sophia_pytorch.harness.trainer import _refresh_hessian, build_optimizer, lm_loss
+from sophia_pytorch.harness.model import GPT, GPTConfig, lm_loss
+from sophia_pytorch.harness.optimizers import build_optimizer, build_refresh
 
 
 def expected_parameters(vocab: int, block: int, layers: int, width: int) -> int:
@@ -94,7 +94,7 @@ def test_every_preset_takes_a_sophiag_step_and_refresh_on_cpu(name):
     (bfloat16 autocast on a CPU without bf16 matrix units is several times slower than
     float32; the loop's bf16 path is tested on the tiny model in test_harness_train.)
     """
-    config = make_config(name, {"n_layer": 1, "dtype": "float32"})
+    config = make_config(name, {"n_layer": 1, "dtype": "float32", "hessian_every": 1})
     vocab = 256 if config.tokenizer == "byte" else config.bpe_vocab_size
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=vocab, block_size=config.block_size, n_layer=config.n_layer,
@@ -108,8 +108,9 @@ def test_every_preset_takes_a_sophiag_step_and_refresh_on_cpu(name):
     optimizer.zero_grad(set_to_none=True)
     assert torch.isfinite(loss)
     assert not torch.equal(before, model.wte.weight)
-    _refresh_hessian(optimizer, model, [(x, y)], config, torch.Generator().manual_seed(0),
-                     contextlib.nullcontext)
+    refresh = build_refresh(config, optimizer, model, autocast=contextlib.nullcontext,
+                            device=torch.device("cpu"))
+    assert refresh([(x, y)], key=0)  # owed after the first step at refresh_every = 1
     assert all(s["hessian"].abs().sum() > 0 for s in optimizer.state.values())
 
 

@@ -1,14 +1,12 @@
 """The training loop: ``train(config) -> TrainResult``, from Python or as ``sophia train``.
 
-One optimizer step: ``grad_accum`` micro-batches forward/backward under autocast, the mean
-loss and gradient checked for non-finite values (a bad step is skipped without touching the
-optimizer, counted, and aborts the run after ``max_bad_steps`` in a row), grad-norm
-clipping, the optimizer step, the lr schedule. Then, for Sophia, every ``hessian_every``
-steps, the Hessian refresh on ``hessian_fraction`` of the same batch:
-
-- Sophia-G: labels sampled from the model's softmax (``sampled_cross_entropy``), the mean
-  sampled loss over B positions back-propagated, ``update_hessian(scale=B)``;
-- Sophia-H: ``update_hessian(closure)`` with a closure that recomputes the loss.
+:class:`Trainer` builds everything a run needs once (data, GPT, optimizer, the Hessian
+refresh that optimizer needs, lr schedule, run folder), then :meth:`Trainer.fit` repeats
+:meth:`Trainer.train_step`: ``grad_accum`` micro-batches forward/backward under autocast,
+the mean loss and gradient checked for non-finite values (a bad step is skipped without
+touching the optimizer, counted, and aborts the run after ``max_bad_steps`` in a row),
+grad-norm clipping, the optimizer step, the lr schedule, and Sophia's Hessian refresh when
+one is owed (see ``.refresh``). Where the run stands is a :class:`TrainState`.
 
 Every step and every evaluation is one JSON line in ``<run>/log.jsonl``. The time in
 ``seconds`` counts training only (steps and refreshes, not evaluation or checkpointing), so
@@ -30,26 +28,28 @@ import shutil
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
 
 from . import distributed
-from .baselines.lion import Lion
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import Config, to_dict
 from .data import BatchSampler, prepare_data
 from .errors import SophiaError, require
-from .model import GPT, GPTConfig
+from .model import GPT, GPTConfig, lm_loss
+from .optimizers import build_optimizer, build_refresh
+from .rundir import RunLog, is_main_process, make_run_dir
 from .schedule import WarmupCosine
 
-__all__ = ["TrainResult", "build_optimizer", "is_main_process", "lm_loss", "train"]
+__all__ = ["TrainResult", "TrainState", "Trainer", "build_optimizer", "is_main_process",
+           "lm_loss", "train"]
 
 EVAL_SEED = 20230523  # evaluation windows are the same for every run, seed and optimizer
+CHECKPOINT_FORMAT = 2
 _MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "tokenizer", "bpe_vocab_size", "data")
 
 
@@ -71,18 +71,41 @@ class TrainResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def is_main_process() -> bool:
-    """True on rank 0 of a data-parallel job, and always without one: it writes files."""
-    dist = torch.distributed
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+@dataclass
+class TrainState:
+    """Where a run stands; saved in every checkpoint beside model, optimizer and RNGs.
 
+    Attributes:
+        step: optimizer steps done, skipped ones included.
+        tokens: training tokens seen, summed over ranks.
+        data_position: index of the next training micro-batch (the sampler is pure).
+        train_seconds: time in steps and Hessian refreshes (not evaluation or saving).
+        hessian_seconds: the part of ``train_seconds`` spent in Hessian refreshes.
+        skipped_steps: steps skipped for a non-finite loss or gradient.
+        bad_in_row: the current streak of skipped steps.
+        evals: one row per evaluation: step, val_loss, seconds, tokens.
+    """
 
-def lm_loss(logits: Tensor, targets: Tensor) -> Tensor:
-    """Mean next-token cross-entropy in nats; logits (B, T, V), targets (B, T) long."""
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
+    step: int = 0
+    tokens: int = 0
+    data_position: int = 0
+    train_seconds: float = 0.0
+    hessian_seconds: float = 0.0
+    skipped_steps: int = 0
+    bad_in_row: int = 0
+    evals: list[dict[str, float]] = field(default_factory=list)
+
+    def state_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for f in fields(self):
+            setattr(self, f.name, state[f.name])
+        self.evals = [dict(row) for row in self.evals]
 
 
 def pick_device(name: str) -> torch.device:
+    """``auto`` (CUDA if visible, else CPU), or a named torch device that exists here."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -102,79 +125,11 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
 
 
-def build_optimizer(config: Config, model: nn.Module,
-                    device: torch.device | None = None) -> torch.optim.Optimizer:
-    """The optimizer named by ``config.optimizer``, decaying only matrices and embeddings."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
-    kwargs = dict(lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
-    if config.optimizer == "adamw":
-        fused = device is not None and device.type == "cuda"
-        return torch.optim.AdamW(groups, **kwargs, fused=fused or None)
-    if config.optimizer == "lion":
-        return Lion(groups, **kwargs)
-    import sophia_pytorch
-
-    cls = {"sophiag": sophia_pytorch.SophiaG, "sophiah": sophia_pytorch.SophiaH}[config.optimizer]
-    return cls(groups, **kwargs, rho=config.rho, refresh_every=config.hessian_every)
-
-
 def wrap_model(model: nn.Module, config: Config, device: torch.device | None = None) -> nn.Module:
     """The one place the model is wrapped for training: DDP or FSDP2, then torch.compile."""
     model = distributed.wrap_model(model, config.parallel, device=device,  # type: ignore[arg-type]
-                                shard_units=getattr(model, "blocks", ()))
+                                   shard_units=getattr(model, "blocks", ()))
     return torch.compile(model) if config.compile else model
-
-
-def make_run_dir(config: Config) -> Path:
-    if config.out_dir:
-        return Path(config.out_dir)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    return Path("runs") / f"{config.preset}-{config.optimizer}-{stamp}"
-
-
-class RunLog:
-    """``log.jsonl`` (one JSON object a line) and, optionally, TensorBoard scalars."""
-
-    def __init__(self, run_dir: Path, *, keep_until_step: int | None, tensorboard: bool) -> None:
-        self.path = run_dir / "log.jsonl"
-        self.enabled = is_main_process()
-        self.writer = None
-        if not self.enabled:
-            return
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if keep_until_step is not None and self.path.exists():
-            # A resumed run drops what the crashed one logged after its last checkpoint.
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line)["step"] <= keep_until_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
-        elif keep_until_step is None:
-            self.path.write_text("")
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                raise SophiaError(
-                    "--tensorboard needs the tensorboard package; run: pip install tensorboard"
-                ) from None
-            self.writer = SummaryWriter(str(run_dir / "tensorboard"))
-
-    def write(self, record: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        with self.path.open("a") as handle:
-            handle.write(json.dumps(record) + "\n")
-        if self.writer is not None:
-            for key, value in record.items():
-                if isinstance(value, (int, float)) and key != "step":
-                    self.writer.add_scalar(f"{record['kind']}/{key}", value, record["step"])
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
 
 
 @torch.no_grad()
@@ -192,38 +147,250 @@ def evaluate(model: nn.Module, batches: BatchSampler, num_batches: int,
     return total / num_batches
 
 
-def _refresh_hessian(optimizer: torch.optim.Optimizer, model: nn.Module, micro_batches: list,
-                     config: Config, generator: torch.Generator,
-                     autocast: Callable[[], contextlib.AbstractContextManager]) -> None:
-    """Fold a fresh Hessian estimate from ``hessian_fraction`` of this step's batch into h."""
-    import sophia_pytorch
+def _join_job(config: Config) -> distributed.ParallelEnv:
+    env = distributed.init_from_env(pick_device(config.device))
+    if (env.world_size > 1 and config.parallel == "none") or (
+            config.parallel != "none" and not distributed.is_initialized()):
+        raise SophiaError(
+            f"--parallel {config.parallel} on {env.world_size} process(es): launch with "
+            "`torchrun --nproc-per-node N -m sophia_pytorch.harness train "
+            "--parallel ddp|fsdp ...`, or run one process with --parallel none"
+        )
+    return env
 
-    rows = max(1, round(config.hessian_fraction * config.batch_size * config.grad_accum))
-    if isinstance(optimizer, sophia_pytorch.SophiaH):
-        x, y = micro_batches[0]
-        x, y = x[:rows], y[:rows]  # Hutchinson: one micro-batch at most, double backward
 
-        def closure() -> Tensor:
-            with autocast():
-                return lm_loss(model(x), y)
+class Trainer:
+    """One training run: everything built from ``config`` once, then :meth:`fit`.
 
-        optimizer.update_hessian(closure, generator=generator)
-        return
-    total_samples = rows * config.block_size
-    remaining = rows
-    for x, _ in micro_batches:
-        if remaining <= 0:
-            break
-        take = min(remaining, x.shape[0])
-        remaining -= take
-        with autocast():
-            logits = model(x[:take])
-        loss, num_samples = sophia_pytorch.sampled_cross_entropy(logits, generator=generator)
-        # Weighted so p.grad is the gradient of the mean over all `total_samples` positions.
-        (loss * (num_samples / total_samples)).backward()
-    # Under DDP/FSDP2 p.grad is the mean over the ranks' (equal) means: B counts every rank.
-    optimizer.update_hessian(scale=distributed.global_num_samples(total_samples))
-    optimizer.zero_grad(set_to_none=True)
+    Args:
+        config: a resolved :class:`~.config.Config` (see ``.config.make_config``).
+        resume: a checkpoint file or run folder to continue from; the run keeps writing to
+            ``config.out_dir`` (set it to the same folder to continue in place).
+        on_step: called with each step's log record after it is written (tests use it to
+            simulate a crash).
+    """
+
+    def __init__(self, config: Config, *, resume: str | Path | None = None,
+                 on_step: Callable[[dict[str, Any]], None] | None = None) -> None:
+        self.tqdm = require("tqdm").tqdm if config.progress else None
+        self.config = config
+        self.on_step = on_step
+        self.env = _join_job(config)
+        self.device = self.env.device
+        self.dtype = pick_dtype(config.dtype, self.device)
+        self.tokens_per_step = config.tokens_per_step * self.env.world_size
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        torch.manual_seed(config.seed)
+        if not self.env.is_main:
+            distributed.barrier()  # rank 0 builds the token cache, the others then read it
+        data = prepare_data(config.data, tokenizer=config.tokenizer,
+                            bpe_vocab_size=config.bpe_vocab_size,
+                            val_fraction=config.val_fraction, cache_dir=config.cache_dir or None,
+                            min_tokens=config.block_size + 1)
+        if self.env.is_main:
+            distributed.barrier()
+        self.model = GPT(GPTConfig(vocab_size=data.vocab_size, block_size=config.block_size,
+                                   n_layer=config.n_layer, n_head=config.n_head,
+                                   n_embd=config.n_embd, dropout=config.dropout)).to(self.device)
+        self.train_model = wrap_model(self.model, config, self.device)  # before: FSDP2 shards
+        self.optimizer = build_optimizer(config, self.model, self.device)
+        self.refresh = build_refresh(config, self.optimizer, self.train_model,
+                                     autocast=self.autocast, device=self.device,
+                                     rank=self.env.rank, world_size=self.env.world_size)
+        self.min_lr_ratio = config.min_lr / config.lr if config.lr else 1.0
+        self.scheduler = WarmupCosine(self.optimizer, min_lr_ratio=self.min_lr_ratio,
+                                      warmup_steps=config.warmup_steps,
+                                      max_steps=config.max_steps)
+        self.train_batches = BatchSampler(data.train, config.batch_size, config.block_size,
+                                          seed=config.seed, rank=self.env.rank,
+                                          world_size=self.env.world_size, device=self.device)
+        self.val_batches = BatchSampler(data.val, config.batch_size, config.block_size,
+                                        seed=EVAL_SEED, device=self.device)
+        self.run_dir = make_run_dir(config.out_dir, config.preset, config.optimizer)
+        self.state = TrainState()
+        self.last_train_loss = math.nan
+        if resume is not None:
+            self._resume(resume)
+        self.log = RunLog(self.run_dir, keep_until_step=self.state.step if resume else None,
+                          tensorboard=config.tensorboard)
+        if is_main_process():
+            (self.run_dir / "config.json").write_text(json.dumps(to_dict(config), indent=1)
+                                                      + "\n")
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """Autocast to the run's dtype (a no-op in float32)."""
+        return torch.autocast(self.device.type, dtype=self.dtype,
+                              enabled=self.dtype != torch.float32)
+
+    # ------------------------------------------------------------------------- the loop
+    def fit(self) -> TrainResult:
+        """Train up to ``max_steps``, evaluating and checkpointing on schedule."""
+        config, state = self.config, self.state
+        if state.step == 0 and config.eval_every:
+            self.evaluate()
+        bar = None
+        if self.tqdm is not None and self.env.is_main:
+            bar = self.tqdm(total=config.max_steps, initial=state.step, dynamic_ncols=True,
+                            leave=True, desc=config.optimizer)
+        self.model.train()
+        try:
+            while state.step < config.max_steps:
+                record = self.train_step()
+                self.log.write(record)
+                if bar is not None:
+                    _show_progress(bar, record)
+                if state.bad_in_row >= config.max_bad_steps:
+                    raise SophiaError(
+                        f"training diverged: {state.bad_in_row} steps in a row (up to step "
+                        f"{state.step}) had a non-finite loss or gradient; lower --lr or raise "
+                        "--warmup-steps, then --resume from the last checkpoint"
+                    )
+                if self.on_step is not None:
+                    self.on_step(record)
+                if config.eval_every and (state.step % config.eval_every == 0
+                                          or state.step == config.max_steps):
+                    self.evaluate()
+                if (config.checkpoint_every and state.step % config.checkpoint_every == 0) \
+                        or state.step == config.max_steps:
+                    self.save()
+        finally:
+            if bar is not None:
+                bar.close()
+            self.log.close()
+        return self.result()
+
+    def train_step(self) -> dict[str, Any]:
+        """One optimizer step, and any Hessian refresh it owes; returns its log record."""
+        state, started = self.state, time.perf_counter()
+        lr = self.optimizer.param_groups[0]["lr"]
+        micro_batches = [self.train_batches.get(state.data_position + micro)
+                         for micro in range(self.config.grad_accum)]
+        refreshed = self._refresh(micro_batches, key=state.step - 1)  # owed before this step
+        loss, grad_norm = self._forward_backward(micro_batches)
+        finite = math.isfinite(loss) and math.isfinite(grad_norm)
+        if finite:
+            self.optimizer.step()
+        state.skipped_steps += not finite
+        state.bad_in_row = 0 if finite else state.bad_in_row + 1
+        self.optimizer.zero_grad(set_to_none=True)
+        with warnings.catch_warnings():
+            # Skipped steps are deliberate; torch warns when no optimizer.step() came first.
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+            self.scheduler.step()
+        if finite:
+            refreshed = self._refresh(micro_batches, key=state.step) or refreshed
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        state.train_seconds += time.perf_counter() - started
+        state.step += 1
+        state.tokens += self.tokens_per_step
+        state.data_position += self.config.grad_accum
+        self.last_train_loss = loss
+        return {
+            "kind": "step", "step": state.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+            "tokens": state.tokens, "seconds": state.train_seconds, "skipped": not finite,
+            "hessian": refreshed, "unclipped_fraction": self.refresh.unclipped_fraction(),
+        }
+
+    def _forward_backward(self, micro_batches: list) -> tuple[float, float]:
+        """Accumulate the step's gradient; return the mean loss and the clipped grad norm."""
+        loss_sum = torch.zeros((), device=self.device)
+        for index, (x, y) in enumerate(micro_batches):
+            # Reduce gradients across ranks on the last micro-batch only.
+            with distributed.gradient_sync(self.train_model,
+                                           enabled=index == len(micro_batches) - 1):
+                with self.autocast():
+                    loss = lm_loss(self.train_model(x), y)
+                (loss / len(micro_batches)).backward()
+            loss_sum += loss.detach()
+        mean_loss = distributed.mean_over_ranks(loss_sum) / len(micro_batches)
+        max_norm = self.config.grad_clip if self.config.grad_clip > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        return mean_loss, distributed.full_tensor(grad_norm).item()  # FSDP2: global norm
+
+    def _refresh(self, micro_batches: list, key: int) -> bool:
+        started = time.perf_counter()
+        if not self.refresh(micro_batches, key):
+            return False
+        self.state.hessian_seconds += time.perf_counter() - started
+        return True
+
+    # ------------------------------------------------------------- evaluation, saving
+    def evaluate(self) -> float:
+        """Validation loss on the fixed batches; logged and kept in ``state.evals``."""
+        state = self.state
+        val_loss = evaluate(self.train_model, self.val_batches, self.config.eval_batches,
+                            self.autocast)
+        row = {"step": state.step, "val_loss": val_loss, "seconds": state.train_seconds,
+               "tokens": state.tokens}
+        state.evals.append(row)
+        self.log.write({"kind": "eval", **row})
+        return val_loss
+
+    def save(self) -> None:
+        """Write ``checkpoint.pt`` atomically (rank 0); FSDP2 shards go to their own folder."""
+        sharded = None
+        if self.config.parallel == "fsdp":  # every rank writes its shards to a new folder
+            sharded = f"checkpoint-{self.state.step:08d}"
+            distributed.save_sharded(self.run_dir / sharded, self.model, self.optimizer)
+        if not is_main_process():
+            return
+        save_checkpoint({
+            "format": CHECKPOINT_FORMAT, "config": to_dict(self.config), "sharded": sharded,
+            "model": None if sharded else self.model.state_dict(),
+            "optimizer": None if sharded else self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "train_state": self.state.state_dict(),
+            "rng": rng_state(),
+        }, self.run_dir / "checkpoint.pt")
+        for folder in self.run_dir.glob("checkpoint-*"):  # checkpoint.pt now names the new one
+            if folder.name != sharded:
+                shutil.rmtree(folder, ignore_errors=True)
+
+    def _resume(self, resume: str | Path) -> None:
+        checkpoint = load_checkpoint(resume)
+        missing = [k for k in ("config", "model", "optimizer", "scheduler", "rng")
+                   if k not in checkpoint]
+        if missing or ("train_state" not in checkpoint and "step" not in checkpoint):
+            raise SophiaError(
+                f"{str(resume)!r} is not a sophia training checkpoint (it lacks "
+                f"{', '.join(missing) or 'train_state'}); point --resume at a run folder or "
+                "checkpoint.pt written by `sophia train`"
+            )
+        _check_compatible(checkpoint["config"], self.config, resume)
+        if checkpoint.get("sharded"):  # an FSDP2 run's: DCP reshards it to this job's ranks
+            resume_dir = Path(resume) if Path(resume).is_dir() else Path(resume).parent
+            distributed.load_sharded(resume_dir / checkpoint["sharded"], self.model,
+                                     self.optimizer)
+        elif self.config.parallel == "fsdp":
+            raise SophiaError(
+                f"checkpoint {str(resume)!r} is not sharded: resume it with --parallel ddp "
+                "or none"
+            )
+        else:
+            self.model.load_state_dict(checkpoint["model"])
+            self.optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler = self.scheduler
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        # The schedule follows the current config, so `--resume --max-steps N` extends it.
+        scheduler.min_lr_ratio, scheduler.warmup_steps, scheduler.max_steps = (
+            self.min_lr_ratio, self.config.warmup_steps, self.config.max_steps)
+        for group, group_lr in zip(self.optimizer.param_groups, scheduler.get_lr(), strict=True):
+            group["lr"] = group_lr
+        scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+        self.state.load_state_dict(_train_state(checkpoint, self.config))
+        set_rng_state(checkpoint["rng"])
+
+    def result(self) -> TrainResult:
+        """The run's evaluations and timings so far."""
+        state = self.state
+        return TrainResult(
+            run_dir=self.run_dir, config=to_dict(self.config), evals=state.evals,
+            final_val_loss=state.evals[-1]["val_loss"] if state.evals else math.nan,
+            steps=state.step, train_seconds=state.train_seconds, tokens=state.tokens,
+            skipped_steps=state.skipped_steps, num_parameters=self.model.num_parameters(),
+            hessian_seconds=state.hessian_seconds, final_train_loss=self.last_train_loss,
+        )
 
 
 def train(config: Config, *, resume: str | Path | None = None,
@@ -241,200 +408,29 @@ def train(config: Config, *, resume: str | Path | None = None,
         SophiaError: bad data, an unreadable or mismatched checkpoint, or a run that produced
             ``max_bad_steps`` non-finite steps in a row.
     """
-    tqdm = require("tqdm").tqdm if config.progress else None
-    env = distributed.init_from_env(pick_device(config.device))
-    if (env.world_size > 1 and config.parallel == "none") or (
-            config.parallel != "none" and not distributed.is_initialized()):
-        raise SophiaError(
-            f"--parallel {config.parallel} on {env.world_size} process(es): launch with "
-            "`torchrun --nproc-per-node N -m sophia_pytorch.harness train "
-            "--parallel ddp|fsdp ...`, or run "
-            "one process with --parallel none"
-        )
-    device = env.device
-    tokens_per_step = config.tokens_per_step * env.world_size
-    dtype = pick_dtype(config.dtype, device)
+    return Trainer(config, resume=resume, on_step=on_step).fit()
 
-    def autocast() -> contextlib.AbstractContextManager:
-        return torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    torch.manual_seed(config.seed)
-    if not env.is_main:
-        distributed.barrier()  # rank 0 builds the token cache, the others then read it
-    data = prepare_data(config.data, tokenizer=config.tokenizer,
-                        bpe_vocab_size=config.bpe_vocab_size, val_fraction=config.val_fraction,
-                        cache_dir=config.cache_dir or None, min_tokens=config.block_size + 1)
-    if env.is_main:
-        distributed.barrier()
-    model = GPT(GPTConfig(vocab_size=data.vocab_size, block_size=config.block_size,
-                          n_layer=config.n_layer, n_head=config.n_head, n_embd=config.n_embd,
-                          dropout=config.dropout)).to(device)
-    train_model = wrap_model(model, config, device)  # before the optimizer: FSDP2 shards
-    optimizer = build_optimizer(config, model, device)
-    min_lr_ratio = config.min_lr / config.lr if config.lr else 1.0
-    scheduler = WarmupCosine(optimizer, min_lr_ratio=min_lr_ratio,
-                             warmup_steps=config.warmup_steps, max_steps=config.max_steps)
-    train_batches = BatchSampler(data.train, config.batch_size, config.block_size,
-                                 seed=config.seed, rank=env.rank, world_size=env.world_size,
-                                 device=device)
-    val_batches = BatchSampler(data.val, config.batch_size, config.block_size, seed=EVAL_SEED,
-                               device=device)
-    run_dir = make_run_dir(config)
-    checkpoint_path = run_dir / "checkpoint.pt"
+def _show_progress(bar: Any, record: dict[str, Any]) -> None:
+    postfix = {"loss": f"{record['loss']:.3f}", "lr": f"{record['lr']:.2e}",
+               "tok/s": f"{record['tokens'] / max(record['seconds'], 1e-9):.0f}"}
+    if record["unclipped_fraction"] is not None:
+        postfix["unclipped"] = f"{record['unclipped_fraction']:.2f}"
+    bar.set_postfix(postfix, refresh=False)
+    bar.update(1)
 
-    step, train_seconds, hessian_seconds, skipped, bad_in_row = 0, 0.0, 0.0, 0, 0
-    evals: list[dict[str, float]] = []
-    if resume is not None:
-        state = load_checkpoint(resume)
-        _check_compatible(state["config"], config, resume)
-        if state.get("sharded"):  # an FSDP2 run's: DCP reshards it to this job's ranks
-            resume_dir = Path(resume) if Path(resume).is_dir() else Path(resume).parent
-            distributed.load_sharded(resume_dir / state["sharded"], model, optimizer)
-        elif config.parallel == "fsdp":
-            raise SophiaError(
-                f"checkpoint {str(resume)!r} is not sharded: resume it with --parallel ddp "
-                "or none"
-            )
-        else:
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        # The schedule follows the current config, so `--resume --max-steps N` extends it.
-        scheduler.min_lr_ratio, scheduler.warmup_steps, scheduler.max_steps = (
-            min_lr_ratio, config.warmup_steps, config.max_steps)
-        for group, group_lr in zip(optimizer.param_groups, scheduler.get_lr(), strict=True):
-            group["lr"] = group_lr
-        scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
-        step, train_seconds = state["step"], state["train_seconds"]
-        hessian_seconds = state.get("hessian_seconds", 0.0)
-        skipped, bad_in_row, evals = state["skipped_steps"], state["bad_in_row"], state["evals"]
-        set_rng_state(state["rng"])
-    log = RunLog(run_dir, keep_until_step=step if resume is not None else None,
-                 tensorboard=config.tensorboard)
-    if is_main_process():
-        (run_dir / "config.json").write_text(json.dumps(to_dict(config), indent=1) + "\n")
 
-    def run_eval(done: int) -> None:
-        val_loss = evaluate(train_model, val_batches, config.eval_batches, autocast)
-        record = {"kind": "eval", "step": done, "val_loss": val_loss, "seconds": train_seconds,
-                  "tokens": done * tokens_per_step}
-        evals.append({k: v for k, v in record.items() if k != "kind"})
-        log.write(record)
-
-    def save(done: int) -> None:
-        sharded = None
-        if config.parallel == "fsdp":  # every rank writes its shards to a new folder
-            sharded = f"checkpoint-{done:08d}"
-            distributed.save_sharded(run_dir / sharded, model, optimizer)
-        if not is_main_process():
-            return
-        save_checkpoint({
-            "format": 1, "config": to_dict(config), "sharded": sharded,
-            "model": None if sharded else model.state_dict(),
-            "optimizer": None if sharded else optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "step": done, "data_position": done * config.grad_accum,
-            "train_seconds": train_seconds, "hessian_seconds": hessian_seconds,
-            "skipped_steps": skipped, "bad_in_row": bad_in_row, "evals": evals,
-            "rng": rng_state(),
-        }, checkpoint_path)
-        for folder in run_dir.glob("checkpoint-*"):  # checkpoint.pt now names the new one
-            if folder.name != sharded:
-                shutil.rmtree(folder, ignore_errors=True)
-
-    if step == 0 and config.eval_every:
-        run_eval(0)
-    bar = tqdm(total=config.max_steps, initial=step, dynamic_ncols=True, leave=True,
-               desc=config.optimizer) if tqdm and env.is_main else None
-    train_loss = math.nan
-    model.train()
-    try:
-        while step < config.max_steps:
-            started = time.perf_counter()
-            lr = optimizer.param_groups[0]["lr"]
-            micro_batches = [train_batches.get(step * config.grad_accum + micro)
-                             for micro in range(config.grad_accum)]
-            loss_sum = torch.zeros((), device=device)
-            for index, (x, y) in enumerate(micro_batches):
-                # Reduce gradients across ranks on the last micro-batch only.
-                with distributed.gradient_sync(train_model, enabled=index == config.grad_accum - 1):
-                    with autocast():
-                        loss = lm_loss(train_model(x), y)
-                    (loss / config.grad_accum).backward()
-                loss_sum += loss.detach()
-            train_loss = distributed.mean_over_ranks(loss_sum) / config.grad_accum
-            max_norm = config.grad_clip if config.grad_clip > 0 else math.inf
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-            grad_norm = distributed.full_tensor(grad_norm).item()  # FSDP2: global, not my shard's
-            finite = math.isfinite(train_loss) and math.isfinite(grad_norm)
-            if finite:
-                optimizer.step()
-                bad_in_row = 0
-            else:
-                skipped += 1
-                bad_in_row += 1
-            optimizer.zero_grad(set_to_none=True)
-            with warnings.catch_warnings():
-                # Skipped steps are deliberate; torch warns when no optimizer.step() came first.
-                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
-                scheduler.step()
-            refreshed = False
-            hessian_due = getattr(optimizer, "hessian_due", None)
-            if finite and hessian_due is not None and hessian_due():
-                refresh_started = time.perf_counter()
-                # SophiaH's probes must agree across ranks; SophiaG's labels should not.
-                rank = 0 if config.optimizer == "sophiah" else env.rank
-                generator = torch.Generator(device).manual_seed(
-                    ((config.seed * 1_000_003 + step) * env.world_size + rank) % 2**32)
-                _refresh_hessian(optimizer, train_model, micro_batches, config, generator,
-                                 autocast)
-                refreshed = True
-                hessian_seconds += time.perf_counter() - refresh_started
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            train_seconds += time.perf_counter() - started
-            step += 1
-            unclipped = getattr(optimizer, "unclipped_fraction", None)
-            record = {
-                "kind": "step", "step": step, "loss": train_loss, "lr": lr,
-                "grad_norm": grad_norm, "tokens": step * tokens_per_step,
-                "seconds": train_seconds, "skipped": not finite, "hessian": refreshed,
-                "unclipped_fraction": unclipped() if unclipped is not None else None,
-            }
-            log.write(record)
-            if bar is not None:
-                postfix = {"loss": f"{train_loss:.3f}", "lr": f"{lr:.2e}",
-                           "tok/s": f"{record['tokens'] / max(train_seconds, 1e-9):.0f}"}
-                if record["unclipped_fraction"] is not None:
-                    postfix["unclipped"] = f"{record['unclipped_fraction']:.2f}"
-                bar.set_postfix(postfix, refresh=False)
-                bar.update(1)
-            if bad_in_row >= config.max_bad_steps:
-                raise SophiaError(
-                    f"training diverged: {bad_in_row} steps in a row (up to step {step}) had a "
-                    "non-finite loss or gradient; lower --lr or raise --warmup-steps, then "
-                    "--resume from the last checkpoint"
-                )
-            if on_step is not None:
-                on_step(record)
-            if config.eval_every and (step % config.eval_every == 0 or step == config.max_steps):
-                run_eval(step)
-            if (config.checkpoint_every and step % config.checkpoint_every == 0) or \
-                    step == config.max_steps:
-                save(step)
-    finally:
-        if bar is not None:
-            bar.close()
-        log.close()
-    final_val = evals[-1]["val_loss"] if evals else math.nan
-    return TrainResult(
-        run_dir=run_dir, config=to_dict(config), evals=evals, final_val_loss=final_val,
-        steps=step, train_seconds=train_seconds, tokens=step * tokens_per_step,
-        skipped_steps=skipped, num_parameters=model.num_parameters(),
-        hessian_seconds=hessian_seconds, final_train_loss=train_loss,
-    )
+def _train_state(checkpoint: dict[str, Any], config: Config) -> dict[str, Any]:
+    """The TrainState a checkpoint holds (format 1 kept it in top-level keys)."""
+    if "train_state" in checkpoint:
+        return checkpoint["train_state"]
+    step = checkpoint["step"]
+    return {"step": step, "tokens": step * config.tokens_per_step,
+            "data_position": checkpoint["data_position"],
+            "train_seconds": checkpoint["train_seconds"],
+            "hessian_seconds": checkpoint.get("hessian_seconds", 0.0),
+            "skipped_steps": checkpoint["skipped_steps"], "bad_in_row": checkpoint["bad_in_row"],
+            "evals": checkpoint["evals"]}
 
 
 def _check_compatible(saved: dict[str, Any], config: Config, resume: str | Path) -> None:
