@@ -28,7 +28,7 @@ def tiny_config(folder: Path, **overrides) -> Config:
     """A run of a 1-layer, 32-wide GPT on the corpus slice: well under a second a step."""
     values = dict(
         n_layer=1, n_head=2, n_embd=32, block_size=16, batch_size=4, max_steps=6,
-        warmup_steps=2, eval_every=3, eval_batches=2, hessian_every=2,
+        warmup_steps=2, eval_every=3, eval_batches=2, refresh_every=2,
         data=str(corpus_slice(folder / "data")), cache_dir=str(folder / "cache"),
         out_dir=str(folder / "run"), progress=False,
     )

@@ -32,21 +32,23 @@ def test_train_then_resume_to_more_steps(tmp_path, capsys):
     config = json.loads((run / "config.json").read_text())
     lrs = [json.loads(line)["lr"] for line in (run / "log.jsonl").read_text().splitlines()
            if json.loads(line)["kind"] == "step"]
-    expected = [warmup_cosine(s, lr=config["lr"], min_lr=config["min_lr"],
-                              warmup_steps=config["warmup_steps"], max_steps=5) for s in (3, 4)]
+    settings = config["optimizer"]
+    expected = [warmup_cosine(s, lr=settings["lr"], min_lr=settings["min_lr"],
+                              warmup_steps=settings["warmup_steps"], max_steps=5) for s in (3, 4)]
     assert lrs[3:] == pytest.approx(expected)  # the schedule was stretched to the new length
 
 
 def test_toml_file_overrides_the_preset_and_flags_override_the_file(tmp_path):
     toml = tmp_path / "run.toml"
-    toml.write_text('n_embd = 48\nn_head = 3\n[optimizer_settings]\noptimizer = "adamw"\n')
+    toml.write_text('[model]\nn_embd = 48\nn_head = 3\n[optimizer]\nname = "adamw"\n')
     run = tmp_path / "run"
     args = ["train", "--config", str(toml), *_small(tmp_path, "--max-steps", "1")]
     args = [a for a in args if a not in ("--n-embd", "32")] + ["--n-head", "4", "--out-dir",
                                                                 str(run)]
     assert main(args) == 0
     config = json.loads((run / "config.json").read_text())
-    assert (config["n_embd"], config["n_head"], config["optimizer"]) == (48, 4, "adamw")
+    assert (config["model"]["n_embd"], config["model"]["n_head"]) == (48, 4)
+    assert config["optimizer"]["name"] == "adamw"
 
 
 def test_compare_prints_where_the_report_is(tmp_path, capsys):
@@ -65,6 +67,8 @@ def test_compare_prints_where_the_report_is(tmp_path, capsys):
     (["train", "--resume", "/no/such/run"], "does not exist"),
     (["train", "--config", "/no/such.toml"], "config file '/no/such.toml' does not exist"),
     (["train", "--warp-speed", "9"], "unrecognized arguments: --warp-speed 9"),
+    (["train", "--hessian-every", "2"], "unrecognized arguments: --hessian-every 2"),
+    (["train", "--refresh-every", "0"], "refresh_every must be at least 1"),
     (["compare", "--optimizers", "adamw,sgd"], "unknown optimizer 'sgd'"),
     (["fly"], "invalid choice: 'fly'"),
 ])

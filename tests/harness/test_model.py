@@ -49,11 +49,11 @@ def test_sequence_longer_than_block_size_is_rejected():
 
 
 def test_tiny_preset_has_about_a_million_parameters():
-    config = make_config("tiny")
-    model = GPT(GPTConfig(vocab_size=256, block_size=config.block_size, n_layer=config.n_layer,
-                          n_head=config.n_head, n_embd=config.n_embd))
+    shape = make_config("tiny").model
+    model = GPT(GPTConfig(vocab_size=256, block_size=shape.block_size, n_layer=shape.n_layer,
+                          n_head=shape.n_head, n_embd=shape.n_embd))
     count = model.num_parameters()
-    assert count == expected_parameters(256, config.block_size, config.n_layer, config.n_embd)
+    assert count == expected_parameters(256, shape.block_size, shape.n_layer, shape.n_embd)
     assert 0.5e6 < count < 1.5e6
 
 
@@ -62,15 +62,17 @@ def test_tiny_preset_has_about_a_million_parameters():
 ])
 def test_gpt2_presets_have_the_paper_shapes(name, layers, heads, width):
     config = make_config(name)
-    assert (config.n_layer, config.n_head, config.n_embd) == (layers, heads, width)
-    assert config.batch_size * config.grad_accum == 480 and config.block_size == 1024
-    assert config.max_steps == 100_000 and config.warmup_steps == 2000
-    assert config.grad_clip == 1.0 and config.dtype == "bfloat16" and config.hessian_every == 10
+    shape, run = config.model, config.run
+    assert (shape.n_layer, shape.n_head, shape.n_embd) == (layers, heads, width)
+    assert run.batch_size * run.grad_accum == 480 and shape.block_size == 1024
+    assert run.max_steps == 100_000 and config.optimizer.warmup_steps == 2000
+    assert config.optimizer.grad_clip == 1.0 and run.dtype == "bfloat16"
+    assert config.optimizer.refresh_every == 10
+    vocab = config.data.bpe_vocab_size
     with torch.device("meta"):
-        model = GPT(GPTConfig(vocab_size=config.bpe_vocab_size, block_size=config.block_size,
+        model = GPT(GPTConfig(vocab_size=vocab, block_size=shape.block_size,
                               n_layer=layers, n_head=heads, n_embd=width))
-    assert model.num_parameters() == expected_parameters(config.bpe_vocab_size, 1024, layers,
-                                                         width)
+    assert model.num_parameters() == expected_parameters(vocab, 1024, layers, width)
 
 
 @pytest.mark.parametrize("name, adamw, sophiag", [
@@ -79,9 +81,9 @@ def test_gpt2_presets_have_the_paper_shapes(name, layers, heads, width):
     ("gpt2-large", (2e-4, 1e-5), (3e-4, 1e-5, 0.05)),
 ])
 def test_gpt2_presets_carry_the_paper_hyperparameters(name, adamw, sophiag):
-    adam = make_config(name, {"optimizer": "adamw"})
+    adam = make_config(name, {"optimizer": "adamw"}).optimizer
     assert (adam.lr, adam.min_lr, adam.betas, adam.weight_decay) == (*adamw, (0.9, 0.95), 0.1)
-    soph = make_config(name, {"optimizer": "sophiag"})
+    soph = make_config(name, {"optimizer": "sophiag"}).optimizer
     assert (soph.lr, soph.min_lr, soph.rho) == sophiag
     assert (soph.betas, soph.weight_decay) == ((0.965, 0.99), 0.2)
 
@@ -94,11 +96,12 @@ def test_every_preset_takes_a_sophiag_step_and_refresh_on_cpu(name):
     (bfloat16 autocast on a CPU without bf16 matrix units is several times slower than
     float32; the loop's bf16 path is tested on the tiny model in test_harness_train.)
     """
-    config = make_config(name, {"n_layer": 1, "dtype": "float32", "hessian_every": 1})
-    vocab = 256 if config.tokenizer == "byte" else config.bpe_vocab_size
+    config = make_config(name, {"n_layer": 1, "dtype": "float32", "refresh_every": 1})
+    vocab = 256 if config.data.tokenizer == "byte" else config.data.bpe_vocab_size
+    shape = config.model
     torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=vocab, block_size=config.block_size, n_layer=config.n_layer,
-                          n_head=config.n_head, n_embd=config.n_embd))
+    model = GPT(GPTConfig(vocab_size=vocab, block_size=shape.block_size, n_layer=shape.n_layer,
+                          n_head=shape.n_head, n_embd=shape.n_embd))
     optimizer = build_optimizer(config, model)
     x, y = torch.randint(vocab, (2, 2, 8)).unbind(0)
     loss = lm_loss(model(x), y)

@@ -51,7 +51,7 @@ def _run(tmp_path, name: str, settings: dict, crash_at=None, resume=None) -> lis
                         resume, init=False, env=_torchrun_env())
 
 
-SETTINGS = dict(optimizer="sophiag", max_steps=6, checkpoint_every=3, hessian_every=2,
+SETTINGS = dict(optimizer="sophiag", max_steps=6, checkpoint_every=3, refresh_every=2,
                 grad_accum=2, eval_every=3)
 
 

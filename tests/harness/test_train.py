@@ -53,8 +53,8 @@ def test_every_optimizer_lowers_the_validation_loss(tmp_path, optimizer):
     assert (tmp_path / "run" / "checkpoint.pt").exists()
 
 
-def test_sophiag_refreshes_the_hessian_every_k_steps(tmp_path):
-    result = train(tiny_config(tmp_path, optimizer="sophiag", hessian_every=2, max_steps=6))
+def test_sophiag_refreshes_the_refresh_every_k_steps(tmp_path):
+    result = train(tiny_config(tmp_path, optimizer="sophiag", refresh_every=2, max_steps=6))
     steps = _log(result.run_dir)
     assert [r["step"] for r in steps if r["hessian"]] == [2, 4, 6]
     assert all(0.0 <= r["unclipped_fraction"] <= 1.0 for r in steps)
@@ -77,12 +77,12 @@ def _crash_at(step):
 @pytest.mark.parametrize("optimizer", ["sophiag", "adamw"])
 def test_resume_after_a_crash_repeats_the_uninterrupted_run_bit_for_bit(tmp_path, optimizer):
     settings = dict(optimizer=optimizer, max_steps=8, checkpoint_every=3, grad_accum=2,
-                    hessian_every=2, hessian_fraction=0.5, dropout=0.1)
+                    refresh_every=2, refresh_fraction=0.5, dropout=0.1)
     whole = train(tiny_config(tmp_path / "whole", **settings))
     crashed = tiny_config(tmp_path / "crash", **settings)
     with pytest.raises(KeyboardInterrupt):
         train(crashed, on_step=_crash_at(5))  # dies after step 5; last checkpoint: step 3
-    resumed = train(crashed, resume=crashed.out_dir)
+    resumed = train(crashed, resume=crashed.run.out_dir)
     assert [r["loss"] for r in _log(resumed.run_dir)] == [r["loss"] for r in _log(whole.run_dir)]
     assert resumed.evals == [
         {**e, "seconds": r["seconds"]} for e, r in zip(whole.evals, resumed.evals, strict=True)

@@ -1,7 +1,8 @@
 """The ``sophia`` command: ``sophia train``, ``sophia compare``, ``sophia presets``.
 
-Every :class:`~.config.Config` field is a flag (``n_layer`` -> ``--n-layer``); values
-given on the command line override a ``--config`` TOML file, which overrides the preset.
+Every :class:`~.config.Config` setting is a flag by its flat name (``n_layer`` ->
+``--n-layer``); values given on the command line override a ``--config`` TOML file, which
+overrides the preset.
 User errors print one line, ``error: <problem>; <fix>``, and exit with status 2.
 """
 
@@ -9,11 +10,20 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from .config import OPTIMIZERS, PRESETS, Config, load_toml, make_config
+from .config import (
+    FLAT,
+    OPTIMIZERS,
+    PRESETS,
+    ROW_FIELDS,
+    field_type,
+    flatten,
+    load_toml,
+    make_config,
+    to_dict,
+)
 from .errors import SophiaError
 
 __all__ = ["main"]
@@ -30,16 +40,19 @@ class _Parser(argparse.ArgumentParser):
 
 def _add_config_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
     group = parser.add_argument_group("settings (override the preset and --config)")
-    for f in fields(Config):
-        if f.name in ("preset", *skip):
+    tiny = flatten(to_dict(make_config("tiny")))
+    for name in FLAT:
+        if name in skip:
             continue
-        flag = "--" + f.name.replace("_", "-")
-        if f.type in ("bool", bool):
-            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
-                               default=None, help=f"(default {f.default})")
+        flag = "--" + name.replace("_", "-")
+        default = ("the preset's row for the optimizer" if FLAT[name][1] in ROW_FIELDS
+                   else f"tiny: {tiny[name]!r}")
+        if field_type(name) is bool:
+            group.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction,
+                               default=None, help=f"({default})")
         else:
-            group.add_argument(flag, dest=f.name, default=None, metavar="VALUE",
-                               help=f"(preset default {f.default!r})")
+            group.add_argument(flag, dest=name, default=None, metavar="VALUE",
+                               help=f"({default})")
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -76,12 +89,12 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
-    """TOML values, then command-line flags on top; unset flags are left out."""
+    """TOML values, then command-line flags on top; unset flags are left out (flat names)."""
     values: dict[str, Any] = load_toml(args.config_file) if args.config_file else {}
-    for f in fields(Config):
-        given = getattr(args, f.name, None)
-        if given is not None and f.name != "preset":
-            values[f.name] = given
+    for name in FLAT:
+        given = getattr(args, name, None)
+        if given is not None:
+            values[name] = given
     if args.preset is not None:
         values["preset"] = args.preset
     return values
@@ -105,7 +118,7 @@ def _run_train(args: argparse.Namespace) -> int:
 
     overrides = _overrides(args)
     if args.resume:
-        saved = load_checkpoint(args.resume)["config"]
+        saved = flatten(load_checkpoint(args.resume)["config"])
         resume_dir = Path(args.resume)
         resume_dir = resume_dir if resume_dir.is_dir() else resume_dir.parent
         overrides = {**saved, "out_dir": str(resume_dir), **overrides}

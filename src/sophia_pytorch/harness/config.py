@@ -1,9 +1,15 @@
-"""Run configuration: one flat dataclass, named presets, TOML files and command-line overrides.
+"""Run configuration: four sections (model, data, optimizer, run), presets, TOML and flags.
 
-Precedence, lowest first: the preset's values, then a TOML file (flat ``key = value`` pairs
-named like the fields below), then ``--flag value`` overrides. Optimizer hyperparameters left
-unset (``None``) are filled from the preset's table for the chosen optimizer by
-:func:`resolve`, so ``--optimizer adamw`` picks AdamW's tuned lr without further flags.
+A :class:`Config` holds a :class:`ModelConfig`, :class:`DataConfig`, :class:`OptimizerConfig`
+and :class:`RunConfig`. Every field also has a flat name, unique across sections (its field
+name, except ``data.source`` -> ``data`` and ``optimizer.name`` -> ``optimizer``): the
+command-line flags (``--n-layer``) and flat TOML keys use it.
+
+Precedence, lowest first: the preset's values, then a TOML file (``[model]``, ``[data]``,
+``[optimizer]``, ``[run]`` tables, or flat ``key = value`` pairs), then ``--flag value``
+overrides. Optimizer hyperparameters left unset (``None``) are filled from the preset's row
+for the chosen optimizer by :func:`resolve`, so ``--optimizer adamw`` picks AdamW's tuned lr
+without further flags.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ import types
 import typing
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import tomllib
 
@@ -24,11 +30,17 @@ __all__ = [
     "OPTIMIZERS",
     "PRESETS",
     "Config",
+    "DataConfig",
+    "ModelConfig",
+    "OptimizerConfig",
     "OptimizerHparams",
     "Preset",
+    "RunConfig",
+    "flatten",
     "load_toml",
     "make_config",
     "resolve",
+    "to_dict",
 ]
 
 OPTIMIZERS = ("sophiag", "sophiah", "adamw", "lion")
@@ -49,70 +61,134 @@ class OptimizerHparams:
 
 
 @dataclass
-class Config:
-    """Everything one training run needs. Units: steps are optimizer steps, batch sizes rows.
+class ModelConfig:
+    """The GPT (see ``sophia_pytorch.harness.model``); fixed for the life of a run."""
 
-    One optimizer step sees ``batch_size * grad_accum`` sequences of ``block_size`` tokens.
-    """
+    fixed_on_resume: ClassVar[bool] = True
 
-    preset: str = "tiny"
-    # Model (a GPT; see sophia_pytorch.harness.model).
     n_layer: int = 4
     n_head: int = 4
     n_embd: int = 128
-    block_size: int = 64
+    block_size: int = 64  # context length, tokens
     dropout: float = 0.0
-    # Data: "default" (Shakespeare + King James Bible), "shakespeare", "bible", a file or
-    # folder path, or "hf:NAME[:SPLIT[:COLUMN]]" for a Hugging Face dataset.
-    data: str = "default"
+
+
+@dataclass
+class DataConfig:
+    """The corpus, its tokenizer and its split; fixed for the life of a run.
+
+    ``source``: "default" (Shakespeare + King James Bible), "shakespeare", "bible", a file
+    or folder path, or "hf:NAME[:SPLIT[:COLUMN]]" for a Hugging Face dataset.
+    """
+
+    fixed_on_resume: ClassVar[bool] = True
+
+    source: str = field(default="default", metadata={"flag": "data"})
     tokenizer: str = "byte"
     bpe_vocab_size: int = 4096
     val_fraction: float = 0.05
-    cache_dir: str = ""  # "" means $SOPHIA_CACHE or ~/.cache/sophia
-    # Optimization. None means "the preset's value for this optimizer".
-    optimizer: str = "sophiag"
-    lr: float | None = None
-    min_lr: float | None = None
+
+
+@dataclass
+class OptimizerConfig:
+    """The optimizer, its schedule and Sophia's Hessian refresh.
+
+    Fields that default to None (lr, min_lr, beta1, beta2, weight_decay, rho) are the
+    preset's row for ``name`` unless set.
+    """
+
+    fixed_on_resume: ClassVar[bool] = False
+
+    name: str = field(default="sophiag", metadata={"flag": "optimizer", "fixed": True})
+    lr: float | None = None  # peak learning rate
+    min_lr: float | None = None  # the cosine's floor
     beta1: float | None = None
     beta2: float | None = None
     weight_decay: float | None = None
-    rho: float | None = None
-    batch_size: int = 32
-    grad_accum: int = 1
-    max_steps: int = 200
+    rho: float | None = None  # Sophia's clipping scale (gamma)
     warmup_steps: int = 20
-    grad_clip: float = 1.0  # 0 disables clipping
-    hessian_every: int = 10
-    # share of the step's batch used for a Hessian refresh: 1/4 costs ~2.6% of training time at
-    # k=10 against ~10% for the whole batch, with no loss change beyond seed noise (RESULTS.md)
-    hessian_fraction: float = 0.25
-    dtype: str = "auto"  # autocast dtype; auto = bfloat16 on a CUDA GPU that supports it
-    device: str = "auto"
-    threads: int = 0  # CPU threads for torch; 0 keeps torch's default (all cores)
-    parallel: str = "none"  # none, ddp or fsdp; ddp/fsdp under torchrun (docs/DISTRIBUTED.md)
-    seed: int = 0
-    compile: bool = False
-    # Evaluation, logging, checkpoints.
-    eval_every: int = 25
-    eval_batches: int = 8
-    checkpoint_every: int = 0  # 0: only at the end
-    out_dir: str = ""  # "" means runs/<preset>-<optimizer>-<time>
-    tensorboard: bool = False
-    max_bad_steps: int = 5  # abort after this many non-finite steps in a row
-    progress: bool = True
+    grad_clip: float = 1.0  # global grad-norm clip; 0 disables it
+    refresh_every: int = 10  # k: Sophia refreshes its Hessian estimate every k steps
+    # The share of the step's batch the refresh uses (why 1/4: benchmarks/RESULTS.md,
+    # "Harness: Hessian refresh cost").
+    refresh_fraction: float = 0.25
 
     @property
     def betas(self) -> tuple[float, float]:
         return (float(self.beta1), float(self.beta2))  # type: ignore[arg-type]
 
+
+@dataclass
+class RunConfig:
+    """How the run is carried out: batch, length, device, evaluation, files."""
+
+    fixed_on_resume: ClassVar[bool] = False
+
+    batch_size: int = 32  # rows per micro-batch (per rank)
+    grad_accum: int = 1  # micro-batches per optimizer step
+    max_steps: int = 200
+    seed: int = 0  # model initialisation, data order, Hessian sampling
+    dtype: str = "auto"  # autocast dtype; auto = bfloat16 on a CUDA GPU that supports it
+    device: str = "auto"
+    threads: int = 0  # CPU threads for torch; 0 keeps torch's default (all cores)
+    parallel: str = "none"  # none, ddp or fsdp; ddp/fsdp under torchrun (docs/DISTRIBUTED.md)
+    compile: bool = False
+    eval_every: int = 25
+    eval_batches: int = 8
+    checkpoint_every: int = 0  # 0: only at the end
+    max_bad_steps: int = 5  # abort after this many non-finite steps in a row
+    out_dir: str = ""  # "" means runs/<preset>-<optimizer>-<time>
+    cache_dir: str = ""  # "" means $SOPHIA_CACHE or ~/.cache/sophia
+    tensorboard: bool = False
+    progress: bool = True
+
+
+@dataclass
+class Config:
+    """Everything one training run needs. Units: steps are optimizer steps, batch sizes rows.
+
+    One optimizer step sees ``run.batch_size * run.grad_accum`` sequences of
+    ``model.block_size`` tokens.
+    """
+
+    preset: str = "tiny"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
     @property
     def tokens_per_step(self) -> int:
-        return self.batch_size * self.grad_accum * self.block_size
+        """Tokens one optimizer step sees on one rank."""
+        return self.run.batch_size * self.run.grad_accum * self.model.block_size
+
+
+SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig,
+                             "optimizer": OptimizerConfig, "run": RunConfig}
+
+
+def flat_name(f: dataclasses.Field) -> str:
+    """The flag and flat TOML name of a section field."""
+    return f.metadata.get("flag", f.name)
+
+
+# flat name -> (section, field name)
+FLAT: dict[str, tuple[str, str]] = {
+    flat_name(f): (section, f.name) for section, cls in SECTIONS.items() for f in fields(cls)
+}
+_RENAMED = {"hessian_every": "refresh_every", "hessian_fraction": "refresh_fraction"}
+ROW_FIELDS = tuple(f.name for f in fields(OptimizerConfig) if f.default is None)
+
+
+def fixed_on_resume() -> list[str]:
+    """Flat names of the settings a resumed run must keep: its model, data, optimizer, seed."""
+    return [flat_name(f) for cls in SECTIONS.values() for f in fields(cls)
+            if cls.fixed_on_resume or f.metadata.get("fixed")]
 
 
 @dataclass(frozen=True)
 class Preset:
-    """A named starting point: field values plus a hyperparameter table per optimizer."""
+    """A named starting point: flat field values plus a hyperparameter row per optimizer."""
 
     description: str
     values: dict[str, Any]
@@ -129,7 +205,7 @@ def _gpt2(n_layer: int, n_head: int, n_embd: int, adamw: tuple, sophiag: tuple) 
             n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=1024, dropout=0.0,
             tokenizer="bpe", bpe_vocab_size=50304,
             batch_size=8, grad_accum=60, max_steps=100_000, warmup_steps=2000, grad_clip=1.0,
-            hessian_every=10, hessian_fraction=0.25, dtype="bfloat16",
+            refresh_every=10, refresh_fraction=0.25, dtype="bfloat16",
             eval_every=1000, eval_batches=200, checkpoint_every=1000,
         ),
         optimizers={
@@ -146,13 +222,10 @@ def _gpt2(n_layer: int, n_head: int, n_embd: int, adamw: tuple, sophiag: tuple) 
 PRESETS: dict[str, Preset] = {
     "tiny": Preset(
         description="0.8M parameters, bytes, context 64: hundreds of steps a minute on CPU",
-        # One thread: its matrices are too small for more to pay much, and on a shared 2-core
-        # machine two busy-waiting threads ran 5x slower than one (1.6 s vs 0.32 s a step).
+        # One thread: its matrices are too small for more to pay (docs/HARNESS.md).
         values={"threads": 1},
-        # Centred by 100-step pilots, then tuned on the lr grid in benchmarks/RESULTS.md.
-        # Sophia's rho is far above the paper's 0.05: with h still warming up (its EMA has
-        # seen only 20 refreshes in 200 steps, with no bias correction) rho = 0.05 clipped
-        # 98-100% of coordinates, a pure sign step; rho = 2 leaves 10-20% unclipped.
+        # Tuned on the lr grid; why Sophia's rho is far above the paper's 0.05:
+        # benchmarks/RESULTS.md, "Harness: tiny comparison".
         optimizers={
             "adamw": OptimizerHparams(3e-3, 3e-4, (0.9, 0.95), 0.1),
             "sophiag": OptimizerHparams(1e-3, 1e-4, (0.965, 0.99), 0.2, 2.0),
@@ -165,30 +238,33 @@ PRESETS: dict[str, Preset] = {
     "gpt2-large": _gpt2(36, 20, 1280, adamw=(2e-4, 1e-5), sophiag=(3e-4, 1e-5, 0.05)),
 }
 
-_FIELDS = {f.name: f for f in fields(Config)}
-
 
 def _suggest(name: str, choices: typing.Iterable[str]) -> str:
     close = difflib.get_close_matches(name, list(choices), n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
-def _field_type(name: str) -> type:
-    """The non-None type of a Config field (``float | None`` -> ``float``)."""
-    hint = typing.get_type_hints(Config)[name]
+def _unknown(name: str, where: str = "") -> SophiaError:
+    return SophiaError(
+        f"unknown setting {name!r}{where}{_suggest(name, FLAT)}; valid settings are listed "
+        "by `sophia train --help`"
+    )
+
+
+def field_type(name: str) -> type:
+    """The non-None type of the field with flat name ``name`` (``float | None`` -> float)."""
+    section, attribute = FLAT[name]
+    hint = typing.get_type_hints(SECTIONS[section])[attribute]
     if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
         hint = next(a for a in typing.get_args(hint) if a is not type(None))
-    return hint
+    return typing.get_origin(hint) or hint
 
 
 def coerce(name: str, value: Any) -> Any:
-    """Convert a TOML or command-line value for field ``name`` to its type, or raise."""
-    if name not in _FIELDS:
-        raise SophiaError(
-            f"unknown setting {name!r}{_suggest(name, _FIELDS)}; valid settings are listed by "
-            "`sophia train --help`"
-        )
-    kind = _field_type(name)
+    """Convert a TOML or command-line value for flat setting ``name`` to its type, or raise."""
+    if name not in FLAT:
+        raise _unknown(name)
+    kind = field_type(name)
     try:
         if kind is bool:
             if isinstance(value, bool):
@@ -206,13 +282,38 @@ def coerce(name: str, value: Any) -> Any:
             if not number.is_integer():
                 raise ValueError(value)
             return int(number)
+        if kind is str and not isinstance(value, str):
+            raise ValueError(value)
         return kind(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise SophiaError(f"bad value {value!r} for {name}: expected {kind.__name__}") from None
 
 
+def flatten(values: dict[str, Any]) -> dict[str, Any]:
+    """Flat settings from a mix of flat keys and ``model``/``data``/``optimizer``/``run``
+    tables (as in TOML, ``to_dict`` or a checkpoint); old names are renamed."""
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        key = key.replace("-", "_")
+        if key in SECTIONS and isinstance(value, dict):
+            by_name = {f.name: flat_name(f) for f in fields(SECTIONS[key])}
+            for inner, inner_value in value.items():
+                inner = _RENAMED.get(inner.replace("-", "_"), inner.replace("-", "_"))
+                if inner not in by_name and inner not in by_name.values():
+                    raise _unknown(inner, f" in [{key}]")
+                flat[by_name.get(inner, inner)] = inner_value
+        elif isinstance(value, dict):
+            raise SophiaError(
+                f"unknown section [{key}]; use [model], [data], [optimizer] and [run], or "
+                "flat key = value lines"
+            )
+        else:
+            flat[_RENAMED.get(key, key)] = value
+    return flat
+
+
 def load_toml(path: str | Path) -> dict[str, Any]:
-    """Read a flat TOML file of Config fields; nested tables are flattened by their last key."""
+    """Read a TOML file of settings (sections or flat keys) into flat, typed settings."""
     path = Path(path)
     try:
         with path.open("rb") as handle:
@@ -221,51 +322,45 @@ def load_toml(path: str | Path) -> dict[str, Any]:
         raise SophiaError(f"config file {str(path)!r} does not exist; check the path") from None
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise SophiaError(f"cannot read config file {str(path)!r}: {exc}; fix the TOML") from None
-    flat: dict[str, Any] = {}
-
-    def walk(table: dict[str, Any]) -> None:
-        for key, value in table.items():
-            if isinstance(value, dict):
-                walk(value)
-            else:
-                flat[key.replace("-", "_")] = value
-
-    walk(raw)
-    return {key: coerce(key, value) for key, value in flat.items()}
+    return {key: coerce(key, value) for key, value in flatten(raw).items()}
 
 
 def make_config(preset: str = "tiny", overrides: dict[str, Any] | None = None) -> Config:
     """A validated, resolved Config: ``preset``'s values updated by ``overrides``.
 
-    ``overrides`` maps field names to values (strings are converted); ``None`` values are
-    ignored, so an argparse namespace with unset flags can be passed through unchanged.
+    ``overrides`` maps flat setting names (or section tables, see :func:`flatten`) to
+    values (strings are converted); ``None`` values are ignored, so an argparse namespace
+    with unset flags can be passed through unchanged.
     """
-    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    overrides = {k: v for k, v in flatten(overrides or {}).items() if v is not None}
     preset = overrides.pop("preset", preset)
     if preset not in PRESETS:
         raise SophiaError(
-            f"unknown preset {preset!r}{_suggest(preset, PRESETS)}; choose one of "
+            f"unknown preset {preset!r}{_suggest(str(preset), PRESETS)}; choose one of "
             f"{', '.join(PRESETS)}"
         )
     values = {**PRESETS[preset].values, **{k: coerce(k, v) for k, v in overrides.items()}}
-    return resolve(Config(preset=preset, **values))
+    config = Config(preset=preset)
+    for name, value in values.items():
+        section, attribute = FLAT[name]
+        setattr(getattr(config, section), attribute, value)
+    return resolve(config)
 
 
 def resolve(config: Config) -> Config:
-    """Fill unset optimizer hyperparameters from the preset's table, then validate."""
-    if config.optimizer not in OPTIMIZERS:
+    """Fill unset optimizer hyperparameters from the preset's row, then validate."""
+    name = config.optimizer.name
+    if name not in OPTIMIZERS:
         raise SophiaError(
-            f"unknown optimizer {config.optimizer!r}{_suggest(config.optimizer, OPTIMIZERS)}; "
+            f"unknown optimizer {name!r}{_suggest(name, OPTIMIZERS)}; "
             f"choose one of {', '.join(OPTIMIZERS)}"
         )
-    table = PRESETS[config.preset].optimizers[config.optimizer]
-    filled = dict(
-        lr=table.lr, min_lr=table.min_lr, beta1=table.betas[0], beta2=table.betas[1],
-        weight_decay=table.weight_decay, rho=table.rho,
-    )
-    config = replace(
-        config, **{k: v for k, v in filled.items() if getattr(config, k) is None}
-    )
+    row = PRESETS[config.preset].optimizers[name]
+    filled = dict(lr=row.lr, min_lr=row.min_lr, beta1=row.betas[0], beta2=row.betas[1],
+                  weight_decay=row.weight_decay, rho=row.rho)
+    optimizer = replace(config.optimizer, **{
+        k: v for k, v in filled.items() if getattr(config.optimizer, k) is None})
+    config = replace(config, optimizer=optimizer)
     _validate(config)
     return config
 
@@ -275,33 +370,36 @@ def _validate(config: Config) -> None:
         if not ok:
             raise SophiaError(message)
 
+    flat = {name: getattr(getattr(config, s), a) for name, (s, a) in FLAT.items()}
     for name in ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "grad_accum",
-                 "max_steps", "hessian_every", "eval_batches", "max_bad_steps", "bpe_vocab_size"):
-        need(getattr(config, name) >= 1, f"{name} must be at least 1, got {getattr(config, name)}")
+                 "max_steps", "refresh_every", "eval_batches", "max_bad_steps",
+                 "bpe_vocab_size"):
+        need(flat[name] >= 1, f"{name} must be at least 1, got {flat[name]}")
     for name in ("warmup_steps", "eval_every", "threads", "checkpoint_every", "lr", "min_lr",
                  "weight_decay", "rho", "grad_clip"):
-        need(getattr(config, name) >= 0, f"{name} must be >= 0, got {getattr(config, name)}")
-    need(config.n_embd % config.n_head == 0,
-         f"n_embd ({config.n_embd}) must be a multiple of n_head ({config.n_head})")
-    need(0.0 <= config.dropout < 1.0, f"dropout must be in [0, 1), got {config.dropout}")
-    need(0.0 < config.val_fraction < 0.5,
-         f"val_fraction must be in (0, 0.5), got {config.val_fraction}")
-    need(0.0 < config.hessian_fraction <= 1.0,
-         f"hessian_fraction must be in (0, 1], got {config.hessian_fraction}")
-    need(0.0 <= config.beta1 < 1.0 and 0.0 <= config.beta2 < 1.0,  # type: ignore[operator]
-         f"betas must be in [0, 1), got ({config.beta1}, {config.beta2})")
-    need(config.min_lr <= config.lr,  # type: ignore[operator]
-         f"min_lr ({config.min_lr}) must not exceed lr ({config.lr})")
-    need(config.dtype in DTYPES, f"unknown dtype {config.dtype!r}; choose one of {DTYPES}")
-    need(config.parallel in PARALLEL_MODES,
-         f"unknown parallel mode {config.parallel!r}; choose one of {', '.join(PARALLEL_MODES)}")
-    need(not (config.optimizer == "sophiah" and config.parallel == "fsdp"),
+        need(flat[name] >= 0, f"{name} must be >= 0, got {flat[name]}")
+    model, optimizer, run = config.model, config.optimizer, config.run
+    need(model.n_embd % model.n_head == 0,
+         f"n_embd ({model.n_embd}) must be a multiple of n_head ({model.n_head})")
+    need(0.0 <= model.dropout < 1.0, f"dropout must be in [0, 1), got {model.dropout}")
+    need(0.0 < config.data.val_fraction < 0.5,
+         f"val_fraction must be in (0, 0.5), got {config.data.val_fraction}")
+    need(0.0 < optimizer.refresh_fraction <= 1.0,
+         f"refresh_fraction must be in (0, 1], got {optimizer.refresh_fraction}")
+    need(0.0 <= optimizer.beta1 < 1.0 and 0.0 <= optimizer.beta2 < 1.0,  # type: ignore[operator]
+         f"betas must be in [0, 1), got ({optimizer.beta1}, {optimizer.beta2})")
+    need(optimizer.min_lr <= optimizer.lr,  # type: ignore[operator]
+         f"min_lr ({optimizer.min_lr}) must not exceed lr ({optimizer.lr})")
+    need(run.dtype in DTYPES, f"unknown dtype {run.dtype!r}; choose one of {DTYPES}")
+    need(run.parallel in PARALLEL_MODES,
+         f"unknown parallel mode {run.parallel!r}; choose one of {', '.join(PARALLEL_MODES)}")
+    need(not (optimizer.name == "sophiah" and run.parallel == "fsdp"),
          "sophiah cannot run under --parallel fsdp (FSDP2 gathers parameters outside autograd: "
          "no Hessian-vector product); use --parallel ddp, or sophiag")
-    need(config.tokenizer in TOKENIZERS,
-         f"unknown tokenizer {config.tokenizer!r}; choose one of {', '.join(TOKENIZERS)}")
+    need(config.data.tokenizer in TOKENIZERS,
+         f"unknown tokenizer {config.data.tokenizer!r}; choose one of {', '.join(TOKENIZERS)}")
 
 
 def to_dict(config: Config) -> dict[str, Any]:
-    """The config as plain JSON/TOML-friendly values."""
+    """The config as nested plain JSON/TOML-friendly values (preset, then one table a section)."""
     return dataclasses.asdict(config)

@@ -36,23 +36,25 @@ def decay_groups(params: list[nn.Parameter], weight_decay: float) -> list[dict[s
 
 def build_optimizer(config: Config, model: nn.Module,
                     device: torch.device | None = None) -> torch.optim.Optimizer:
-    """The optimizer named by ``config.optimizer`` over ``model``'s trainable parameters.
+    """The optimizer named by ``config.optimizer.name`` over ``model``'s trainable parameters.
 
     AdamW is torch's (fused on CUDA), Lion ours, SophiaG/SophiaH the library's; all take the
     config's lr, betas and weight decay, Sophia also ``rho`` and ``refresh_every``.
     """
+    settings = config.optimizer
+    name = settings.name
     params = [p for p in model.parameters() if p.requires_grad]
-    groups = decay_groups(params, config.weight_decay)  # type: ignore[arg-type]
-    kwargs = dict(lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
-    if config.optimizer == "adamw":
+    groups = decay_groups(params, settings.weight_decay)  # type: ignore[arg-type]
+    kwargs = dict(lr=settings.lr, betas=settings.betas, weight_decay=settings.weight_decay)
+    if name == "adamw":
         fused = device is not None and device.type == "cuda"
         return torch.optim.AdamW(groups, **kwargs, fused=fused or None)
-    if config.optimizer == "lion":
+    if name == "lion":
         return Lion(groups, **kwargs)
     import sophia_pytorch
 
-    cls = {"sophiag": sophia_pytorch.SophiaG, "sophiah": sophia_pytorch.SophiaH}[config.optimizer]
-    return cls(groups, **kwargs, rho=config.rho, refresh_every=config.hessian_every)
+    cls = {"sophiag": sophia_pytorch.SophiaG, "sophiah": sophia_pytorch.SophiaH}[name]
+    return cls(groups, **kwargs, rho=settings.rho, refresh_every=settings.refresh_every)
 
 
 def build_refresh(config: Config, optimizer: torch.optim.Optimizer, model: nn.Module, *,
@@ -60,11 +62,12 @@ def build_refresh(config: Config, optimizer: torch.optim.Optimizer, model: nn.Mo
                   device: torch.device, rank: int = 0, world_size: int = 1) -> HessianRefresh:
     """The refresh ``optimizer`` needs, over ``model`` (the module the loop calls).
 
-    Sophia estimates on ``hessian_fraction`` of the step's rows (at least one).
+    Sophia estimates on ``refresh_fraction`` of the step's rows (at least one).
     """
-    refresh = _REFRESH.get(config.optimizer)
+    refresh = _REFRESH.get(config.optimizer.name)
     if refresh is None:
         return HessianRefresh()
-    rows = max(1, round(config.hessian_fraction * config.batch_size * config.grad_accum))
+    run = config.run
+    rows = max(1, round(config.optimizer.refresh_fraction * run.batch_size * run.grad_accum))
     return refresh(optimizer, model, rows=rows, autocast=autocast,  # type: ignore[call-arg]
-                   seed=config.seed, rank=rank, world_size=world_size, device=device)
+                   seed=run.seed, rank=rank, world_size=world_size, device=device)

@@ -37,7 +37,7 @@ from torch import nn
 
 from . import distributed
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from .config import Config, to_dict
+from .config import Config, fixed_on_resume, flatten, to_dict
 from .data import BatchSampler, prepare_data
 from .errors import SophiaError, require
 from .model import GPT, GPTConfig, lm_loss
@@ -50,7 +50,6 @@ __all__ = ["TrainResult", "TrainState", "Trainer", "build_optimizer", "is_main_p
 
 EVAL_SEED = 20230523  # evaluation windows are the same for every run, seed and optimizer
 CHECKPOINT_FORMAT = 2
-_MODEL_KEYS = ("n_layer", "n_head", "n_embd", "block_size", "tokenizer", "bpe_vocab_size", "data")
 
 
 @dataclass
@@ -127,9 +126,9 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
 
 def wrap_model(model: nn.Module, config: Config, device: torch.device | None = None) -> nn.Module:
     """The one place the model is wrapped for training: DDP or FSDP2, then torch.compile."""
-    model = distributed.wrap_model(model, config.parallel, device=device,  # type: ignore[arg-type]
-                                   shard_units=getattr(model, "blocks", ()))
-    return torch.compile(model) if config.compile else model
+    model = distributed.wrap_model(model, config.run.parallel,  # type: ignore[arg-type]
+                                   device=device, shard_units=getattr(model, "blocks", ()))
+    return torch.compile(model) if config.run.compile else model
 
 
 @torch.no_grad()
@@ -148,11 +147,11 @@ def evaluate(model: nn.Module, batches: BatchSampler, num_batches: int,
 
 
 def _join_job(config: Config) -> distributed.ParallelEnv:
-    env = distributed.init_from_env(pick_device(config.device))
-    if (env.world_size > 1 and config.parallel == "none") or (
-            config.parallel != "none" and not distributed.is_initialized()):
+    env = distributed.init_from_env(pick_device(config.run.device))
+    if (env.world_size > 1 and config.run.parallel == "none") or (
+            config.run.parallel != "none" and not distributed.is_initialized()):
         raise SophiaError(
-            f"--parallel {config.parallel} on {env.world_size} process(es): launch with "
+            f"--parallel {config.run.parallel} on {env.world_size} process(es): launch with "
             "`torchrun --nproc-per-node N -m sophia_pytorch.harness train "
             "--parallel ddp|fsdp ...`, or run one process with --parallel none"
         )
@@ -165,55 +164,57 @@ class Trainer:
     Args:
         config: a resolved :class:`~.config.Config` (see ``.config.make_config``).
         resume: a checkpoint file or run folder to continue from; the run keeps writing to
-            ``config.out_dir`` (set it to the same folder to continue in place).
+            ``config.run.out_dir`` (set it to the same folder to continue in place).
         on_step: called with each step's log record after it is written (tests use it to
             simulate a crash).
     """
 
     def __init__(self, config: Config, *, resume: str | Path | None = None,
                  on_step: Callable[[dict[str, Any]], None] | None = None) -> None:
-        self.tqdm = require("tqdm").tqdm if config.progress else None
+        run, shape = config.run, config.model
+        self.tqdm = require("tqdm").tqdm if run.progress else None
         self.config = config
         self.on_step = on_step
         self.env = _join_job(config)
         self.device = self.env.device
-        self.dtype = pick_dtype(config.dtype, self.device)
+        self.dtype = pick_dtype(run.dtype, self.device)
         self.tokens_per_step = config.tokens_per_step * self.env.world_size
-        if config.threads:
-            torch.set_num_threads(config.threads)
-        torch.manual_seed(config.seed)
+        if run.threads:
+            torch.set_num_threads(run.threads)
+        torch.manual_seed(run.seed)
         if not self.env.is_main:
             distributed.barrier()  # rank 0 builds the token cache, the others then read it
-        data = prepare_data(config.data, tokenizer=config.tokenizer,
-                            bpe_vocab_size=config.bpe_vocab_size,
-                            val_fraction=config.val_fraction, cache_dir=config.cache_dir or None,
-                            min_tokens=config.block_size + 1)
+        data = prepare_data(config.data.source, tokenizer=config.data.tokenizer,
+                            bpe_vocab_size=config.data.bpe_vocab_size,
+                            val_fraction=config.data.val_fraction,
+                            cache_dir=run.cache_dir or None, min_tokens=shape.block_size + 1)
         if self.env.is_main:
             distributed.barrier()
-        self.model = GPT(GPTConfig(vocab_size=data.vocab_size, block_size=config.block_size,
-                                   n_layer=config.n_layer, n_head=config.n_head,
-                                   n_embd=config.n_embd, dropout=config.dropout)).to(self.device)
+        self.model = GPT(GPTConfig(vocab_size=data.vocab_size, block_size=shape.block_size,
+                                   n_layer=shape.n_layer, n_head=shape.n_head,
+                                   n_embd=shape.n_embd, dropout=shape.dropout)).to(self.device)
         self.train_model = wrap_model(self.model, config, self.device)  # before: FSDP2 shards
         self.optimizer = build_optimizer(config, self.model, self.device)
         self.refresh = build_refresh(config, self.optimizer, self.train_model,
                                      autocast=self.autocast, device=self.device,
                                      rank=self.env.rank, world_size=self.env.world_size)
-        self.min_lr_ratio = config.min_lr / config.lr if config.lr else 1.0
+        lr, min_lr = config.optimizer.lr, config.optimizer.min_lr
+        self.min_lr_ratio = min_lr / lr if lr else 1.0  # type: ignore[operator]
         self.scheduler = WarmupCosine(self.optimizer, min_lr_ratio=self.min_lr_ratio,
-                                      warmup_steps=config.warmup_steps,
-                                      max_steps=config.max_steps)
-        self.train_batches = BatchSampler(data.train, config.batch_size, config.block_size,
-                                          seed=config.seed, rank=self.env.rank,
+                                      warmup_steps=config.optimizer.warmup_steps,
+                                      max_steps=run.max_steps)
+        self.train_batches = BatchSampler(data.train, run.batch_size, shape.block_size,
+                                          seed=run.seed, rank=self.env.rank,
                                           world_size=self.env.world_size, device=self.device)
-        self.val_batches = BatchSampler(data.val, config.batch_size, config.block_size,
+        self.val_batches = BatchSampler(data.val, run.batch_size, shape.block_size,
                                         seed=EVAL_SEED, device=self.device)
-        self.run_dir = make_run_dir(config.out_dir, config.preset, config.optimizer)
+        self.run_dir = make_run_dir(run.out_dir, config.preset, config.optimizer.name)
         self.state = TrainState()
         self.last_train_loss = math.nan
         if resume is not None:
             self._resume(resume)
         self.log = RunLog(self.run_dir, keep_until_step=self.state.step if resume else None,
-                          tensorboard=config.tensorboard)
+                          tensorboard=run.tensorboard)
         if is_main_process():
             (self.run_dir / "config.json").write_text(json.dumps(to_dict(config), indent=1)
                                                       + "\n")
@@ -226,21 +227,21 @@ class Trainer:
     # ------------------------------------------------------------------------- the loop
     def fit(self) -> TrainResult:
         """Train up to ``max_steps``, evaluating and checkpointing on schedule."""
-        config, state = self.config, self.state
-        if state.step == 0 and config.eval_every:
+        config, run, state = self.config, self.config.run, self.state
+        if state.step == 0 and run.eval_every:
             self.evaluate()
         bar = None
         if self.tqdm is not None and self.env.is_main:
-            bar = self.tqdm(total=config.max_steps, initial=state.step, dynamic_ncols=True,
-                            leave=True, desc=config.optimizer)
+            bar = self.tqdm(total=run.max_steps, initial=state.step, dynamic_ncols=True,
+                            leave=True, desc=config.optimizer.name)
         self.model.train()
         try:
-            while state.step < config.max_steps:
+            while state.step < run.max_steps:
                 record = self.train_step()
                 self.log.write(record)
                 if bar is not None:
                     _show_progress(bar, record)
-                if state.bad_in_row >= config.max_bad_steps:
+                if state.bad_in_row >= run.max_bad_steps:
                     raise SophiaError(
                         f"training diverged: {state.bad_in_row} steps in a row (up to step "
                         f"{state.step}) had a non-finite loss or gradient; lower --lr or raise "
@@ -248,11 +249,10 @@ class Trainer:
                     )
                 if self.on_step is not None:
                     self.on_step(record)
-                if config.eval_every and (state.step % config.eval_every == 0
-                                          or state.step == config.max_steps):
+                last = state.step == run.max_steps
+                if run.eval_every and (state.step % run.eval_every == 0 or last):
                     self.evaluate()
-                if (config.checkpoint_every and state.step % config.checkpoint_every == 0) \
-                        or state.step == config.max_steps:
+                if (run.checkpoint_every and state.step % run.checkpoint_every == 0) or last:
                     self.save()
         finally:
             if bar is not None:
@@ -265,7 +265,7 @@ class Trainer:
         state, started = self.state, time.perf_counter()
         lr = self.optimizer.param_groups[0]["lr"]
         micro_batches = [self.train_batches.get(state.data_position + micro)
-                         for micro in range(self.config.grad_accum)]
+                         for micro in range(self.config.run.grad_accum)]
         refreshed = self._refresh(micro_batches, key=state.step - 1)  # owed before this step
         loss, grad_norm = self._forward_backward(micro_batches)
         finite = math.isfinite(loss) and math.isfinite(grad_norm)
@@ -285,7 +285,7 @@ class Trainer:
         state.train_seconds += time.perf_counter() - started
         state.step += 1
         state.tokens += self.tokens_per_step
-        state.data_position += self.config.grad_accum
+        state.data_position += self.config.run.grad_accum
         self.last_train_loss = loss
         return {
             "kind": "step", "step": state.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
@@ -305,7 +305,8 @@ class Trainer:
                 (loss / len(micro_batches)).backward()
             loss_sum += loss.detach()
         mean_loss = distributed.mean_over_ranks(loss_sum) / len(micro_batches)
-        max_norm = self.config.grad_clip if self.config.grad_clip > 0 else math.inf
+        grad_clip = self.config.optimizer.grad_clip
+        max_norm = grad_clip if grad_clip > 0 else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
         return mean_loss, distributed.full_tensor(grad_norm).item()  # FSDP2: global norm
 
@@ -320,7 +321,7 @@ class Trainer:
     def evaluate(self) -> float:
         """Validation loss on the fixed batches; logged and kept in ``state.evals``."""
         state = self.state
-        val_loss = evaluate(self.train_model, self.val_batches, self.config.eval_batches,
+        val_loss = evaluate(self.train_model, self.val_batches, self.config.run.eval_batches,
                             self.autocast)
         row = {"step": state.step, "val_loss": val_loss, "seconds": state.train_seconds,
                "tokens": state.tokens}
@@ -331,7 +332,7 @@ class Trainer:
     def save(self) -> None:
         """Write ``checkpoint.pt`` atomically (rank 0); FSDP2 shards go to their own folder."""
         sharded = None
-        if self.config.parallel == "fsdp":  # every rank writes its shards to a new folder
+        if self.config.run.parallel == "fsdp":  # every rank writes its shards to a new folder
             sharded = f"checkpoint-{self.state.step:08d}"
             distributed.save_sharded(self.run_dir / sharded, self.model, self.optimizer)
         if not is_main_process():
@@ -362,7 +363,7 @@ class Trainer:
             resume_dir = Path(resume) if Path(resume).is_dir() else Path(resume).parent
             distributed.load_sharded(resume_dir / checkpoint["sharded"], self.model,
                                      self.optimizer)
-        elif self.config.parallel == "fsdp":
+        elif self.config.run.parallel == "fsdp":
             raise SophiaError(
                 f"checkpoint {str(resume)!r} is not sharded: resume it with --parallel ddp "
                 "or none"
@@ -374,7 +375,8 @@ class Trainer:
         scheduler.load_state_dict(checkpoint["scheduler"])
         # The schedule follows the current config, so `--resume --max-steps N` extends it.
         scheduler.min_lr_ratio, scheduler.warmup_steps, scheduler.max_steps = (
-            self.min_lr_ratio, self.config.warmup_steps, self.config.max_steps)
+            self.min_lr_ratio, self.config.optimizer.warmup_steps,
+            self.config.run.max_steps)
         for group, group_lr in zip(self.optimizer.param_groups, scheduler.get_lr(), strict=True):
             group["lr"] = group_lr
         scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
@@ -400,7 +402,7 @@ def train(config: Config, *, resume: str | Path | None = None,
     Args:
         config: a resolved :class:`~.config.Config` (see ``.config.make_config``).
         resume: a checkpoint file or run folder to continue from; the run keeps writing to
-            ``config.out_dir`` (set it to the same folder to continue in place).
+            ``config.run.out_dir`` (set it to the same folder to continue in place).
         on_step: called with each step's log record after it is written (tests use it to
             simulate a crash).
 
@@ -434,9 +436,11 @@ def _train_state(checkpoint: dict[str, Any], config: Config) -> dict[str, Any]:
 
 
 def _check_compatible(saved: dict[str, Any], config: Config, resume: str | Path) -> None:
-    for key in (*_MODEL_KEYS, "optimizer"):
-        if saved.get(key) != getattr(config, key):
+    """Refuse to resume with another model, data, optimizer or seed than the checkpoint's."""
+    mine, theirs = flatten(to_dict(config)), flatten(saved)
+    for key in fixed_on_resume():
+        if theirs.get(key) != mine[key]:
             raise SophiaError(
-                f"checkpoint {str(resume)!r} was trained with {key}={saved.get(key)!r}, not "
-                f"{getattr(config, key)!r}; drop the --{key.replace('_', '-')} flag to resume it"
+                f"checkpoint {str(resume)!r} was trained with {key}={theirs.get(key)!r}, not "
+                f"{mine[key]!r}; drop the --{key.replace('_', '-')} flag to resume it"
             )

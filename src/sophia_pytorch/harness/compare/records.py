@@ -31,8 +31,8 @@ class RunRecord:
     @classmethod
     def from_result(cls, result: TrainResult, multiplier: float) -> RunRecord:
         return cls(
-            optimizer=result.config["optimizer"], lr=result.config["lr"],
-            lr_multiplier=multiplier, seed=result.config["seed"],
+            optimizer=result.config["optimizer"]["name"], lr=result.config["optimizer"]["lr"],
+            lr_multiplier=multiplier, seed=result.config["run"]["seed"],
             final_val_loss=result.final_val_loss, steps=result.steps,
             train_seconds=result.train_seconds, hessian_seconds=result.hessian_seconds,
             tokens=result.tokens, skipped_steps=result.skipped_steps,

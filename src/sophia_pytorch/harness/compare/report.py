@@ -176,13 +176,13 @@ def write_report(out: Path, *, records: list[Any], best_multipliers: dict[str, f
     results_path = out / "results.json"
     results_path.write_text(json.dumps(results, indent=1) + "\n")
     plot_paths = _plot(out, records, best_multipliers, optimizers, headline)
-    reference = headline["reference"]
+    reference, settings = headline["reference"], base_config["run"]
     lines = [
         f"# Optimizer comparison: preset `{base_config['preset']}`",
         "",
-        f"{base_config['max_steps']} steps of "
-        f"{base_config['batch_size'] * base_config['grad_accum']} x {base_config['block_size']} "
-        f"tokens, data `{base_config['data']}`, seeds {seeds}, "
+        f"{settings['max_steps']} steps of {settings['batch_size'] * settings['grad_accum']} x "
+        f"{base_config['model']['block_size']} tokens, data `{base_config['data']['source']}`, "
+        f"seeds {seeds}, "
         f"lr grid x{lr_multipliers}; {total_seconds / 60:.1f} min in all on "
         f"{results['machine']['cpu_count']} CPUs"
         f"{', ' + results['machine']['cuda'] if results['machine']['cuda'] else ''}, "

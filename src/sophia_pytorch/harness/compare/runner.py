@@ -12,11 +12,10 @@ from __future__ import annotations
 import math
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from ..config import OPTIMIZERS, PRESETS, Config, make_config, to_dict
+from ..config import OPTIMIZERS, PRESETS, ROW_FIELDS, Config, flatten, make_config, to_dict
 from ..errors import SophiaError
 from ..trainer import train
 from .records import CompareSummary, RunRecord
@@ -24,18 +23,16 @@ from .report import write_report
 
 __all__ = ["compare"]
 
-_OPTIMIZER_KEYS = ("lr", "min_lr", "beta1", "beta2", "weight_decay", "rho")
-
-
 def _run_config(base: Config, overrides: dict[str, Any], optimizer: str, multiplier: float,
                 seed: int, run_dir: Path) -> Config:
-    """``base`` with this optimizer's preset hyperparameters, lr scaled by ``multiplier``."""
-    values = {k: v for k, v in asdict(base).items() if k not in _OPTIMIZER_KEYS}
-    values.update({k: overrides[k] for k in _OPTIMIZER_KEYS if overrides.get(k) is not None})
-    table = PRESETS[base.preset].optimizers[optimizer]
+    """``base`` with this optimizer's preset row (lr scaled by ``multiplier``), except the
+    row fields the user fixed in ``overrides`` (flat names)."""
+    values = {k: v for k, v in flatten(to_dict(base)).items() if k not in ROW_FIELDS}
+    values.update({k: overrides[k] for k in ROW_FIELDS if overrides.get(k) is not None})
+    row = PRESETS[base.preset].optimizers[optimizer]
     values.update(optimizer=optimizer, seed=seed, out_dir=str(run_dir),
-                  lr=values.get("lr", table.lr) * multiplier,
-                  min_lr=values.get("min_lr", table.min_lr) * multiplier)
+                  lr=values.get("lr", row.lr) * multiplier,
+                  min_lr=values.get("min_lr", row.min_lr) * multiplier)
     return make_config(base.preset, values)
 
 
