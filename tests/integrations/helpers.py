@@ -1,0 +1,76 @@
+"""What the integration tests share: a spy on the optimizer's refreshes, learnable token data.
+
+The data are arithmetic sequences of tokens (start s, stride d: s, s+d, s+2d, … mod V), so a
+tiny model's loss falls within a few dozen steps; some rows end in padding, whose labels are
+-100 (and, for the Hugging Face model, whose attention mask is 0).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+VOCAB = 32
+LENGTH = 12
+PAD = 0
+
+
+@dataclass
+class Refresh:
+    """One call of ``update_hessian``, as the optimizer saw it."""
+
+    steps_taken: int
+    scale: float
+    grad_scale: float | None
+    folded: bool
+
+
+@dataclass
+class RefreshSpy:
+    """Records every ``update_hessian`` call of one optimizer (patched on the instance)."""
+
+    calls: list[Refresh] = field(default_factory=list)
+
+    @classmethod
+    def attach(cls, optimizer: torch.optim.Optimizer) -> RefreshSpy:
+        spy = cls()
+        original = optimizer.update_hessian
+
+        def update_hessian(*args, **kwargs):
+            folded = original(*args, **kwargs)
+            scale = kwargs.get("scale", args[0] if args else None)
+            grad_scale = kwargs.get("grad_scale")
+            spy.calls.append(Refresh(
+                optimizer.steps_taken(),
+                float(scale) if not callable(scale) else float("nan"),
+                None if grad_scale is None else float(grad_scale),
+                folded is not False and folded is not None,
+            ))
+            return folded
+
+        optimizer.update_hessian = update_hessian
+        return spy
+
+
+def token_rows(count: int, seed: int = 0, padded_every: int = 3) -> list[dict[str, torch.Tensor]]:
+    """``count`` rows of ``input_ids``, ``attention_mask`` and ``labels`` (LENGTH tokens each):
+    every ``padded_every``-th row has its last 1-4 positions padded (label -100, mask 0)."""
+    generator = torch.Generator().manual_seed(seed)
+    rows = []
+    for index in range(count):
+        start, stride = torch.randint(1, VOCAB, (2,), generator=generator).tolist()
+        ids = 1 + (start + torch.arange(LENGTH) * (stride % 4 + 1)) % (VOCAB - 1)
+        labels, attention = ids.clone(), torch.ones(LENGTH, dtype=torch.long)
+        if index % padded_every == 0:
+            padding = 1 + index % 4
+            ids[-padding:], labels[-padding:], attention[-padding:] = PAD, -100, 0
+        rows.append({"input_ids": ids, "attention_mask": attention, "labels": labels})
+    return rows
+
+
+def hessians_of(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """h of every parameter that has state, in parameter order, detached copies."""
+    return [optimizer.state[p]["hessian"].detach().clone()
+            for group in optimizer.param_groups for p in group["params"]
+            if "hessian" in optimizer.state.get(p, {})]
