@@ -46,3 +46,14 @@ def test_compare_runs_the_grid_then_seeds_and_writes_the_report(tmp_path):
     for name in ("val_loss_vs_steps.png", "val_loss_vs_seconds.png", "val_loss_vs_tokens.png",
                  "lr_grid.png"):
         assert (tmp_path / "cmp" / name).stat().st_size > 1000
+
+
+def test_compare_runs_a_variant_beside_its_base_under_its_own_name(tmp_path):
+    base = tiny_config(tmp_path, max_steps=2, eval_every=2)
+    summary = compare(base, optimizers=["sophiag", "sophiag-official"], out_dir=tmp_path / "cmp")
+    names = [run["optimizer"] for run in summary.results["runs"]]
+    assert names == ["sophiag", "sophiag-official"]
+    assert (tmp_path / "cmp" / "runs" / "sophiag-official-x1-seed0" / "checkpoint.pt").exists()
+    saved = json.loads((tmp_path / "cmp" / "runs" / "sophiag-official-x1-seed0" /
+                        "config.json").read_text())
+    assert saved["optimizer"]["name"] == "sophiag-official"

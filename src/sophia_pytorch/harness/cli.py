@@ -13,15 +13,18 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import tomllib
+
 from .config import (
     FLAT,
-    OPTIMIZERS,
     PRESETS,
     ROW_FIELDS,
+    VARIANTS,
     field_type,
     flatten,
     load_toml,
     make_config,
+    optimizer_names,
     to_dict,
 )
 from .errors import SophiaError
@@ -42,7 +45,7 @@ def _add_config_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = (
     group = parser.add_argument_group("settings (override the preset and --config)")
     tiny = flatten(to_dict(make_config("tiny")))
     for name in FLAT:
-        if name in skip:
+        if name in (*skip, "sophia_options"):
             continue
         flag = "--" + name.replace("_", "-")
         default = ("the preset's row for the optimizer" if FLAT[name][1] in ROW_FIELDS
@@ -53,6 +56,10 @@ def _add_config_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = (
         else:
             group.add_argument(flag, dest=name, default=None, metavar="VALUE",
                                help=f"({default})")
+    group.add_argument("--sophia-option", dest="sophia_option", action="append",
+                       metavar="KEY=VALUE", default=None,
+                       help="a SophiaG/SophiaH constructor keyword, VALUE a TOML literal "
+                            "(bias_correction=true, eps=1e-12); repeatable")
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -75,7 +82,8 @@ def _build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--preset", default=None, help=f"one of {', '.join(PRESETS)} (tiny)")
     compare.add_argument("--config", dest="config_file", metavar="FILE.toml")
     compare.add_argument("--optimizers", default="sophiag,adamw",
-                         help=f"comma-separated, from {', '.join(OPTIMIZERS)} (sophiag,adamw)")
+                         help=f"comma-separated, from {', '.join(optimizer_names())} "
+                              "(sophiag,adamw)")
     compare.add_argument("--lr-grid", default="1",
                          help="comma-separated multipliers of each optimizer's preset lr; the "
                               "best (lowest final val loss, first seed) is kept (1)")
@@ -95,9 +103,29 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         given = getattr(args, name, None)
         if given is not None:
             values[name] = given
+    if getattr(args, "sophia_option", None):
+        values["sophia_options"] = {**values.get("sophia_options", {}),
+                                    **_parse_options(args.sophia_option)}
     if args.preset is not None:
         values["preset"] = args.preset
     return values
+
+
+def _parse_options(items: list[str]) -> dict[str, Any]:
+    """``["KEY=VALUE", ...]`` with TOML literal values, as a dict."""
+    options = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        try:
+            if not sep or not key.strip():
+                raise ValueError
+            options[key.strip()] = tomllib.loads(f"value = {text}")["value"]
+        except (ValueError, tomllib.TOMLDecodeError):
+            raise SophiaError(
+                f"bad --sophia-option {item!r}: write KEY=VALUE with VALUE a TOML literal "
+                "(1e-3, true, [0.1, 0.5], \"text\")"
+            ) from None
+    return options
 
 
 def _parse_list(text: str, kind: type, name: str) -> list:
@@ -161,6 +189,8 @@ def _run_presets() -> int:
             rho = f" rho={hp.rho}" if optimizer.startswith("sophia") else ""
             print(f"  {optimizer:8s} lr={hp.lr:g} min_lr={hp.min_lr:g} betas={hp.betas} "
                   f"wd={hp.weight_decay}{rho}")
+    for variant, (base, options) in VARIANTS.items():
+        print(f"variant {variant}: {base}'s row, constructor keywords {options()}")
     return 0
 
 

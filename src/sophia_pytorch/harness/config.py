@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, ClassVar
@@ -28,6 +30,7 @@ from .errors import SophiaError
 
 __all__ = [
     "OPTIMIZERS",
+    "VARIANTS",
     "PRESETS",
     "Config",
     "DataConfig",
@@ -36,14 +39,44 @@ __all__ = [
     "OptimizerHparams",
     "Preset",
     "RunConfig",
+    "base_optimizer",
     "flatten",
     "load_toml",
     "make_config",
+    "optimizer_names",
     "resolve",
     "to_dict",
 ]
 
 OPTIMIZERS = ("sophiag", "sophiah", "adamw", "lion")
+SOPHIA = ("sophiag", "sophiah")  # the optimizers that take sophia_options
+
+
+def _official_defaults() -> dict[str, Any]:
+    import sophia_pytorch
+
+    return dict(getattr(sophia_pytorch, "OFFICIAL_DEFAULTS", {}))
+
+
+# Variants "<base>-<variant>": the base optimizer (whose preset row they use) and the extra
+# constructor keywords, read when the optimizer is built; the row and sophia_options win.
+VARIANTS: dict[str, tuple[str, Callable[[], dict[str, Any]]]] = {
+    "sophiag-official": ("sophiag", _official_defaults),  # the authors' SophiaG
+}
+# Keywords the harness sets from its own settings, not from sophia_options: where to set them.
+RESERVED_OPTIONS = {"params": "the model's parameters", "lr": "--lr", "betas": "--beta1/--beta2",
+                    "weight_decay": "--weight-decay", "rho": "--rho",
+                    "refresh_every": "--refresh-every"}
+
+
+def optimizer_names() -> tuple[str, ...]:
+    """Every optimizer name a config may hold: the base optimizers, then the variants."""
+    return (*OPTIMIZERS, *VARIANTS)
+
+
+def base_optimizer(name: str) -> str:
+    """The base optimizer of ``name`` (a variant's base, or ``name`` itself)."""
+    return VARIANTS[name][0] if name in VARIANTS else name
 DTYPES = ("auto", "float32", "bfloat16")
 TOKENIZERS = ("byte", "bpe")
 PARALLEL_MODES = ("none", "ddp", "fsdp")  # sophia_pytorch.harness.distributed.wrap_model
@@ -93,8 +126,9 @@ class DataConfig:
 class OptimizerConfig:
     """The optimizer, its schedule and Sophia's Hessian refresh.
 
-    Fields that default to None (lr, min_lr, beta1, beta2, weight_decay, rho) are the
-    preset's row for ``name`` unless set.
+    ``name`` is one of ``OPTIMIZERS`` or ``VARIANTS``. Fields that default to None (lr,
+    min_lr, beta1, beta2, weight_decay, rho) are the preset's row for ``name`` (a variant:
+    its base's row) unless set. ``sophia_options`` go to SophiaG/SophiaH as keywords.
     """
 
     fixed_on_resume: ClassVar[bool] = False
@@ -112,6 +146,8 @@ class OptimizerConfig:
     # The share of the step's batch the refresh uses (why 1/4: benchmarks/RESULTS.md,
     # "Harness: Hessian refresh cost").
     refresh_fraction: float = 0.25
+    # More SophiaG/SophiaH constructor keywords (bias_correction=True, ...).
+    sophia_options: dict[str, Any] = field(default_factory=dict)
 
     @property
     def betas(self) -> tuple[float, float]:
@@ -284,6 +320,8 @@ def coerce(name: str, value: Any) -> Any:
             return int(number)
         if kind is str and not isinstance(value, str):
             raise ValueError(value)
+        if kind is dict and not isinstance(value, dict):
+            raise ValueError(value)
         return kind(value)
     except (TypeError, ValueError, OverflowError):
         raise SophiaError(f"bad value {value!r} for {name}: expected {kind.__name__}") from None
@@ -302,7 +340,7 @@ def flatten(values: dict[str, Any]) -> dict[str, Any]:
                 if inner not in by_name and inner not in by_name.values():
                     raise _unknown(inner, f" in [{key}]")
                 flat[by_name.get(inner, inner)] = inner_value
-        elif isinstance(value, dict):
+        elif isinstance(value, dict) and key not in FLAT:
             raise SophiaError(
                 f"unknown section [{key}]; use [model], [data], [optimizer] and [run], or "
                 "flat key = value lines"
@@ -350,12 +388,12 @@ def make_config(preset: str = "tiny", overrides: dict[str, Any] | None = None) -
 def resolve(config: Config) -> Config:
     """Fill unset optimizer hyperparameters from the preset's row, then validate."""
     name = config.optimizer.name
-    if name not in OPTIMIZERS:
+    if name not in optimizer_names():
         raise SophiaError(
-            f"unknown optimizer {name!r}{_suggest(name, OPTIMIZERS)}; "
-            f"choose one of {', '.join(OPTIMIZERS)}"
+            f"unknown optimizer {name!r}{_suggest(name, optimizer_names())}; "
+            f"choose one of {', '.join(optimizer_names())}"
         )
-    row = PRESETS[config.preset].optimizers[name]
+    row = PRESETS[config.preset].optimizers[base_optimizer(name)]
     filled = dict(lr=row.lr, min_lr=row.min_lr, beta1=row.betas[0], beta2=row.betas[1],
                   weight_decay=row.weight_decay, rho=row.rho)
     optimizer = replace(config.optimizer, **{
@@ -393,11 +431,39 @@ def _validate(config: Config) -> None:
     need(run.dtype in DTYPES, f"unknown dtype {run.dtype!r}; choose one of {DTYPES}")
     need(run.parallel in PARALLEL_MODES,
          f"unknown parallel mode {run.parallel!r}; choose one of {', '.join(PARALLEL_MODES)}")
+    _validate_sophia_options(optimizer)
     need(not (optimizer.name == "sophiah" and run.parallel == "fsdp"),
          "sophiah cannot run under --parallel fsdp (FSDP2 gathers parameters outside autograd: "
          "no Hessian-vector product); use --parallel ddp, or sophiag")
     need(config.data.tokenizer in TOKENIZERS,
          f"unknown tokenizer {config.data.tokenizer!r}; choose one of {', '.join(TOKENIZERS)}")
+
+
+def _validate_sophia_options(optimizer: OptimizerConfig) -> None:
+    options = optimizer.sophia_options
+    if options and base_optimizer(optimizer.name) not in SOPHIA:
+        raise SophiaError(
+            f"sophia_options {sorted(options)} apply to sophiag and sophiah only, not "
+            f"{optimizer.name}; drop --sophia-option or pick a Sophia optimizer"
+        )
+    for key, value in options.items():
+        if not key.isidentifier():
+            raise SophiaError(f"sophia option {key!r} is not a keyword name; write KEY=VALUE")
+        if key in RESERVED_OPTIONS:
+            raise SophiaError(f"sophia option {key!r} is set by the harness from "
+                              f"{RESERVED_OPTIONS[key]}; drop it from the sophia options")
+        if not _all_finite(value):
+            raise SophiaError(f"sophia option {key}={value!r} is not finite; give a finite value")
+
+
+def _all_finite(value: Any) -> bool:
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, (list, tuple)):
+        return all(_all_finite(v) for v in value)
+    if isinstance(value, dict):
+        return all(_all_finite(v) for v in value.values())
+    return True
 
 
 def to_dict(config: Config) -> dict[str, Any]:

@@ -9,6 +9,7 @@ chose for it, and never asks again.
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -16,7 +17,8 @@ import torch
 from torch import nn
 
 from .baselines.lion import Lion
-from .config import Config
+from .config import VARIANTS, Config, base_optimizer
+from .errors import SophiaError
 from .refresh import GaussNewtonBartlett, HessianRefresh, Hutchinson
 
 __all__ = ["build_optimizer", "build_refresh", "decay_groups"]
@@ -39,10 +41,14 @@ def build_optimizer(config: Config, model: nn.Module,
     """The optimizer named by ``config.optimizer.name`` over ``model``'s trainable parameters.
 
     AdamW is torch's (fused on CUDA), Lion ours, SophiaG/SophiaH the library's; all take the
-    config's lr, betas and weight decay, Sophia also ``rho`` and ``refresh_every``.
+    config's lr, betas and weight decay, Sophia also ``rho``, ``refresh_every`` and the
+    ``sophia_options`` keywords, over a variant's extra keywords (``config.VARIANTS``).
+
+    Raises:
+        SophiaError: a Sophia keyword the optimizer does not take, or a value it refuses.
     """
     settings = config.optimizer
-    name = settings.name
+    name = base_optimizer(settings.name)
     params = [p for p in model.parameters() if p.requires_grad]
     groups = decay_groups(params, settings.weight_decay)  # type: ignore[arg-type]
     kwargs = dict(lr=settings.lr, betas=settings.betas, weight_decay=settings.weight_decay)
@@ -54,7 +60,22 @@ def build_optimizer(config: Config, model: nn.Module,
     import sophia_pytorch
 
     cls = {"sophiag": sophia_pytorch.SophiaG, "sophiah": sophia_pytorch.SophiaH}[name]
-    return cls(groups, **kwargs, rho=settings.rho, refresh_every=settings.refresh_every)
+    extra = VARIANTS[settings.name][1]() if settings.name in VARIANTS else {}
+    keywords = {**extra, **settings.sophia_options, **kwargs, "rho": settings.rho,
+                "refresh_every": settings.refresh_every}
+    try:
+        return cls(groups, **keywords)
+    except TypeError as exc:
+        unknown = re.search(r"keyword argument '(\w+)'", str(exc))
+        if unknown is None:
+            raise
+        raise SophiaError(
+            f"{cls.__name__} takes no keyword {unknown.group(1)!r} (from the sophia options); "
+            f"check its name in help(sophia_pytorch.{cls.__name__})"
+        ) from None
+    except ValueError as exc:
+        raise SophiaError(f"{cls.__name__} refused its settings: {exc}; fix that setting") \
+            from None
 
 
 def build_refresh(config: Config, optimizer: torch.optim.Optimizer, model: nn.Module, *,
@@ -64,7 +85,7 @@ def build_refresh(config: Config, optimizer: torch.optim.Optimizer, model: nn.Mo
 
     Sophia estimates on ``refresh_fraction`` of the step's rows (at least one).
     """
-    refresh = _REFRESH.get(config.optimizer.name)
+    refresh = _REFRESH.get(base_optimizer(config.optimizer.name))
     if refresh is None:
         return HessianRefresh()
     run = config.run

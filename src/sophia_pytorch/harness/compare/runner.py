@@ -15,7 +15,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..config import OPTIMIZERS, PRESETS, ROW_FIELDS, Config, flatten, make_config, to_dict
+from ..config import (
+    PRESETS,
+    ROW_FIELDS,
+    SOPHIA,
+    Config,
+    base_optimizer,
+    flatten,
+    make_config,
+    optimizer_names,
+    to_dict,
+)
 from ..errors import SophiaError
 from ..trainer import train
 from .records import CompareSummary, RunRecord
@@ -29,7 +39,9 @@ def _run_config(base: Config, overrides: dict[str, Any], optimizer: str, multipl
     row fields the user fixed in ``overrides`` (flat names)."""
     values = {k: v for k, v in flatten(to_dict(base)).items() if k not in ROW_FIELDS}
     values.update({k: overrides[k] for k in ROW_FIELDS if overrides.get(k) is not None})
-    row = PRESETS[base.preset].optimizers[optimizer]
+    if base_optimizer(optimizer) not in SOPHIA:
+        values["sophia_options"] = {}
+    row = PRESETS[base.preset].optimizers[base_optimizer(optimizer)]
     values.update(optimizer=optimizer, seed=seed, out_dir=str(run_dir),
                   lr=values.get("lr", row.lr) * multiplier,
                   min_lr=values.get("min_lr", row.min_lr) * multiplier)
@@ -49,16 +61,16 @@ def compare(base: Config, *, optimizers: list[str] | tuple[str, ...] = ("sophiag
     Args:
         base: settings shared by every run (model, data, steps, batch); its optimizer
             fields are ignored, each optimizer takes the preset's row instead.
-        optimizers: names from ``sophia_pytorch.harness.config.OPTIMIZERS``.
+        optimizers: names from ``sophia_pytorch.harness.config.optimizer_names()``.
         lr_multipliers: the lr grid, as multiples of each optimizer's preset lr.
         seeds: model-initialisation and data-order seeds; the grid uses the first.
         out_dir: the comparison folder (default ``runs/compare-<preset>-<time>``).
         overrides: optimizer hyperparameters the user fixed for every optimizer (e.g. lr).
     """
     for name in optimizers:
-        if name not in OPTIMIZERS:
+        if name not in optimizer_names():
             raise SophiaError(f"unknown optimizer {name!r} in --optimizers; choose from "
-                              f"{', '.join(OPTIMIZERS)}")
+                              f"{', '.join(optimizer_names())}")
     if not seeds or not lr_multipliers:
         raise SophiaError("compare needs at least one seed and one lr multiplier")
     if any(not m > 0 for m in lr_multipliers):

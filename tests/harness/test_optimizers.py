@@ -1,0 +1,125 @@
+"""Building optimizers: Sophia keywords, variants, the refresh each optimizer gets."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+import sophia_pytorch
+from sophia_pytorch.harness import trainer
+from sophia_pytorch.harness.cli import main
+from sophia_pytorch.harness.config import PRESETS, make_config
+from sophia_pytorch.harness.errors import SophiaError
+from sophia_pytorch.harness.model import GPT, GPTConfig
+from sophia_pytorch.harness.optimizers import build_optimizer, build_refresh
+from sophia_pytorch.harness.refresh import GaussNewtonBartlett, HessianRefresh, Hutchinson
+
+
+def _model() -> GPT:
+    torch.manual_seed(0)
+    return GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8))
+
+
+class _Recording(torch.optim.SGD):
+    """Stands in for SophiaG: records the keywords it was built with."""
+
+    seen: dict = {}
+
+    def __init__(self, params, **kwargs):
+        _Recording.seen = kwargs
+        super().__init__(params, lr=kwargs["lr"])
+
+
+@pytest.mark.parametrize("optimizer, refresh", [
+    ("sophiag", GaussNewtonBartlett), ("sophiah", Hutchinson), ("adamw", HessianRefresh),
+    ("lion", HessianRefresh), ("sophiag-official", GaussNewtonBartlett),
+])
+def test_each_optimizer_gets_its_hessian_refresh_once(optimizer, refresh):
+    config = make_config("tiny", {"optimizer": optimizer})
+    model = _model()
+    built = build_optimizer(config, model)
+    chosen = build_refresh(config, built, model, autocast=contextlib.nullcontext,
+                           device=torch.device("cpu"))
+    assert type(chosen) is refresh
+    assert (chosen.unclipped_fraction() is None) == (refresh is HessianRefresh)
+
+
+def test_sophia_options_reach_the_constructor_as_keywords(monkeypatch):
+    monkeypatch.setattr(sophia_pytorch, "SophiaG", _Recording)
+    options = {"some_future_option": True, "band": [0.1, 0.5]}
+    config = make_config("tiny", {"optimizer": "sophiag", "sophia_options": options})
+    build_optimizer(config, _model())
+    row = PRESETS["tiny"].optimizers["sophiag"]
+    assert _Recording.seen == {**options, "lr": row.lr, "betas": row.betas,
+                               "weight_decay": row.weight_decay, "rho": row.rho,
+                               "refresh_every": 10}
+
+
+def test_an_unknown_sophia_keyword_is_a_one_line_error_naming_it():
+    config = make_config("tiny", {"sophia_options": {"no_such_keyword": 1}})
+    with pytest.raises(SophiaError, match="SophiaG takes no keyword 'no_such_keyword'") as raised:
+        build_optimizer(config, _model())
+    assert "\n" not in str(raised.value)
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"lr": 0.1}, "'lr' is set by the harness from --lr"),
+    ({"betas": [0.9, 0.9]}, "from --beta1/--beta2"),
+    ({"eps": float("inf")}, "is not finite"),
+    ({"band": [0.1, float("nan")]}, "is not finite"),
+])
+def test_sophia_options_the_harness_owns_or_non_finite_are_refused(options, message):
+    with pytest.raises(SophiaError, match=message):
+        make_config("tiny", {"sophia_options": options})
+
+
+def test_sophia_options_for_another_optimizer_are_refused():
+    with pytest.raises(SophiaError, match="apply to sophiag and sophiah only, not adamw"):
+        make_config("tiny", {"optimizer": "adamw", "sophia_options": {"eps": 1e-9}})
+
+
+def test_sophia_option_flags_are_toml_literals_and_override_the_file(tmp_path, monkeypatch):
+    toml = tmp_path / "run.toml"
+    toml.write_text("[optimizer.sophia_options]\nkept = 3\nreplaced = 1\n")
+    seen = {}
+
+    def stop_before_training(config, resume=None):
+        seen["options"] = config.optimizer.sophia_options
+        raise SophiaError("stopped")
+
+    monkeypatch.setattr(trainer, "train", stop_before_training)
+    assert main(["train", "--config", str(toml), "--sophia-option", "replaced=[0.1, 0.5]",
+                 "--sophia-option", "flag=true", "--sophia-option", 'text="a"']) == 2
+    assert seen["options"] == {"kept": 3, "replaced": [0.1, 0.5], "flag": True, "text": "a"}
+
+
+@pytest.mark.parametrize("item", ["noequals", "=1", "x=not toml", "x="])
+def test_a_malformed_sophia_option_flag_is_one_line_exit_2(item, capsys):
+    assert main(["train", "--sophia-option", item]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: bad --sophia-option") and err.count("\n") == 1
+
+
+def test_the_official_variant_merges_official_defaults_under_the_presets_row(monkeypatch):
+    monkeypatch.setattr(sophia_pytorch, "SophiaG", _Recording)
+    monkeypatch.setattr(sophia_pytorch, "OFFICIAL_DEFAULTS",
+                        {"lr": 9.0, "betas": (0.5, 0.5), "eps": 1e-9, "switch": False},
+                        raising=False)
+    config = make_config("tiny", {"optimizer": "sophiag-official"})
+    build_optimizer(config, _model())
+    row = PRESETS["tiny"].optimizers["sophiag"]
+    assert _Recording.seen["eps"] == 1e-9 and _Recording.seen["switch"] is False
+    assert (_Recording.seen["lr"], _Recording.seen["betas"]) == (row.lr, row.betas)
+
+
+def test_the_official_variant_builds_the_librarys_sophiag_with_its_official_keywords():
+    official = getattr(sophia_pytorch, "OFFICIAL_DEFAULTS", {})
+    built = build_optimizer(make_config("tiny", {"optimizer": "sophiag-official"}), _model())
+    assert type(built) is sophia_pytorch.SophiaG
+    harness_set = {"lr", "betas", "weight_decay", "rho", "refresh_every"}
+    for key, value in official.items():
+        if key not in harness_set:
+            expected = tuple(value) if isinstance(value, list) else value
+            assert built.param_groups[0][key] == expected, key
