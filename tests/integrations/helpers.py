@@ -74,3 +74,35 @@ def hessians_of(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
     return [optimizer.state[p]["hessian"].detach().clone()
             for group in optimizer.param_groups for p in group["params"]
             if "hessian" in optimizer.state.get(p, {})]
+
+
+class TinyLM(torch.nn.Module):
+    """A one-block causal transformer: ``(B, T)`` tokens → ``(B, T, VOCAB)`` logits. Attention
+    goes through ``scaled_dot_product_attention``, so SophiaH's math-attention path is used."""
+
+    def __init__(self, width: int = 32, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.embed = torch.nn.Embedding(VOCAB, width)
+        self.position = torch.nn.Parameter(0.02 * torch.randn(LENGTH, width))
+        self.qkv = torch.nn.Linear(width, 3 * width)
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(width, 2 * width), torch.nn.GELU(),
+                                       torch.nn.Linear(2 * width, width))
+        self.norm = torch.nn.LayerNorm(width)
+        self.head = torch.nn.Linear(width, VOCAB)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.embed(tokens) + self.position[: tokens.shape[1]]
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        x = x + torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.mlp(x)
+        return self.head(self.norm(x))
+
+
+def next_token_pairs(count: int, seed: int = 0) -> torch.utils.data.TensorDataset:
+    """``(inputs, targets)`` pairs from :func:`token_rows`: tokens 0..T-2 and the labels of
+    tokens 1..T-1 (-100 at padding)."""
+    rows = token_rows(count, seed)
+    inputs = torch.stack([row["input_ids"][:-1] for row in rows])
+    targets = torch.stack([row["labels"][1:] for row in rows])
+    return torch.utils.data.TensorDataset(inputs, targets)

@@ -111,7 +111,7 @@ def gauss_newton_refresh(
         total = count.clone()
         dist.all_reduce(total, op=dist.ReduceOp.SUM)
         # the all-reduce below averages per-rank means; weight each by its share of B
-        loss = loss * (count * world / total.clamp(min=1)).to(loss.dtype)
+        loss = loss * (count.to(loss.dtype) * world / total.clamp(min=1).to(loss.dtype))
     grad_scale = None
     if scaler is not None and scaler.is_enabled():
         grad_scale = scaler.get_scale()

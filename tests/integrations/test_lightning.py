@@ -1,0 +1,331 @@
+"""``SophiaHessianCallback`` in a Lightning Trainer, and the manual-optimization recipe for
+SophiaH, on a one-block causal transformer on CPU.
+
+Each run spies on the optimizer's ``update_hessian`` and on the callback's forward, and checks
+them against what the batch and the step count say they must be.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sophia_pytorch import SophiaG, SophiaH
+from tests.integrations.helpers import RefreshSpy, TinyLM, hessians_of, next_token_pairs
+
+pytest.importorskip("lightning_utilities")
+PACKAGES = [name for name in ("lightning.pytorch", "pytorch_lightning")
+            if importlib.util.find_spec(name.split(".")[0]) is not None]
+if not PACKAGES:
+    pytest.skip("neither lightning nor pytorch_lightning is installed", allow_module_level=True)
+
+from sophia_pytorch.integrations.lightning import SophiaHessianCallback  # noqa: E402
+from sophia_pytorch.integrations.refresh import hutchinson_refresh  # noqa: E402
+
+pl = importlib.import_module(PACKAGES[0])
+
+
+def _module_class(package):
+    class LitLM(package.LightningModule):
+        """Next-token cross-entropy of a TinyLM; SophiaG (or ``optimizer``) with a spy."""
+
+        def __init__(self, optimizer=None, **sophia_kwargs):
+            super().__init__()
+            self.model = TinyLM()
+            self.make_optimizer = optimizer or (lambda params: SophiaG(
+                params, lr=1e-2, rho=0.05, weight_decay=0.0, **sophia_kwargs))
+            self.losses: list[float] = []
+            self.micro_batches: list[torch.Tensor] = []
+            self.spy: RefreshSpy | None = None
+
+        def forward(self, tokens):
+            return self.model(tokens)
+
+        def training_step(self, batch, batch_idx):
+            inputs, targets = batch
+            self.micro_batches.append(targets.clone())
+            loss = F.cross_entropy(self(inputs).flatten(0, 1).float(), targets.flatten())
+            self.losses.append(float(loss.detach()))
+            return loss
+
+        def configure_optimizers(self):
+            optimizer = self.make_optimizer(self.parameters())
+            if hasattr(optimizer, "update_hessian"):
+                self.spy = RefreshSpy.attach(optimizer)
+            return optimizer
+
+    return LitLM
+
+
+LitLM = _module_class(pl)
+
+
+class SpiedCallback(SophiaHessianCallback):
+    """Records each refresh forward: the batch's targets, the mask, the logits' gradient."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.forwards: list[dict] = []
+
+    def logits_and_mask(self, pl_module, batch):
+        logits, mask = super().logits_and_mask(pl_module, batch)
+        record = {"targets": batch[1].clone(), "mask": mask.clone()}
+        logits.register_hook(lambda grad: record.__setitem__("logits_grad", grad.clone()))
+        self.forwards.append(record)
+        return logits, mask
+
+
+def _fit(module, callbacks, package=pl, rows=64, batch_size=8, **trainer_kwargs):
+    settings = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                    enable_progress_bar=False, enable_model_summary=False)
+    settings.update(trainer_kwargs)
+    trainer = package.Trainer(callbacks=callbacks, **settings)
+    loader = torch.utils.data.DataLoader(next_token_pairs(rows), batch_size=batch_size)
+    trainer.fit(module, loader)
+    return trainer
+
+
+def _optimizer(trainer):
+    (optimizer,) = trainer.optimizers
+    return optimizer
+
+
+# ------------------------------------------------------------------------- 32-true run
+
+
+@pytest.fixture(scope="module", params=PACKAGES)
+def fitted(request):
+    """12 steps, refresh every 3, with ``lightning.pytorch`` and with ``pytorch_lightning``."""
+    package = importlib.import_module(request.param)
+    module, callback = _module_class(package)(refresh_every=3), SpiedCallback()
+    trainer = _fit(module, [callback], package=package, max_steps=12)
+    return trainer, module, callback
+
+
+def test_refreshes_at_the_optimizer_equal_steps_over_k(fitted):
+    trainer, module, callback = fitted
+    assert [call.steps_taken for call in module.spy.calls] == [3, 6, 9, 12]
+    assert all(call.folded and call.grad_scale is None for call in module.spy.calls)
+    assert callback.refreshes == 12 // 3 and trainer.global_step == 12
+
+
+def test_hessian_is_finite_and_nonzero_for_every_parameter(fitted):
+    trainer, _, _ = fitted
+    hessians = hessians_of(_optimizer(trainer))
+    assert len(hessians) == len(list(trainer.lightning_module.parameters()))
+    for hessian in hessians:
+        assert torch.isfinite(hessian).all() and hessian.abs().sum() > 0
+
+
+def test_loss_falls(fitted):
+    _, module, _ = fitted
+    losses = module.losses
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.3, losses
+
+
+def test_positions_whose_target_is_ignored_are_never_sampled(fitted):
+    _, module, callback = fitted
+    for forward, call in zip(callback.forwards, module.spy.calls, strict=True):
+        expected = forward["targets"] != -100
+        assert (~expected).any()
+        assert torch.equal(forward["mask"], expected)
+        assert call.scale == int(expected.sum())
+        grad = forward["logits_grad"]
+        assert (grad[~expected] == 0).all() and (grad[expected].abs().sum(-1) > 0).all()
+
+
+# ------------------------------------------------------------------ gradient accumulation
+
+
+def test_one_refresh_per_optimizer_step_under_accumulate_grad_batches():
+    """3 micro-batches per step, 4 steps, refresh every 2: refreshes after steps 2 and 4, each
+    on the last micro-batch of its step."""
+    module, callback = LitLM(refresh_every=2), SpiedCallback()
+    _fit(module, [callback], max_steps=4, accumulate_grad_batches=3, rows=96)
+    assert len(module.micro_batches) == 12
+    assert [call.steps_taken for call in module.spy.calls] == [2, 4]
+    for forward, step in zip(callback.forwards, (2, 4), strict=True):
+        assert torch.equal(forward["targets"], module.micro_batches[3 * step - 1])
+
+
+def test_refresh_at_start_refreshes_once_before_the_first_step():
+    module, callback = LitLM(refresh_every=2, refresh_at_start=True), SpiedCallback()
+    _fit(module, [callback], max_steps=4, accumulate_grad_batches=2)
+    assert [call.steps_taken for call in module.spy.calls] == [0, 2, 4]
+    assert torch.equal(callback.forwards[0]["targets"], module.micro_batches[0])
+
+
+# ------------------------------------------------------------------------------ precision
+
+
+def test_bf16_mixed_refreshes_with_finite_nonzero_hessian():
+    module = LitLM(refresh_every=2)
+    trainer = _fit(module, [SophiaHessianCallback()], max_steps=4, precision="bf16-mixed")
+    assert [call.steps_taken for call in module.spy.calls] == [2, 4]
+    for hessian in hessians_of(_optimizer(trainer)):
+        assert torch.isfinite(hessian).all() and hessian.abs().sum() > 0
+
+
+def test_16_mixed_with_a_gradscaler_unscales_the_refresh():
+    """Lightning refuses '16-mixed' on CPU, so the plugin is built by hand: fp16 autocast and
+    a GradScaler at 2^12. The refresh hands the scaler's scale to update_hessian, h comes out
+    on the scale of a 32-bit run (not 2^24 above it), and the scaler keeps its state."""
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12, growth_interval=1000)
+    plugin = pl.plugins.precision.MixedPrecision("16-mixed", "cpu", scaler=scaler)
+    half = LitLM(refresh_every=2)
+    half_trainer = _fit(half, [SophiaHessianCallback()], max_steps=4, plugins=[plugin])
+    full = LitLM(refresh_every=2)
+    full_trainer = _fit(full, [SophiaHessianCallback()], max_steps=4)
+    assert [(c.steps_taken, c.grad_scale, c.folded) for c in half.spy.calls] == [
+        (2, 2.0**12, True), (4, 2.0**12, True)]
+    assert scaler.get_scale() == 2.0**12 and scaler._growth_tracker.item() == 4
+    half_total = sum(float(h.sum()) for h in hessians_of(_optimizer(half_trainer)))
+    full_total = sum(float(h.sum()) for h in hessians_of(_optimizer(full_trainer)))
+    assert 0.5 < half_total / full_total < 2.0, (half_total, full_total)
+
+
+# ---------------------------------------------------------------------- other batch shapes
+
+
+class DictBatches(torch.utils.data.Dataset):
+    def __init__(self, pairs):
+        self.pairs = pairs
+
+    def __len__(self):
+        return len(self.pairs)
+
+    def __getitem__(self, index):
+        inputs, targets = self.pairs[index]
+        return {"tokens": inputs, "next": targets}
+
+
+class LitDictLM(LitLM):
+    def training_step(self, batch, batch_idx):
+        return super().training_step((batch["tokens"], batch["next"]), batch_idx)
+
+
+def _fit_dicts(callback, steps=2):
+    module = LitDictLM(refresh_every=1)
+    trainer = pl.Trainer(callbacks=[callback], accelerator="cpu", devices=1, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, max_steps=steps)
+    trainer.fit(module, torch.utils.data.DataLoader(DictBatches(next_token_pairs(32)),
+                                                    batch_size=8))
+    return module
+
+
+def test_logits_fn_reads_other_batch_shapes():
+    def logits_fn(pl_module, batch):
+        return pl_module(batch["tokens"]), batch["next"] != -100
+
+    module = _fit_dicts(SophiaHessianCallback(logits_fn))
+    assert [call.steps_taken for call in module.spy.calls] == [1, 2]
+
+
+def test_a_batch_it_cannot_read_gets_a_one_line_error_naming_logits_fn():
+    with pytest.raises(ValueError, match=r"shaped \(inputs, targets\), got dict; pass logits_fn"):
+        _fit_dicts(SophiaHessianCallback(), steps=1)
+
+
+def test_sophiah_in_the_callback_points_to_the_manual_recipe():
+    module = LitLM(optimizer=lambda params: SophiaH(params, lr=1e-3))
+    with pytest.raises(TypeError, match="manual optimization"):
+        _fit(module, [SophiaHessianCallback()], max_steps=1)
+
+
+# ------------------------------------------------------ SophiaH: manual optimization recipe
+
+
+class LitSophiaH(pl.LightningModule):
+    """The recipe of docs/INTEGRATIONS.md: step, then refresh when due, in training_step."""
+
+    def __init__(self):
+        super().__init__()
+        self.automatic_optimization = False
+        self.model = TinyLM()
+        self.probes = torch.Generator().manual_seed(0)  # the same seed on every rank
+        self.losses: list[float] = []
+
+    def loss(self, batch):
+        inputs, targets = batch
+        return F.cross_entropy(self.model(inputs).flatten(0, 1).float(), targets.flatten())
+
+    def training_step(self, batch, batch_idx):
+        optimizer = self.optimizers()
+        loss = self.loss(batch)
+        optimizer.zero_grad()
+        self.manual_backward(loss)
+        optimizer.step()
+        sophia = optimizer.optimizer
+        if sophia.hessian_due():
+            hutchinson_refresh(sophia, lambda: self.loss(batch), generator=self.probes,
+                               scaler=getattr(self.trainer.precision_plugin, "scaler", None))
+        self.losses.append(float(loss.detach()))
+        return loss
+
+    def configure_optimizers(self):
+        optimizer = SophiaH(self.parameters(), lr=1e-2, rho=0.05, weight_decay=0.0,
+                            refresh_every=3)
+        self.spy = RefreshSpy.attach(optimizer)
+        return optimizer
+
+
+def test_sophiah_manual_optimization_recipe_refreshes_every_k_steps_and_learns():
+    module = LitSophiaH()
+    trainer = _fit(module, [], max_steps=12)
+    assert [call.steps_taken for call in module.spy.calls] == [3, 6, 9, 12]
+    for hessian in hessians_of(_optimizer(trainer)):
+        assert torch.isfinite(hessian).all() and hessian.abs().sum() > 0
+    assert sum(module.losses[-3:]) / 3 < sum(module.losses[:3]) / 3 - 0.3, module.losses
+
+
+# ---------------------------------------------------------------------------------- DDP
+
+
+class RecordOnRank(pl.Callback):
+    """Saves what one DDP rank saw to ``folder/rank{r}.pt`` at the end of fit."""
+
+    def __init__(self, folder, spied):
+        self.folder, self.spied = folder, spied
+
+    def on_train_end(self, trainer, pl_module):
+        torch.save({
+            "world": trainer.world_size,
+            "calls": [(c.steps_taken, c.scale) for c in pl_module.spy.calls],
+            "local_counts": [int(f["mask"].sum()) for f in self.spied.forwards],
+            "targets": [f["targets"] for f in self.spied.forwards],
+            "hessians": hessians_of(_optimizer(trainer)),
+            "params": [p.detach().clone() for p in pl_module.parameters()],
+        }, self.folder / f"rank{trainer.global_rank}.pt")
+
+
+@pytest.fixture(scope="module")
+def ddp_runs(tmp_path_factory) -> list[dict]:
+    """Two CPU processes forked by Lightning's ``ddp_fork`` strategy (gloo), 4 steps, refresh
+    every 2; each rank reads its own half of every global batch."""
+    folder = tmp_path_factory.mktemp("lightning_ddp")
+    spied = SpiedCallback()
+    _fit(LitLM(refresh_every=2), [spied, RecordOnRank(folder, spied)], max_steps=4,
+         devices=2, strategy="ddp_fork", rows=64)
+    return [torch.load(folder / f"rank{r}.pt", weights_only=False) for r in range(2)]
+
+
+def test_ddp_ranks_end_with_identical_hessians_and_parameters(ddp_runs):
+    first, second = ddp_runs
+    assert first["world"] == second["world"] == 2
+    assert not torch.equal(first["targets"][0], second["targets"][0])
+    for h0, h1 in zip(first["hessians"], second["hessians"], strict=True):
+        assert torch.equal(h0, h1) and torch.isfinite(h0).all()
+    for p0, p1 in zip(first["params"], second["params"], strict=True):
+        assert torch.equal(p0, p1)
+
+
+def test_ddp_refresh_scale_is_the_sample_count_over_both_ranks(ddp_runs):
+    first, second = ddp_runs
+    assert [step for step, _ in first["calls"]] == [2, 4]
+    assert first["calls"] == second["calls"]
+    totals = [a + b for a, b in zip(first["local_counts"], second["local_counts"])]
+    assert [scale for _, scale in first["calls"]] == totals
