@@ -51,11 +51,14 @@ def test_toml_file_overrides_the_preset_and_flags_override_the_file(tmp_path):
     assert config["optimizer"]["name"] == "adamw"
 
 
-def test_compare_prints_where_the_report_is(tmp_path, capsys):
+def test_compare_muon_against_adamw_prints_where_the_report_is(tmp_path, capsys):
     out = tmp_path / "cmp"
-    assert main(["compare", *_small(tmp_path, "--max-steps", "2", "--out", str(out))]) == 0
+    assert main(["compare", "--optimizers", "muon,adamw",
+                 *_small(tmp_path, "--max-steps", "2", "--out", str(out))]) == 0
     printed = capsys.readouterr().out
     assert f"report: {out / 'report.md'}" in printed and "plots:" in printed
+    runs = json.loads((out / "results.json").read_text())["runs"]
+    assert [run["optimizer"] for run in runs] == ["muon", "adamw"]
 
 
 @pytest.mark.parametrize("args, message", [

@@ -123,3 +123,57 @@ def test_the_official_variant_builds_the_librarys_sophiag_with_its_official_keyw
         if key not in harness_set:
             expected = tuple(value) if isinstance(value, list) else value
             assert built.param_groups[0][key] == expected, key
+
+
+def test_muon_takes_the_hidden_matrices_and_adamw_everything_else():
+    model = _model()
+    built = build_optimizer(make_config("tiny", {"optimizer": "muon"}), model)
+    muon_group, decayed, plain = built.param_groups
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert sorted(names[id(p)] for p in muon_group["params"]) == [
+        "blocks.0.attn.proj.weight", "blocks.0.attn.qkv.weight", "blocks.0.mlp.fc.weight",
+        "blocks.0.mlp.proj.weight"]
+    # The token table (also the tied output head) and positions stay with AdamW, decayed.
+    assert sorted(names[id(p)] for p in decayed["params"]) == ["wpe.weight", "wte.weight"]
+    assert all(p.dim() == 1 for p in plain["params"]) and plain["weight_decay"] == 0
+    every = [id(p) for group in built.param_groups for p in group["params"]]
+    assert sorted(every) == sorted(names)  # each parameter exactly once
+
+
+def test_muon_rows_lr_scales_its_adamw_part_alike():
+    rows = PRESETS["tiny"].optimizers
+    built = build_optimizer(make_config("tiny", {"optimizer": "muon", "lr": 3 * rows["muon"].lr,
+                                                 "min_lr": 0.0}), _model())
+    muon_group, decayed, _ = built.param_groups
+    assert muon_group["lr"] == 3 * rows["muon"].lr and muon_group["momentum"] == 0.95
+    assert decayed["lr"] == pytest.approx(3 * rows["adamw"].lr)
+    assert decayed["betas"] == rows["adamw"].betas
+    assert decayed["weight_decay"] == rows["adamw"].weight_decay
+
+
+def test_muon_state_dict_round_trips_and_the_scheduler_drives_both_parts():
+    from sophia_pytorch.harness.schedule import WarmupCosine
+
+    model = _model()
+    config = make_config("tiny", {"optimizer": "muon"})
+    built = build_optimizer(config, model)
+    scheduler = WarmupCosine(built, min_lr_ratio=0.1, warmup_steps=2, max_steps=4)
+    first = [group["lr"] for group in built.param_groups]
+    x = torch.randint(256, (2, 8))
+    model(x).logsumexp(-1).mean().backward()
+    built.step()
+    scheduler.step()
+    assert [group["lr"] for group in built.param_groups] == pytest.approx([2 * f for f in first])
+    assert built.muon.param_groups[0]["lr"] == built.param_groups[0]["lr"]
+    saved = built.state_dict()
+    again = build_optimizer(config, model)
+    again.load_state_dict(saved)
+    assert again.param_groups[0] is again.muon.param_groups[0]  # still the live dicts
+    for param in built.muon.param_groups[0]["params"]:
+        assert torch.equal(built.state[param]["momentum_buffer"],
+                           again.state[param]["momentum_buffer"])
+
+
+def test_muon_refuses_fsdp():
+    with pytest.raises(SophiaError, match="muon cannot run under --parallel fsdp"):
+        make_config("tiny", {"optimizer": "muon", "parallel": "fsdp"})

@@ -42,9 +42,10 @@ def test_scheduler_sets_the_groups_lr_each_step():
     assert seen == pytest.approx([1.0, 2.0, 2.0, 1.1, 0.2])
 
 
-@pytest.mark.parametrize("optimizer", ["sophiag", "sophiah", "adamw", "lion"])
+@pytest.mark.parametrize("optimizer", ["sophiag", "sophiah", "adamw", "lion", "muon"])
 def test_every_optimizer_lowers_the_validation_loss(tmp_path, optimizer):
-    lr = 3e-3 if optimizer == "lion" else 1e-2  # Lion's sign steps want a smaller lr
+    # Lion's sign steps want a smaller lr; Muon's lr scales its AdamW part's 3e-3 (x lr/0.02).
+    lr = {"lion": 3e-3, "muon": 0.05}.get(optimizer, 1e-2)
     config = tiny_config(tmp_path, optimizer=optimizer, lr=lr, min_lr=lr / 10, max_steps=12,
                          eval_every=12)
     result = train(config)
@@ -74,7 +75,7 @@ def _crash_at(step):
     return on_step
 
 
-@pytest.mark.parametrize("optimizer", ["sophiag", "adamw"])
+@pytest.mark.parametrize("optimizer", ["sophiag", "adamw", "muon"])
 def test_resume_after_a_crash_repeats_the_uninterrupted_run_bit_for_bit(tmp_path, optimizer):
     settings = dict(optimizer=optimizer, max_steps=8, checkpoint_every=3, grad_accum=2,
                     refresh_every=2, refresh_fraction=0.5, dropout=0.1)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import math
 import types
 import typing
@@ -41,6 +42,7 @@ __all__ = [
     "RunConfig",
     "base_optimizer",
     "flatten",
+    "identity",
     "load_toml",
     "make_config",
     "optimizer_names",
@@ -48,7 +50,7 @@ __all__ = [
     "to_dict",
 ]
 
-OPTIMIZERS = ("sophiag", "sophiah", "adamw", "lion")
+OPTIMIZERS = ("sophiag", "sophiah", "adamw", "lion", "muon")
 SOPHIA = ("sophiag", "sophiah")  # the optimizers that take sophia_options
 
 
@@ -84,13 +86,22 @@ PARALLEL_MODES = ("none", "ddp", "fsdp")  # sophia_pytorch.harness.distributed.w
 
 @dataclass(frozen=True)
 class OptimizerHparams:
-    """One optimizer's tuned hyperparameters in a preset (``rho`` is used by Sophia only)."""
+    """One optimizer's tuned hyperparameters in a preset (``rho`` is used by Sophia only).
+
+    For ``muon`` the row is Muon's (on the hidden matrices; ``betas[0]`` is its momentum,
+    ``betas[1]`` unused); its AdamW part (embeddings, norms, biases) takes the preset's
+    ``adamw`` row, its lr scaled alike when Muon's lr is (lr grid, ``--lr``).
+    """
 
     lr: float
     min_lr: float
     betas: tuple[float, float]
     weight_decay: float
     rho: float = 0.0
+
+
+# Run settings that do not change a run's numbers: where files go, how progress shows.
+_NOT_IDENTITY = {"identity": False}
 
 
 @dataclass
@@ -171,12 +182,12 @@ class RunConfig:
     compile: bool = False
     eval_every: int = 25
     eval_batches: int = 8
-    checkpoint_every: int = 0  # 0: only at the end
+    checkpoint_every: int = field(default=0, metadata=_NOT_IDENTITY)  # 0: only at the end
     max_bad_steps: int = 5  # abort after this many non-finite steps in a row
-    out_dir: str = ""  # "" means runs/<preset>-<optimizer>-<time>
-    cache_dir: str = ""  # "" means $SOPHIA_CACHE or ~/.cache/sophia
-    tensorboard: bool = False
-    progress: bool = True
+    out_dir: str = field(default="", metadata=_NOT_IDENTITY)  # "": runs/<preset>-<optim>-<time>
+    cache_dir: str = field(default="", metadata=_NOT_IDENTITY)  # "": $SOPHIA_CACHE or ~/.cache
+    tensorboard: bool = field(default=False, metadata=_NOT_IDENTITY)
+    progress: bool = field(default=True, metadata=_NOT_IDENTITY)
 
 
 @dataclass
@@ -222,6 +233,16 @@ def fixed_on_resume() -> list[str]:
             if cls.fixed_on_resume or f.metadata.get("fixed")]
 
 
+def identity(config: Config | dict[str, Any]) -> dict[str, Any]:
+    """The flat settings that decide a run's numbers (all but ``_NOT_IDENTITY`` ones), in
+    JSON form: two runs with equal identities train alike. ``config``: a Config or its
+    ``to_dict`` (as saved in config.json and checkpoints)."""
+    values = flatten(to_dict(config) if isinstance(config, Config) else config)
+    skipped = {flat_name(f) for cls in SECTIONS.values() for f in fields(cls)
+               if f.metadata.get("identity") is False}
+    return json.loads(json.dumps({k: v for k, v in sorted(values.items()) if k not in skipped}))
+
+
 @dataclass(frozen=True)
 class Preset:
     """A named starting point: flat field values plus a hyperparameter row per optimizer."""
@@ -251,6 +272,8 @@ def _gpt2(n_layer: int, n_head: int, n_embd: int, adamw: tuple, sophiag: tuple) 
             # paper's advice of a 3-10x smaller lr and a 3-10x larger decay than AdamW.
             "sophiah": OptimizerHparams(sophia_lr, sophia_min, (0.965, 0.99), 0.2, rho),
             "lion": OptimizerHparams(adam_lr / 5, adam_min / 5, (0.9, 0.99), 1.0),
+            # Not tuned at this size: Muon's usual lr 0.02, floor at AdamW's ratio.
+            "muon": OptimizerHparams(0.02, 0.02 * adam_min / adam_lr, (0.95, 0.0), 0.1),
         },
     )
 
@@ -267,6 +290,8 @@ PRESETS: dict[str, Preset] = {
             "sophiag": OptimizerHparams(1e-3, 1e-4, (0.965, 0.99), 0.2, 2.0),
             "sophiah": OptimizerHparams(1e-3, 1e-4, (0.965, 0.99), 0.2, 2.0),
             "lion": OptimizerHparams(1e-3, 1e-4, (0.9, 0.99), 1.0),
+            # Muon's lr: the best of a 100-step pilot over 0.005-0.1 (docs/HARNESS.md).
+            "muon": OptimizerHparams(0.05, 0.005, (0.95, 0.0), 0.1),
         },
     ),
     "gpt2-small": _gpt2(12, 12, 768, adamw=(6e-4, 3e-5), sophiag=(6e-4, 1.5e-5, 0.05)),
@@ -435,6 +460,9 @@ def _validate(config: Config) -> None:
     need(not (optimizer.name == "sophiah" and run.parallel == "fsdp"),
          "sophiah cannot run under --parallel fsdp (FSDP2 gathers parameters outside autograd: "
          "no Hessian-vector product); use --parallel ddp, or sophiag")
+    need(not (optimizer.name == "muon" and run.parallel == "fsdp"),
+         "muon cannot run under --parallel fsdp (it orthogonalises whole matrices, FSDP2 holds "
+         "shards); use --parallel ddp")
     need(config.data.tokenizer in TOKENIZERS,
          f"unknown tokenizer {config.data.tokenizer!r}; choose one of {', '.join(TOKENIZERS)}")
 

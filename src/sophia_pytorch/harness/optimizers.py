@@ -17,13 +17,14 @@ import torch
 from torch import nn
 
 from .baselines.lion import Lion
-from .config import VARIANTS, Config, base_optimizer
+from .baselines.muon import MuonWithAdamW, hidden_matrices
+from .config import PRESETS, VARIANTS, Config, base_optimizer
 from .errors import SophiaError
 from .refresh import GaussNewtonBartlett, HessianRefresh, Hutchinson
 
 __all__ = ["build_optimizer", "build_refresh", "decay_groups"]
 
-# Which estimator feeds each optimizer's Hessian; absent: none (AdamW, Lion).
+# Which estimator feeds each optimizer's Hessian; absent: none (AdamW, Lion, Muon).
 _REFRESH: dict[str, type[HessianRefresh]] = {"sophiag": GaussNewtonBartlett,
                                              "sophiah": Hutchinson}
 
@@ -40,7 +41,8 @@ def build_optimizer(config: Config, model: nn.Module,
                     device: torch.device | None = None) -> torch.optim.Optimizer:
     """The optimizer named by ``config.optimizer.name`` over ``model``'s trainable parameters.
 
-    AdamW is torch's (fused on CUDA), Lion ours, SophiaG/SophiaH the library's; all take the
+    AdamW is torch's (fused on CUDA), Lion ours, Muon torch's (with AdamW on what is not a
+    hidden matrix, see ``baselines.muon``), SophiaG/SophiaH the library's; all take the
     config's lr, betas and weight decay, Sophia also ``rho``, ``refresh_every`` and the
     ``sophia_options`` keywords, over a variant's extra keywords (``config.VARIANTS``).
 
@@ -57,6 +59,8 @@ def build_optimizer(config: Config, model: nn.Module,
         return torch.optim.AdamW(groups, **kwargs, fused=fused or None)
     if name == "lion":
         return Lion(groups, **kwargs)
+    if name == "muon":
+        return _muon(config, model, params)
     import sophia_pytorch
 
     cls = {"sophiag": sophia_pytorch.SophiaG, "sophiah": sophia_pytorch.SophiaH}[name]
@@ -76,6 +80,20 @@ def build_optimizer(config: Config, model: nn.Module,
     except ValueError as exc:
         raise SophiaError(f"{cls.__name__} refused its settings: {exc}; fix that setting") \
             from None
+
+
+def _muon(config: Config, model: nn.Module, params: list[nn.Parameter]) -> MuonWithAdamW:
+    """Muon at the config's row on the hidden matrices; AdamW at the preset's adamw row,
+    its lr scaled as the config's lr is to Muon's row, on the rest."""
+    settings, rows = config.optimizer, PRESETS[config.preset].optimizers
+    matrices = hidden_matrices(model)
+    chosen = {id(p) for p in matrices}
+    rest = [p for p in params if id(p) not in chosen]
+    adamw, scale = rows["adamw"], settings.lr / rows["muon"].lr  # type: ignore[operator]
+    return MuonWithAdamW(matrices, decay_groups(rest, adamw.weight_decay), lr=settings.lr,
+                         momentum=settings.beta1, weight_decay=settings.weight_decay,
+                         adamw_lr=adamw.lr * scale, adamw_betas=adamw.betas,
+                         adamw_weight_decay=adamw.weight_decay)
 
 
 def build_refresh(config: Config, optimizer: torch.optim.Optimizer, model: nn.Module, *,
