@@ -31,7 +31,7 @@ from .errors import SophiaError
 
 __all__ = ["main"]
 
-_COMPARE_OWN = ("optimizer", "lr", "seed", "out_dir", "checkpoint_every")
+_COMPARE_OWN = ("optimizer", "lr", "seed", "out_dir")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -89,7 +89,11 @@ def _build_parser() -> argparse.ArgumentParser:
                               "best (lowest final val loss, first seed) is kept (1)")
     compare.add_argument("--seeds", default="1", help="seeds per optimizer at its best lr (1)")
     compare.add_argument("--seed", default="0", help="first seed (0)")
-    compare.add_argument("--out", default=None, help="run folder (runs/compare-<preset>-<time>)")
+    compare.add_argument("--out", default=None,
+                         help="comparison folder (runs/compare-<preset>-<time>); finished runs "
+                              "found in it with the same settings are reused")
+    compare.add_argument("--overwrite", action="store_true",
+                         help="retrain runs whose folder holds a run with other settings")
     _add_config_flags(compare, skip=_COMPARE_OWN)
 
     commands.add_parser("presets", help="list the presets and their optimizer settings")
@@ -174,7 +178,7 @@ def _run_compare(args: argparse.Namespace) -> int:
         lr_multipliers=_parse_list(args.lr_grid, float, "--lr-grid"),
         seeds=[int(_parse_list(args.seed, int, "--seed")[0]) + i
                for i in range(_parse_list(args.seeds, int, "--seeds")[0])],
-        out_dir=args.out, overrides=overrides,
+        out_dir=args.out, overrides=overrides, overwrite=args.overwrite,
     )
     print(summary.headline)
     print(f"report: {summary.report_path}")

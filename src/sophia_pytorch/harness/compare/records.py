@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,17 @@ class RunRecord:
             tokens=result.tokens, skipped_steps=result.skipped_steps,
             run_dir=str(result.run_dir), evals=result.evals,
         )
+
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> RunRecord:
+        """Read back ``asdict(record)`` from JSON, where a non-finite loss became null."""
+        values = dict(values)
+        if values["final_val_loss"] is None:
+            values["final_val_loss"] = math.nan
+        values["evals"] = [{k: math.nan if v is None else v for k, v in row.items()}
+                           for row in values.get("evals", [])]
+        return cls(**values)
 
 
 @dataclass

@@ -3,18 +3,29 @@
 For each optimizer: first its lr grid (multipliers of the preset's lr, min_lr scaled
 alike) with the first seed; the multiplier with the lowest final validation loss is its
 tuned lr; then the remaining seeds at that lr. Runs are sequential in this process, each in
-``<out>/runs/<optimizer>-lr<lr>-seed<seed>/``; the report goes to ``<out>/report.md``,
+``<out>/runs/<optimizer>-x<multiplier>-seed<seed>/``; the report goes to ``<out>/report.md``,
 ``<out>/results.json`` and ``<out>/*.png`` (see ``sophia_pytorch.harness.compare.report``).
+
+A comparison folder can be run into again. A run folder whose ``record.json`` shows a
+finished run with the same settings is read back, not retrained; one killed mid-training
+resumes from its checkpoint (or, without one, trains again). So a comparison killed midway
+picks up where it stopped, and a second ``sophia compare --out DIR`` with more optimizers,
+lr multipliers or seeds trains only what is new; the report covers every finished run with
+these settings found in the folder for the requested optimizers.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import shutil
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from ..checkpoint import load_checkpoint
 from ..config import (
     PRESETS,
     ROW_FIELDS,
@@ -22,16 +33,21 @@ from ..config import (
     Config,
     base_optimizer,
     flatten,
+    identity,
     make_config,
     optimizer_names,
     to_dict,
 )
 from ..errors import SophiaError
+from ..jsonio import write_json
 from ..trainer import train
 from .records import CompareSummary, RunRecord
 from .report import write_report
 
 __all__ = ["compare"]
+
+RECORD = "record.json"
+
 
 def _run_config(base: Config, overrides: dict[str, Any], optimizer: str, multiplier: float,
                 seed: int, run_dir: Path) -> Config:
@@ -52,11 +68,90 @@ def _final(record: RunRecord) -> float:
     return record.final_val_loss if math.isfinite(record.final_val_loss) else math.inf
 
 
+def _differences(wanted: dict[str, Any], found: dict[str, Any]) -> str:
+    keys = sorted(k for k in wanted.keys() | found.keys() if wanted.get(k) != found.get(k))
+    return ", ".join(f"{k} {found.get(k)!r} (now {wanted.get(k)!r})" for k in keys[:3])
+
+
+class _Runs:
+    """The comparison folder's runs: each trained, resumed or read back, and remembered."""
+
+    def __init__(self, base: Config, overrides: dict[str, Any], out: Path,
+                 overwrite: bool) -> None:
+        self.base, self.overrides, self.out, self.overwrite = base, overrides, out, overwrite
+        self.records: dict[tuple[str, float, int], RunRecord] = {}
+
+    def folder(self, optimizer: str, multiplier: float, seed: int) -> Path:
+        return self.out / "runs" / f"{optimizer}-x{multiplier:g}-seed{seed}"
+
+    def config(self, optimizer: str, multiplier: float, seed: int) -> Config:
+        return _run_config(self.base, self.overrides, optimizer, multiplier, seed,
+                           self.folder(optimizer, multiplier, seed))
+
+    def found(self, optimizer: str) -> list[tuple[float, int]]:
+        """(multiplier, seed) of the finished runs of ``optimizer`` with these settings."""
+        pairs = []
+        for path in sorted((self.out / "runs").glob(f"{optimizer}-x*-seed*/{RECORD}")):
+            saved = _read_record(path)
+            if saved is None or saved["record"]["optimizer"] != optimizer:
+                continue
+            multiplier, seed = saved["record"]["lr_multiplier"], saved["record"]["seed"]
+            if identity(saved["config"]) == identity(self.config(optimizer, multiplier, seed)):
+                pairs.append((multiplier, seed))
+        return pairs
+
+    def run(self, optimizer: str, multiplier: float, seed: int) -> RunRecord:
+        """The finished run (optimizer, multiplier, seed): read back, resumed or trained."""
+        key = (optimizer, multiplier, seed)
+        if key in self.records:
+            return self.records[key]
+        config = self.config(*key)
+        folder, wanted = self.folder(*key), identity(config)
+        saved = _read_record(folder / RECORD)
+        if saved is not None and identity(saved["config"]) == wanted:
+            record, verb = RunRecord.from_dict(saved["record"]), "found"
+        else:
+            resume = self._resumable(folder, wanted, saved)
+            record = RunRecord.from_result(train(config, resume=resume), multiplier)
+            write_json(folder / RECORD, {"record": asdict(record), "config": to_dict(config)})
+            verb = "resumed" if resume else "trained"
+        self.records[key] = record
+        print(f"{optimizer} lr={record.lr:.3g} seed={seed} ({verb}): final val loss "
+              f"{record.final_val_loss:.4f} after {record.steps} steps, "
+              f"{record.train_seconds:.1f} s", file=sys.stderr, flush=True)
+        return record
+
+    def _resumable(self, folder: Path, wanted: dict[str, Any],
+                   saved: dict[str, Any] | None) -> Path | None:
+        """The checkpoint to resume, or None after clearing a folder this run may reuse."""
+        checkpoint = folder / "checkpoint.pt"
+        found = saved["config"] if saved is not None else \
+            load_checkpoint(checkpoint)["config"] if checkpoint.exists() else None
+        if found is not None and identity(found) != wanted and not self.overwrite:
+            raise SophiaError(
+                f"{folder} holds a run with other settings ({_differences(wanted, identity(found))}"
+                f"); compare into another --out, or pass --overwrite to train it again"
+            )
+        if found is not None and identity(found) == wanted and saved is None:
+            return folder  # killed mid-training, after a checkpoint
+        if folder.exists():  # a run killed before its first checkpoint, or --overwrite
+            shutil.rmtree(folder)
+        return None
+
+
+def _read_record(path: Path) -> dict[str, Any] | None:
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return saved if isinstance(saved, dict) and {"record", "config"} <= saved.keys() else None
+
+
 def compare(base: Config, *, optimizers: list[str] | tuple[str, ...] = ("sophiag", "adamw"),
             lr_multipliers: list[float] | tuple[float, ...] = (1.0,),
             seeds: list[int] | tuple[int, ...] = (0,), out_dir: str | Path | None = None,
-            overrides: dict[str, Any] | None = None) -> CompareSummary:
-    """Run the comparison and write its report.
+            overrides: dict[str, Any] | None = None, overwrite: bool = False) -> CompareSummary:
+    """Run the comparison (reusing finished runs in ``out_dir``) and write its report.
 
     Args:
         base: settings shared by every run (model, data, steps, batch); its optimizer
@@ -66,6 +161,8 @@ def compare(base: Config, *, optimizers: list[str] | tuple[str, ...] = ("sophiag
         seeds: model-initialisation and data-order seeds; the grid uses the first.
         out_dir: the comparison folder (default ``runs/compare-<preset>-<time>``).
         overrides: optimizer hyperparameters the user fixed for every optimizer (e.g. lr).
+        overwrite: retrain a run whose folder holds a run with other settings (default:
+            refuse, naming the difference).
     """
     for name in optimizers:
         if name not in optimizer_names():
@@ -77,28 +174,24 @@ def compare(base: Config, *, optimizers: list[str] | tuple[str, ...] = ("sophiag
         raise SophiaError(f"lr multipliers must be positive, got {list(lr_multipliers)}")
     out = Path(out_dir) if out_dir else \
         Path("runs") / f"compare-{base.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
-    overrides = overrides or {}
-    records: list[RunRecord] = []
+    runs = _Runs(base, overrides or {}, out, overwrite)
     started = time.perf_counter()
-
-    def run(optimizer: str, multiplier: float, seed: int) -> RunRecord:
-        folder = out / "runs" / f"{optimizer}-x{multiplier:g}-seed{seed}"
-        config = _run_config(base, overrides, optimizer, multiplier, seed, folder)
-        record = RunRecord.from_result(train(config), multiplier)
-        records.append(record)
-        print(f"{optimizer} lr={record.lr:.3g} seed={seed}: final val loss "
-              f"{record.final_val_loss:.4f} after {record.steps} steps, "
-              f"{record.train_seconds:.1f} s", file=sys.stderr, flush=True)
-        return record
-
     best: dict[str, float] = {}
+    all_seeds = list(dict.fromkeys(seeds))
     for optimizer in optimizers:
-        grid = [run(optimizer, m, seeds[0]) for m in lr_multipliers]
-        best[optimizer] = min(grid, key=_final).lr_multiplier
-        for seed in seeds[1:]:
-            run(optimizer, best[optimizer], seed)
+        found = runs.found(optimizer)
+        grid = list(dict.fromkeys([*lr_multipliers, *(m for m, s in found if s == seeds[0])]))
+        best[optimizer] = min((runs.run(optimizer, m, seeds[0]) for m in grid),
+                              key=_final).lr_multiplier
+        extra = [s for m, s in found if m == best[optimizer] and s not in seeds]
+        for seed in [*seeds[1:], *extra]:
+            runs.run(optimizer, best[optimizer], seed)
+        for multiplier, seed in found:  # other finished runs are reported too
+            runs.run(optimizer, multiplier, seed)
+        all_seeds += [s for s in extra if s not in all_seeds]
     return write_report(
-        out, records=records, best_multipliers=best, base_config=to_dict(base),
-        optimizers=list(optimizers), lr_multipliers=list(lr_multipliers), seeds=list(seeds),
-        total_seconds=time.perf_counter() - started,
+        out, records=list(runs.records.values()), best_multipliers=best,
+        base_config=to_dict(base), optimizers=list(optimizers),
+        lr_multipliers=sorted({r.lr_multiplier for r in runs.records.values()}),
+        seeds=all_seeds, total_seconds=time.perf_counter() - started,
     )
