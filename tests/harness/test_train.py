@@ -62,6 +62,21 @@ def test_sophiag_refreshes_the_refresh_every_k_steps(tmp_path):
     assert result.hessian_seconds > 0
 
 
+def test_a_refresh_owed_before_the_first_step_runs_before_it(tmp_path):
+    import inspect
+
+    import sophia_pytorch
+
+    if "refresh_at_start" not in inspect.signature(sophia_pytorch.SophiaG).parameters:
+        pytest.skip("this SophiaG has no refresh_at_start")
+    config = tiny_config(tmp_path, optimizer="sophiag", refresh_every=2, max_steps=4,
+                         sophia_options={"refresh_at_start": True})
+    result = train(config)
+    assert [r["hessian"] for r in _log(result.run_dir)] == [True, True, False, True]
+    state = torch.load(result.run_dir / "checkpoint.pt", weights_only=True)["optimizer"]
+    assert {int(s["hessian_step"]) for s in state["state"].values()} == {3}
+
+
 def test_bfloat16_autocast_trains(tmp_path):
     result = train(tiny_config(tmp_path, dtype="bfloat16", max_steps=4))
     assert math.isfinite(result.final_val_loss)
@@ -165,3 +180,17 @@ def test_lion_matches_the_lion_pytorch_package():
         ours.step()
         theirs.step()
     torch.testing.assert_close(ours_param, theirs_param)
+
+
+def test_train_state_round_trips_through_its_state_dict():
+    from sophia_pytorch.harness.trainer import TrainState
+
+    state = TrainState(step=7, tokens=448, data_position=14, train_seconds=1.5,
+                       hessian_seconds=0.25, skipped_steps=1, bad_in_row=0,
+                       evals=[{"step": 5, "val_loss": 2.0, "seconds": 1.0, "tokens": 320}])
+    saved = state.state_dict()
+    again = TrainState()
+    again.load_state_dict(saved)
+    assert again == state
+    saved["evals"][0]["val_loss"] = 9.0  # the loaded state holds its own rows
+    assert again.evals[0]["val_loss"] == 2.0
