@@ -66,8 +66,12 @@ class SpiedTrainer(SophiaTrainer):
         return super().training_step(model, inputs, *args, **kwargs)
 
     def hessian_logits_and_mask(self, model, inputs):
+        head_dtypes = []
+        hook = model.lm_head.register_forward_hook(lambda m, i, out: head_dtypes.append(out.dtype))
         logits, mask = super().hessian_logits_and_mask(model, inputs)
-        record = {"labels": inputs["labels"].clone(), "mask": mask.clone()}
+        hook.remove()
+        record = {"labels": inputs["labels"].clone(), "mask": mask.clone(),
+                  "head_dtype": head_dtypes[0]}
         logits.register_hook(lambda grad: record.__setitem__("logits_grad", grad.clone()))
         self.forwards.append(record)
         return logits, mask
@@ -118,6 +122,7 @@ def test_sophiag_is_built_from_training_arguments_and_sophia_kwargs(built):
 def test_refreshes_at_the_optimizer_equal_steps_over_k(built):
     assert [call.steps_taken for call in built.spy.calls] == [3, 6, 9, 12, 15, 18, 21, 24]
     assert all(call.folded and call.grad_scale is None for call in built.spy.calls)
+    assert all(forward["head_dtype"] == torch.float32 for forward in built.forwards)
     assert built.hessian_refreshes == 24 // 3 and built.hessian_refreshes_skipped == 0
 
 
@@ -188,10 +193,12 @@ def test_a_gradscaler_leaves_the_run_as_it_is_without_one(tmp_path):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7)
 
 
-def test_bf16_run_refreshes_with_finite_nonzero_hessian(tmp_path):
+def test_bf16_run_refreshes_in_bf16_with_finite_nonzero_hessian(tmp_path):
+    """The refresh forward runs under the Trainer's autocast (the head computes in bf16)."""
     trainer = _train(tmp_path, rows=32, max_steps=4, bf16=True,
                      sophia_kwargs={"refresh_every": 2})
     assert [call.steps_taken for call in trainer.spy.calls] == [2, 4]
+    assert [forward["head_dtype"] for forward in trainer.forwards] == [torch.bfloat16] * 2
     for hessian in hessians_of(trainer.optimizer.optimizer):
         assert torch.isfinite(hessian).all() and hessian.abs().sum() > 0
 

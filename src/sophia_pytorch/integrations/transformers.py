@@ -149,7 +149,8 @@ class SophiaTrainer(Trainer):
         Override it for a model whose outputs or batches look different.
 
         Args:
-            model: the unwrapped model (its forward is autocast by accelerate).
+            model: the unwrapped model (accelerate has wrapped its forward in autocast under
+                fp16/bf16).
             inputs: the micro-batch, on the device, with ``labels`` ``(B, T)``.
 
         Returns:
@@ -194,17 +195,17 @@ class SophiaTrainer(Trainer):
         sophia = self._sophia()
         inputs = self._prepare_inputs(inputs)
         scaler = getattr(self.accelerator, "scaler", None)
-        autocast = self.accelerator.autocast()
+        # No autocast here: accelerate has wrapped the model's own forward in it (fp16/bf16).
         model = self.model
         if isinstance(sophia, SophiaH):
             def loss_fn() -> Tensor:
                 return self.compute_loss(model, inputs)
             folded = hutchinson_refresh(sophia, loss_fn, generator=self._generator("probes"),
-                                        scaler=scaler, autocast=autocast)
+                                        scaler=scaler)
         else:
             folded = gauss_newton_refresh(
                 sophia, lambda: self.hessian_logits_and_mask(model, inputs),
-                generator=self._generator("labels"), scaler=scaler, autocast=autocast,
+                generator=self._generator("labels"), scaler=scaler,
                 synchronize=self.args.world_size > 1,
             )
         model.zero_grad(set_to_none=True)
