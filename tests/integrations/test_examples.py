@@ -21,6 +21,16 @@ def _example(name: str):
     return module
 
 
+def _skip_without_lightning() -> None:
+    for name in ("lightning", "pytorch_lightning"):
+        try:
+            importlib.import_module(name)
+            return
+        except ImportError:
+            continue
+    pytest.skip("neither lightning nor pytorch_lightning is installed")
+
+
 def _mean(values: list[float]) -> float:
     return sum(values) / len(values)
 
@@ -36,6 +46,7 @@ def test_plain_loop_learns_and_refreshes_every_k_steps(precision):
 
 def test_hf_trainer_example_learns_and_refreshes_every_k_steps():
     pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
     result = _example("hf_trainer").main([])
     assert result["refreshes"] == 150 // 10
     assert result["losses"][-1] < 0.6 * result["losses"][0], result["losses"]
@@ -43,7 +54,7 @@ def test_hf_trainer_example_learns_and_refreshes_every_k_steps():
 
 @pytest.mark.parametrize("optimizer", ["sophiag", "sophiah"])
 def test_lightning_example_learns_and_refreshes_every_k_steps(optimizer):
-    pytest.importorskip("lightning_utilities")
+    _skip_without_lightning()
     result = _example("lightning_module").main(["--optimizer", optimizer])
     losses = result["losses"]
     assert result["steps"] == 150 and result["refreshes"] == 150 // 10
@@ -51,7 +62,7 @@ def test_lightning_example_learns_and_refreshes_every_k_steps(optimizer):
 
 
 def test_lightning_example_counts_optimizer_steps_under_accumulation_in_bf16():
-    pytest.importorskip("lightning_utilities")
+    _skip_without_lightning()
     result = _example("lightning_module").main(
         ["--steps", "20", "--accumulate-grad-batches", "2", "--precision", "bf16-mixed"])
     # 7 batches an epoch: steps of 2, 2, 2 and 1 (Lightning steps at the end of an epoch)

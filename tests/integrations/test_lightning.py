@@ -16,9 +16,16 @@ import torch.nn.functional as F
 from sophia_pytorch import SophiaG, SophiaH
 from tests.integrations.helpers import RefreshSpy, TinyLM, hessians_of, next_token_pairs
 
-pytest.importorskip("lightning_utilities")
-PACKAGES = [name for name in ("lightning.pytorch", "pytorch_lightning")
-            if importlib.util.find_spec(name.split(".")[0]) is not None]
+
+def _importable(name: str) -> bool:
+    try:
+        importlib.import_module(name)
+    except ImportError:
+        return False
+    return True
+
+
+PACKAGES = [name for name in ("lightning.pytorch", "pytorch_lightning") if _importable(name)]
 if not PACKAGES:
     pytest.skip("neither lightning nor pytorch_lightning is installed", allow_module_level=True)
 

@@ -32,8 +32,9 @@ def _installed() -> dict[str, Any]:
     for name in _PACKAGES:
         try:
             found[name] = importlib.import_module(name)
-        except ImportError:
-            continue
+        except ModuleNotFoundError as error:
+            if error.name != name.split(".")[0]:  # installed, but broken: say why
+                raise
     if not found:
         raise ImportError(
             "sophia_pytorch.integrations.lightning needs Lightning: pip install "
