@@ -158,6 +158,29 @@ def test_one_refresh_per_optimizer_step_under_accumulate_grad_batches():
         assert torch.equal(forward["targets"], module.micro_batches[3 * step - 1])
 
 
+def test_a_skipped_refresh_is_not_retried_inside_the_next_accumulation_window():
+    """A refresh skipped (non-finite under fp16, here forced) stays due until the next step;
+    the callback must not retry it on the next micro-batches, whose accumulated gradients a
+    refresh would clear: one attempt per step, and the training gradients reach the step."""
+    module, callback = LitLM(refresh_every=1), SophiaHessianCallback()
+    steps_seen = []
+
+    def skip_every_refresh(trainer, pl_module):
+        optimizer = _optimizer(trainer)
+        optimizer.update_hessian = lambda *args, **kwargs: steps_seen.append(
+            optimizer.steps_taken()) or False
+
+    callback.on_train_start = lambda trainer, pl_module: (
+        SophiaHessianCallback.on_train_start(callback, trainer, pl_module),
+        skip_every_refresh(trainer, pl_module))
+    reference = LitLM(refresh_every=1000)
+    _fit(module, [callback], max_steps=3, accumulate_grad_batches=3)
+    _fit(reference, [SophiaHessianCallback()], max_steps=3, accumulate_grad_batches=3)
+    assert steps_seen == [1, 2, 3] and callback.refreshes_skipped == 3
+    for p, q in zip(module.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
 def test_refresh_at_start_refreshes_once_before_the_first_step():
     module, callback = LitLM(refresh_every=2, refresh_at_start=True), SpiedCallback()
     _fit(module, [callback], max_steps=4, accumulate_grad_batches=2)

@@ -110,6 +110,8 @@ class SophiaHessianCallback(*(module.Callback for module in _LIGHTNING.values())
         self.refreshes_skipped = 0
         """Refreshes skipped because a gradient was not finite (16-mixed)."""
         self._generator: torch.Generator | None = None
+        self._steps_seen = 0
+        self._start_tried = False
 
     # -------------------------------------------------------------------------- hooks
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
@@ -122,17 +124,31 @@ class SophiaHessianCallback(*(module.Callback for module in _LIGHTNING.values())
                 f"{type(trainer.strategy).__name__}"
             )
 
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        self._steps_seen = self._sophia(trainer).steps_taken()  # > 0 when resumed
+
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any,
                              batch_idx: int) -> None:
-        """Before the first step: the refresh that ``refresh_at_start`` makes due."""
+        """Before the first step: the refresh that ``refresh_at_start`` makes due (tried once:
+        a later micro-batch holds accumulated gradients that a refresh would clear)."""
+        if self._start_tried:
+            return
+        self._start_tried = True
         sophia = self._sophia(trainer)
         if sophia.steps_taken() == 0 and sophia.hessian_due():
             self.refresh(trainer, pl_module, batch)
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        """After a micro-batch: refresh when the optimizer stepped and a refresh is due."""
-        if self._sophia(trainer).hessian_due():
+        """After a micro-batch: refresh when it ended with an optimizer step and a refresh is
+        due. Only then: mid-window the gradients are being accumulated, and a refresh that was
+        skipped (not finite) stays due until the next step."""
+        sophia = self._sophia(trainer)
+        taken = sophia.steps_taken()
+        if taken == self._steps_seen:
+            return
+        self._steps_seen = taken
+        if sophia.hessian_due():
             self.refresh(trainer, pl_module, batch)
 
     # ------------------------------------------------------------------------ refresh
