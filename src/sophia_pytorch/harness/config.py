@@ -283,11 +283,12 @@ PRESETS: dict[str, Preset] = {
         description="0.8M parameters, bytes, context 64: hundreds of steps a minute on CPU",
         # One thread: its matrices are too small for more to pay (docs/HARNESS.md).
         values={"threads": 1},
-        # Tuned on the lr grid; why Sophia's rho is far above the paper's 0.05:
-        # benchmarks/RESULTS.md, "Harness: tiny comparison".
+        # Tuned on the lr grid; why Sophia's rho is far above the paper's 0.05 and why
+        # Sophia-G's beta1 is 0.9, not the paper's 0.965: benchmarks/RESULTS.md,
+        # "Harness: tiny comparison" and "Convergence".
         optimizers={
             "adamw": OptimizerHparams(3e-3, 3e-4, (0.9, 0.95), 0.1),
-            "sophiag": OptimizerHparams(1e-3, 1e-4, (0.965, 0.99), 0.2, 2.0),
+            "sophiag": OptimizerHparams(1e-3, 1e-4, (0.9, 0.99), 0.2, 2.0),
             "sophiah": OptimizerHparams(1e-3, 1e-4, (0.965, 0.99), 0.2, 2.0),
             "lion": OptimizerHparams(1e-3, 1e-4, (0.9, 0.99), 1.0),
             # Muon's lr: the best of a 100-step pilot over 0.005-0.1 (docs/HARNESS.md).
