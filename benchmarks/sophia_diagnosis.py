@@ -75,6 +75,14 @@ def build(name: str, model: torch.nn.Module, args, options: dict):
     kwargs.update(options)
     wd = kwargs.pop("weight_decay")
     groups = [{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}]
+    if args.embedding_rho is not None:  # the (tied) embeddings in a group of their own
+        embeddings = {id(model.wte.weight), id(model.wpe.weight)}
+        groups = [
+            {"params": [p for p in decay if id(p) not in embeddings], "weight_decay": wd},
+            {"params": [p for p in decay if id(p) in embeddings], "weight_decay": wd,
+             "rho": args.embedding_rho},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
     return sophia_pytorch.SophiaG(groups, **kwargs)
 
 
@@ -142,8 +150,13 @@ def run(name: str, seed: int, args, options: dict, data) -> tuple[float, dict[in
         if name != "adamw" and optimizer.hessian_due():  # refresh_at_start: before step 1
             refresh(model, optimizer, x[:refresh_rows], generator)
         logits = model(x)
-        F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1)).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        if args.trace and step % 10 == 0:
+            unclipped = optimizer.unclipped_fraction() if name != "adamw" else float("nan")
+            print(f"    trace step {step} loss {float(loss):.3f} grad_norm {float(grad_norm):.2f}"
+                  f" unclipped {unclipped:.3f}", flush=True)
         with torch.no_grad():
             for p in model.parameters():
                 shadow_v[p].mul_(0.95).addcmul_(p.grad, p.grad, value=0.05)
@@ -178,7 +191,11 @@ def main() -> None:
     parser.add_argument("--sophia-lr", type=float, default=1e-3)
     parser.add_argument("--sophia", action="append", default=[], metavar="KEY=VALUE",
                         help="SophiaG constructor keyword (TOML literal value); repeatable")
+    parser.add_argument("--embedding-rho", type=float, default=None,
+                        help="a rho of their own for the token and position embeddings")
     parser.add_argument("--no-adamw", action="store_true")
+    parser.add_argument("--trace", action="store_true",
+                        help="print loss, gradient norm and unclipped fraction every 10 steps")
     parser.add_argument("--quiet", action="store_true", help="only the final losses")
     args = parser.parse_args()
     torch.set_num_threads(1)
