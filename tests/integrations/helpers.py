@@ -7,7 +7,11 @@ tiny model's loss falls within a few dozen steps; some rows end in padding, whos
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -106,3 +110,14 @@ def next_token_pairs(count: int, seed: int = 0) -> torch.utils.data.TensorDatase
     inputs = torch.stack([row["input_ids"][:-1] for row in rows])
     targets = torch.stack([row["labels"][1:] for row in rows])
     return torch.utils.data.TensorDataset(inputs, targets)
+
+
+def run_ddp_worker(framework: str, folder: Path, timeout: float = 300) -> list[dict]:
+    """Run ``ddp_worker.py`` on 2 gloo ranks under torchrun; return what each rank saved."""
+    worker = Path(__file__).with_name("ddp_worker.py")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc-per-node", "2", str(worker), framework, str(folder)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    return [torch.load(folder / f"rank{rank}.pt", weights_only=False) for rank in range(2)]

@@ -14,7 +14,13 @@ import torch
 import torch.nn.functional as F
 
 from sophia_pytorch import SophiaG, SophiaH
-from tests.integrations.helpers import RefreshSpy, TinyLM, hessians_of, next_token_pairs
+from tests.integrations.helpers import (
+    RefreshSpy,
+    TinyLM,
+    hessians_of,
+    next_token_pairs,
+    run_ddp_worker,
+)
 
 
 def _importable(name: str) -> bool:
@@ -315,38 +321,18 @@ def test_sophiah_manual_optimization_recipe_refreshes_every_k_steps_and_learns()
 # ---------------------------------------------------------------------------------- DDP
 
 
-class RecordOnRank(pl.Callback):
-    """Saves what one DDP rank saw to ``folder/rank{r}.pt`` at the end of fit."""
-
-    def __init__(self, folder, spied):
-        self.folder, self.spied = folder, spied
-
-    def on_train_end(self, trainer, pl_module):
-        torch.save({
-            "world": trainer.world_size,
-            "calls": [(c.steps_taken, c.scale) for c in pl_module.spy.calls],
-            "local_counts": [int(f["mask"].sum()) for f in self.spied.forwards],
-            "targets": [f["targets"] for f in self.spied.forwards],
-            "hessians": hessians_of(_optimizer(trainer)),
-            "params": [p.detach().clone() for p in pl_module.parameters()],
-        }, self.folder / f"rank{trainer.global_rank}.pt")
-
-
 @pytest.fixture(scope="module")
 def ddp_runs(tmp_path_factory) -> list[dict]:
-    """Two CPU processes forked by Lightning's ``ddp_fork`` strategy (gloo), 4 steps, refresh
-    every 2; each rank reads its own half of every global batch."""
-    folder = tmp_path_factory.mktemp("lightning_ddp")
-    spied = SpiedCallback()
-    _fit(LitLM(refresh_every=2), [spied, RecordOnRank(folder, spied)], max_steps=4,
-         devices=2, strategy="ddp_fork", rows=64)
-    return [torch.load(folder / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    """Two fresh gloo processes under torchrun (tests/integrations/ddp_worker.py) with
+    Lightning's ``ddp`` strategy, 4 steps, refresh every 2; each rank reads its own half of
+    every global batch."""
+    return run_ddp_worker("lightning", tmp_path_factory.mktemp("lightning_ddp"))
 
 
 def test_ddp_ranks_end_with_identical_hessians_and_parameters(ddp_runs):
     first, second = ddp_runs
     assert first["world"] == second["world"] == 2
-    assert not torch.equal(first["targets"][0], second["targets"][0])
+    assert not torch.equal(first["labels"][0], second["labels"][0])
     for h0, h1 in zip(first["hessians"], second["hessians"], strict=True):
         assert torch.equal(h0, h1) and torch.isfinite(h0).all()
     for p0, p1 in zip(first["params"], second["params"], strict=True):

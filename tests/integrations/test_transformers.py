@@ -17,13 +17,13 @@ from transformers import GPT2Config, GPT2LMHeadModel, TrainingArguments  # noqa:
 
 from sophia_pytorch import SophiaG, SophiaH  # noqa: E402
 from sophia_pytorch.integrations.transformers import SophiaTrainer  # noqa: E402
-from tests._multiprocess import free_port, run_on_ranks  # noqa: E402
 from tests.integrations.helpers import (  # noqa: E402
     LENGTH,
     PAD,
     VOCAB,
     RefreshSpy,
     hessians_of,
+    run_ddp_worker,
     token_rows,
 )
 
@@ -255,29 +255,11 @@ def test_a_model_without_logits_gets_a_one_line_error(tmp_path):
 # ---------------------------------------------------------------------------------- DDP
 
 
-def _ddp_rank(rank: int, world_size: int, folder: str) -> dict:
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)  # forked: drop the parent's state
-    GradientState._reset_state()
-    trainer = _train(f"{folder}/rank{rank}", rows=64, max_steps=4,
-                     sophia_kwargs={"refresh_every": 2})
-    return {
-        "world": trainer.args.world_size,
-        "calls": [(c.steps_taken, c.scale) for c in trainer.spy.calls],
-        "local_counts": [int(f["mask"].sum()) for f in trainer.forwards],
-        "labels": [f["labels"] for f in trainer.forwards],
-        "hessians": hessians_of(trainer.optimizer.optimizer),
-        "params": [p.detach().clone() for p in trainer.model.parameters()],
-    }
-
-
 @pytest.fixture(scope="module")
 def ddp_runs(tmp_path_factory) -> list[dict]:
-    folder = tmp_path_factory.mktemp("ddp")
-    env = {"RANK": "{rank}", "LOCAL_RANK": "{rank}", "WORLD_SIZE": "2",
-           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
-    return run_on_ranks(_ddp_rank, folder, str(folder), env=env, timeout=180)
+    """Two fresh gloo processes under torchrun (tests/integrations/ddp_worker.py), 4 steps,
+    refresh every 2; the Trainer gives each rank its own rows."""
+    return run_ddp_worker("transformers", tmp_path_factory.mktemp("ddp"))
 
 
 def test_ddp_ranks_train_on_different_rows_and_end_with_identical_hessians(ddp_runs):
