@@ -4,16 +4,17 @@ A checkpoint is written to a temporary file in the same folder, flushed and fsyn
 renamed over the old one with ``os.replace`` (atomic on POSIX and Windows), and the folder is
 fsynced so the rename itself survives a power cut. A process killed at any point leaves
 either the previous checkpoint or the new one, never a torn file. Checkpoints hold only
-tensors and plain Python values, so they load with ``torch.load(weights_only=True)``.
+tensors and plain Python values, so they load with ``torch.load(weights_only=True)``, and a
+SHA-256 of their payload, checked on load: torch stores tensors uncompressed and unchecked,
+so flipped bytes inside one would otherwise load and train to garbage.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
-import pickle
 import random
 import tempfile
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -21,20 +22,28 @@ import numpy as np
 import torch
 
 from .errors import SophiaError
+from .jsonio import umasked
 
-__all__ = ["load_checkpoint", "rng_state", "save_checkpoint", "set_rng_state"]
+__all__ = ["load_checkpoint", "payload_checksum", "rng_state", "save_checkpoint",
+           "set_rng_state"]
+
+CHECKSUM = "payload_sha256"
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
-    """Write ``state`` (tensors, numbers, strings, lists, dicts) to ``path`` atomically."""
+    """Write ``state`` (tensors, numbers, strings, lists, dicts) to ``path`` atomically,
+    with a checksum of its payload; temp files an earlier, killed save left are removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        stale.unlink(missing_ok=True)
     handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(handle, "wb") as file:
-            torch.save(state, file)
+            torch.save({**state, CHECKSUM: payload_checksum(state)}, file)
             file.flush()
             os.fsync(file.fileno())
+        os.chmod(temp_name, umasked())
         os.replace(temp_name, path)
     except BaseException:
         Path(temp_name).unlink(missing_ok=True)
@@ -67,7 +76,9 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         )
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile) as exc:
+    except MemoryError:
+        raise
+    except Exception as exc:  # any way a file fails to unpickle: not one of ours, or torn
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if "weights_only" in first_line:  # torch's advice (weights_only=False) is not ours
             first_line = "not a tensors-only checkpoint"
@@ -75,12 +86,46 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
             f"cannot read checkpoint {str(path)!r} ({first_line}); it is damaged or not a "
             "sophia checkpoint: point --resume at another one or start without --resume"
         ) from None
-    if not isinstance(state, dict):
+    if isinstance(state, dict) and CHECKSUM not in state and state.get("format") == 1:
+        return state  # written before checksums (sophia 0.1 runs): nothing to check against
+    if not isinstance(state, dict) or CHECKSUM not in state:
         raise SophiaError(
-            f"{str(path)!r} is not a sophia checkpoint (no dict inside); point --resume at a "
-            "checkpoint.pt written by `sophia train`"
+            f"{str(path)!r} is not a sophia checkpoint (it has no payload checksum); point "
+            "--resume at a checkpoint.pt written by `sophia train`"
+        )
+    if state.pop(CHECKSUM) != payload_checksum(state):
+        raise SophiaError(
+            f"checkpoint {str(path)!r} is damaged (its payload does not match its checksum); "
+            "point --resume at another checkpoint or start without --resume"
         )
     return state
+
+
+def payload_checksum(state: Any) -> str:
+    """SHA-256 over every tensor's bytes, dtype and shape and every other value's repr, in
+    order: a flipped byte anywhere in the payload changes it."""
+    digest = hashlib.sha256()
+    _feed(digest, state)
+    return digest.hexdigest()
+
+
+def _feed(digest: Any, value: Any) -> None:
+    if isinstance(value, torch.Tensor):
+        tensor = value.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"tensor {tensor.dtype} {tuple(value.shape)};".encode())
+        if tensor.numel():
+            digest.update(tensor.view(torch.uint8).numpy().tobytes())
+    elif isinstance(value, dict):
+        digest.update(f"dict {len(value)};".encode())
+        for key, item in value.items():
+            _feed(digest, key)
+            _feed(digest, item)
+    elif isinstance(value, (list, tuple)):
+        digest.update(f"{type(value).__name__} {len(value)};".encode())
+        for item in value:
+            _feed(digest, item)
+    else:
+        digest.update(f"{type(value).__name__} {value!r};".encode())
 
 
 def rng_state() -> dict[str, Any]:

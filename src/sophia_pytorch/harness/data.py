@@ -40,7 +40,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .errors import SophiaError
+from .errors import SophiaError, writing
+from .jsonio import umasked
 
 __all__ = [
     "BatchSampler",
@@ -116,6 +117,11 @@ def _user_files(source: str) -> list[Path]:
             "default, shakespeare, bible, hf:NAME"
         )
     if path.is_file():
+        if not _is_text_file(path):
+            raise SophiaError(
+                f"data file {source!r} looks binary (it holds NUL bytes); pass a text file, or "
+                "a folder of them"
+            )
         return [path]
     files = [
         p for p in sorted(path.rglob("*"))
@@ -323,7 +329,8 @@ def prepare_data(source: str = "default", *, tokenizer: str = "byte", bpe_vocab_
     slug = "".join(c if c.isalnum() else "_" for c in Path(source).name or source)[:40]
     folder = cache_dir / f"{slug}-{tokenizer}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
     if not (folder / "meta.json").exists():
-        _build_cache(source, folder, tokenizer, bpe_vocab_size, val_fraction)
+        with writing("--cache-dir (or $SOPHIA_CACHE)", cache_dir):
+            _build_cache(source, folder, tokenizer, bpe_vocab_size, val_fraction)
     meta = json.loads((folder / "meta.json").read_text())
     if tokenizer == "bpe":
         token_coder: ByteTokenizer | BPETokenizer = BPETokenizer.load(folder / "tokenizer.json")
@@ -359,6 +366,7 @@ def _build_cache(source: str, folder: Path, tokenizer: str, bpe_vocab_size: int,
         meta = {"source": source, "tokenizer": tokenizer, "vocab_size": token_coder.vocab_size,
                 "dtype": np.dtype(dtype).name, "val_fraction": val_fraction, **counts}
         (temp / "meta.json").write_text(json.dumps(meta, indent=1))
+        os.chmod(temp, umasked(0o777))  # mkdtemp made it owner-only; others may read it
         try:
             os.replace(temp, folder)
         except OSError:  # another process built the same cache first: keep theirs

@@ -1,5 +1,5 @@
-"""JSON out of the harness: standard JSON only (a non-finite float is written as null),
-and whole files replaced atomically."""
+"""Files out of the harness: standard JSON only (a non-finite float is written as null),
+whole files replaced atomically, permissions as the umask says."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-__all__ = ["dumps", "write_json"]
+__all__ = ["dumps", "umasked", "write_json"]
 
 
 def _finite(value: Any) -> Any:
@@ -35,14 +35,16 @@ def write_json(path: str | Path, value: Any) -> None:
     try:
         with os.fdopen(handle, "w") as file:
             file.write(dumps(value, indent=1) + "\n")
-        os.chmod(temp, 0o666 & ~_umask())
+        os.chmod(temp, umasked())
         os.replace(temp, path)
     except BaseException:
         Path(temp).unlink(missing_ok=True)
         raise
 
 
-def _umask() -> int:
+def umasked(mode: int = 0o666) -> int:
+    """``mode`` less the process's umask: what ``open`` would give a new file (``mkstemp``
+    and ``mkdtemp`` make owner-only files and folders; others should read ours too)."""
     mask = os.umask(0)
     os.umask(mask)
-    return mask
+    return mode & ~mask
