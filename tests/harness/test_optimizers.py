@@ -85,7 +85,7 @@ def test_sophia_option_flags_are_toml_literals_and_override_the_file(tmp_path, m
     toml.write_text("[optimizer.sophia_options]\nkept = 3\nreplaced = 1\n")
     seen = {}
 
-    def stop_before_training(config, resume=None):
+    def stop_before_training(config, resume=None, overwrite=False):
         seen["options"] = config.optimizer.sophia_options
         raise SophiaError("stopped")
 
@@ -172,6 +172,18 @@ def test_muon_state_dict_round_trips_and_the_scheduler_drives_both_parts():
     for param in built.muon.param_groups[0]["params"]:
         assert torch.equal(built.state[param]["momentum_buffer"],
                            again.state[param]["momentum_buffer"])
+
+
+def test_reading_muons_state_through_the_wrapper_changes_neither_optimizer():
+    model = _model()
+    built = build_optimizer(make_config("tiny", {"optimizer": "muon"}), model)
+    model(torch.randint(256, (2, 8))).logsumexp(-1).mean().backward()
+    built.step()
+    sizes = (len(built.muon.state), len(built.adamw.state))
+    assert len(built.state) == sum(sizes) == len(list(model.parameters()))
+    assert all(isinstance(state, dict) for state in built.state.values())
+    assert (len(built.muon.state), len(built.adamw.state)) == sizes
+    built.state_dict()  # packs each optimizer's own parameters only
 
 
 def test_muon_refuses_fsdp():

@@ -27,7 +27,7 @@ from .config import (
     optimizer_names,
     to_dict,
 )
-from .errors import SophiaError
+from .errors import SophiaError, os_error_message
 
 __all__ = ["main"]
 
@@ -35,7 +35,12 @@ _COMPARE_OWN = ("optimizer", "lr", "seed", "out_dir")
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse with one-line errors (no usage block), in the same form as SophiaError's."""
+    """argparse with one-line errors (no usage block), in the same form as SophiaError's,
+    and no abbreviated flags (``--lr`` must not quietly mean ``--lr-grid``)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> None:  # type: ignore[override]
         raise SophiaError(f"{message}; see `{self.prog} --help`")
@@ -72,7 +77,10 @@ def _build_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", dest="config_file", metavar="FILE.toml",
                        help="TOML file of settings (flat key = value)")
     train.add_argument("--resume", metavar="PATH",
-                       help="continue from a run folder or checkpoint.pt (keeps its settings)")
+                       help="continue from a run folder or checkpoint.pt (keeps its settings; "
+                            "flags given change what can change, the rest is refused)")
+    train.add_argument("--overwrite", action="store_true",
+                       help="replace the run in --out-dir if it holds one (default: refuse)")
     _add_config_flags(train)
 
     compare = commands.add_parser(
@@ -150,13 +158,14 @@ def _run_train(args: argparse.Namespace) -> int:
 
     overrides = _overrides(args)
     if args.resume:
-        saved = flatten(load_checkpoint(args.resume)["config"])
+        saved = load_checkpoint(args.resume).get("config")
+        saved = flatten(saved) if isinstance(saved, dict) else {}  # train() names what lacks
         resume_dir = Path(args.resume)
         resume_dir = resume_dir if resume_dir.is_dir() else resume_dir.parent
         overrides = {**saved, "out_dir": str(resume_dir), **overrides}
     config = make_config(overrides.pop("preset", "tiny"), overrides)
     try:
-        result = train(config, resume=args.resume)
+        result = train(config, resume=args.resume, overwrite=args.overwrite)
         if not is_main_process():  # under torchrun, rank 0 reports
             return 0
     finally:
@@ -209,6 +218,12 @@ def main(argv: list[str] | None = None) -> int:
         return _run_presets()
     except SophiaError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a full disk or a read-only folder that no writer above caught
+        message = os_error_message(exc, "--out-dir (--out for compare) or --cache-dir")
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; continue a run with `sophia train --resume <run folder>`",

@@ -18,6 +18,7 @@ import dataclasses
 import difflib
 import json
 import math
+import os
 import types
 import typing
 from collections.abc import Callable
@@ -102,6 +103,9 @@ class OptimizerHparams:
 
 # Run settings that do not change a run's numbers: where files go, how progress shows.
 _NOT_IDENTITY = {"identity": False}
+# Settings a resumed run must keep (besides the whole model and data sections).
+_FIXED = {"fixed": True}
+MAX_SEED = 2**63 - 1  # torch.manual_seed's range
 
 
 @dataclass
@@ -144,7 +148,7 @@ class OptimizerConfig:
 
     fixed_on_resume: ClassVar[bool] = False
 
-    name: str = field(default="sophiag", metadata={"flag": "optimizer", "fixed": True})
+    name: str = field(default="sophiag", metadata={"flag": "optimizer", **_FIXED})
     lr: float | None = None  # peak learning rate
     min_lr: float | None = None  # the cosine's floor
     beta1: float | None = None
@@ -174,14 +178,14 @@ class RunConfig:
     batch_size: int = 32  # rows per micro-batch (per rank)
     grad_accum: int = 1  # micro-batches per optimizer step
     max_steps: int = 200
-    seed: int = 0  # model initialisation, data order, Hessian sampling
+    seed: int = field(default=0, metadata=_FIXED)  # model init, data order, Hessian draws
     dtype: str = "auto"  # autocast dtype; auto = bfloat16 on a CUDA GPU that supports it
     device: str = "auto"
     threads: int = 0  # CPU threads for torch; 0 keeps torch's default (all cores)
     parallel: str = "none"  # none, ddp or fsdp; ddp/fsdp under torchrun (docs/DISTRIBUTED.md)
     compile: bool = False
     eval_every: int = 25
-    eval_batches: int = 8
+    eval_batches: int = field(default=8, metadata=_FIXED)  # the same val set all run long
     checkpoint_every: int = field(default=0, metadata=_NOT_IDENTITY)  # 0: only at the end
     max_bad_steps: int = 5  # abort after this many non-finite steps in a row
     out_dir: str = field(default="", metadata=_NOT_IDENTITY)  # "": runs/<preset>-<optim>-<time>
@@ -435,6 +439,9 @@ def _validate(config: Config) -> None:
             raise SophiaError(message)
 
     flat = {name: getattr(getattr(config, s), a) for name, (s, a) in FLAT.items()}
+    for name, value in flat.items():
+        need(not isinstance(value, float) or math.isfinite(value),
+             f"{name} must be finite, got {value}; give a finite --{name.replace('_', '-')}")
     for name in ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "grad_accum",
                  "max_steps", "refresh_every", "eval_batches", "max_bad_steps",
                  "bpe_vocab_size"):
@@ -443,6 +450,12 @@ def _validate(config: Config) -> None:
                  "weight_decay", "rho", "grad_clip"):
         need(flat[name] >= 0, f"{name} must be >= 0, got {flat[name]}")
     model, optimizer, run = config.model, config.optimizer, config.run
+    need(0 <= run.seed <= MAX_SEED, f"seed must be in [0, 2**63 - 1], got {run.seed}")
+    cpus = os.cpu_count() or 1
+    need(run.threads <= cpus, f"threads {run.threads} exceeds the {cpus} CPUs here; use "
+                              f"--threads 1..{cpus} (0: torch's default)")
+    need(config.data.bpe_vocab_size <= 2**32,
+         f"bpe_vocab_size must be at most 2**32, got {config.data.bpe_vocab_size}")
     need(model.n_embd % model.n_head == 0,
          f"n_embd ({model.n_embd}) must be a multiple of n_head ({model.n_head})")
     need(0.0 <= model.dropout < 1.0, f"dropout must be in [0, 1), got {model.dropout}")

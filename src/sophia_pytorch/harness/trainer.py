@@ -22,27 +22,29 @@ model and optimizer state in a ``torch.distributed.checkpoint`` folder beside ch
 from __future__ import annotations
 
 import contextlib
-import json
 import math
+import os
 import shutil
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from .. import _dtensor
 from . import distributed
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from .config import Config, fixed_on_resume, flatten, to_dict
+from .config import SECTIONS, Config, fixed_on_resume, flatten, to_dict
 from .data import BatchSampler, prepare_data
-from .errors import SophiaError, require
+from .errors import DivergedError, SophiaError, require, writing
+from .jsonio import write_json
 from .model import GPT, GPTConfig, lm_loss
 from .optimizers import build_optimizer, build_refresh
-from .rundir import RunLog, is_main_process, make_run_dir
+from .rundir import RunLock, RunLog, is_main_process, make_run_dir, prepare_run_dir
 from .schedule import WarmupCosine
 
 __all__ = ["TrainResult", "TrainState", "Trainer", "build_optimizer", "is_main_process",
@@ -110,7 +112,12 @@ def pick_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise SophiaError(f"unknown device {name!r}; use auto, cpu or cuda[:N]") from None
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps") or (
+            device.type == "cpu" and device.index not in (None, 0)):
+        raise SophiaError(f"unknown device {name!r}; use auto, cpu or cuda[:N]")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise SophiaError("device mps was asked for but this machine has none; use --device cpu")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SophiaError("device cuda was asked for but no CUDA GPU is visible; use --device cpu")
     return device
@@ -170,13 +177,30 @@ class Trainer:
     """
 
     def __init__(self, config: Config, *, resume: str | Path | None = None,
-                 on_step: Callable[[dict[str, Any]], None] | None = None) -> None:
-        run, shape = config.run, config.model
-        self.tqdm = require("tqdm").tqdm if run.progress else None
+                 on_step: Callable[[dict[str, Any]], None] | None = None,
+                 overwrite: bool = False) -> None:
+        self.tqdm = require("tqdm").tqdm if config.run.progress else None
         self.config = config
         self.on_step = on_step
         self.env = _join_job(config)
         self.device = self.env.device
+        self.run_dir = make_run_dir(config.run.out_dir, config.preset, config.optimizer.name)
+        self.lock = RunLock(self.run_dir) if self.env.is_main else None
+        self.log: RunLog | None = None
+        created = not self.run_dir.exists()
+        if self.lock is not None:
+            self.lock.acquire()
+        try:
+            if self.env.is_main:
+                prepare_run_dir(self.run_dir, overwrite=overwrite,
+                                resuming_here=_same_folder(resume, self.run_dir))
+            self._build(resume)
+        except BaseException:
+            self.close(remove_if_empty=created)
+            raise
+
+    def _build(self, resume: str | Path | None) -> None:
+        config, run, shape = self.config, self.config.run, self.config.model
         self.dtype = pick_dtype(run.dtype, self.device)
         self.tokens_per_step = config.tokens_per_step * self.env.world_size
         if run.threads:
@@ -190,17 +214,17 @@ class Trainer:
                             cache_dir=run.cache_dir or None, min_tokens=shape.block_size + 1)
         if self.env.is_main:
             distributed.barrier()
+        check_memory(config, data.vocab_size, self.device)
         self.model = GPT(GPTConfig(vocab_size=data.vocab_size, block_size=shape.block_size,
                                    n_layer=shape.n_layer, n_head=shape.n_head,
                                    n_embd=shape.n_embd, dropout=shape.dropout)).to(self.device)
         self.train_model = wrap_model(self.model, config, self.device)  # before: FSDP2 shards
         self.optimizer = build_optimizer(config, self.model, self.device)
+        self.built_hyperparameters = _hyperparameters(self.optimizer)  # before the schedule
         self.refresh = build_refresh(config, self.optimizer, self.train_model,
                                      autocast=self.autocast, device=self.device,
                                      rank=self.env.rank, world_size=self.env.world_size)
-        lr, min_lr = config.optimizer.lr, config.optimizer.min_lr
-        self.min_lr_ratio = min_lr / lr if lr else 1.0  # type: ignore[operator]
-        self.scheduler = WarmupCosine(self.optimizer, min_lr_ratio=self.min_lr_ratio,
+        self.scheduler = WarmupCosine(self.optimizer, min_lr_ratio=_min_lr_ratio(config),
                                       warmup_steps=config.optimizer.warmup_steps,
                                       max_steps=run.max_steps)
         self.train_batches = BatchSampler(data.train, run.batch_size, shape.block_size,
@@ -208,16 +232,31 @@ class Trainer:
                                           world_size=self.env.world_size, device=self.device)
         self.val_batches = BatchSampler(data.val, run.batch_size, shape.block_size,
                                         seed=EVAL_SEED, device=self.device)
-        self.run_dir = make_run_dir(run.out_dir, config.preset, config.optimizer.name)
         self.state = TrainState()
         self.last_train_loss = math.nan
+        self.last_saved_step: int | None = None
         if resume is not None:
             self._resume(resume)
         self.log = RunLog(self.run_dir, keep_until_step=self.state.step if resume else None,
                           tensorboard=run.tensorboard)
         if is_main_process():
-            (self.run_dir / "config.json").write_text(json.dumps(to_dict(config), indent=1)
-                                                      + "\n")
+            with writing("--out-dir", self.run_dir):
+                write_json(self.run_dir / "config.json", to_dict(config))
+
+    def close(self, *, remove_if_empty: bool = False) -> None:
+        """Close the log and let go of the run folder (removing it if this run made it and
+        left nothing in it but its lock file)."""
+        if self.log is not None:
+            self.log.close()
+        if self.lock is None:
+            return
+        self.lock.release()
+        if remove_if_empty and self.run_dir.is_dir() and \
+                [p.name for p in self.run_dir.iterdir()] == [".lock"]:
+            with contextlib.suppress(OSError):
+                self.lock.path.unlink()
+                self.run_dir.rmdir()
+        self.lock = None
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """Autocast to the run's dtype (a no-op in float32)."""
@@ -238,26 +277,26 @@ class Trainer:
         try:
             while state.step < run.max_steps:
                 record = self.train_step()
-                self.log.write(record)
+                self.log.write(record)  # type: ignore[union-attr]
                 if bar is not None:
                     _show_progress(bar, record)
                 if state.bad_in_row >= run.max_bad_steps:
-                    raise SophiaError(
+                    raise self._diverged(
                         f"training diverged: {state.bad_in_row} steps in a row (up to step "
                         f"{state.step}) had a non-finite loss or gradient; lower --lr or raise "
-                        "--warmup-steps, then --resume from the last checkpoint"
-                    )
+                        "--warmup-steps")
                 if self.on_step is not None:
                     self.on_step(record)
                 last = state.step == run.max_steps
                 if run.eval_every and (state.step % run.eval_every == 0 or last):
                     self.evaluate()
-                if (run.checkpoint_every and state.step % run.checkpoint_every == 0) or last:
+                # No checkpoint inside a bad streak: the last one must predate it.
+                if last or (run.checkpoint_every and state.step % run.checkpoint_every == 0
+                            and not state.bad_in_row):
                     self.save()
         finally:
             if bar is not None:
                 bar.close()
-            self.log.close()
         return self.result()
 
     def train_step(self) -> dict[str, Any]:
@@ -326,29 +365,60 @@ class Trainer:
         row = {"step": state.step, "val_loss": val_loss, "seconds": state.train_seconds,
                "tokens": state.tokens}
         state.evals.append(row)
-        self.log.write({"kind": "eval", **row})
+        self.log.write({"kind": "eval", **row})  # type: ignore[union-attr]
+        if not math.isfinite(val_loss):
+            raise self._diverged(f"the validation loss at step {state.step} is not finite; "
+                                 "lower --lr or raise --warmup-steps")
         return val_loss
 
     def save(self) -> None:
-        """Write ``checkpoint.pt`` atomically (rank 0); FSDP2 shards go to their own folder."""
+        """Write ``checkpoint.pt`` atomically (rank 0); FSDP2 shards go to their own folder.
+
+        Raises:
+            DivergedError: the weights or optimizer state are not finite (nothing is written:
+                the last checkpoint stays the last finite one).
+        """
+        if not self._finite():
+            raise self._diverged(f"the weights are not finite after step {self.state.step}; "
+                                 "lower --lr (or --weight-decay)")
         sharded = None
-        if self.config.run.parallel == "fsdp":  # every rank writes its shards to a new folder
-            sharded = f"checkpoint-{self.state.step:08d}"
-            distributed.save_sharded(self.run_dir / sharded, self.model, self.optimizer)
-        if not is_main_process():
-            return
-        save_checkpoint({
-            "format": CHECKPOINT_FORMAT, "config": to_dict(self.config), "sharded": sharded,
-            "model": None if sharded else self.model.state_dict(),
-            "optimizer": None if sharded else self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(), "train_state": self.state.state_dict(),
-            "rng": rng_state(),
-        }, self.run_dir / "checkpoint.pt")
-        for folder in self.run_dir.glob("checkpoint-*"):  # checkpoint.pt now names the new one
-            if folder.name != sharded:
-                shutil.rmtree(folder, ignore_errors=True)
+        with writing("--out-dir", self.run_dir):
+            if self.config.run.parallel == "fsdp":  # every rank writes its shards anew
+                sharded = f"checkpoint-{self.state.step:08d}"
+                distributed.save_sharded(self.run_dir / sharded, self.model, self.optimizer)
+            if is_main_process():
+                save_checkpoint({
+                    "format": CHECKPOINT_FORMAT, "config": to_dict(self.config),
+                    "sharded": sharded, "model": None if sharded else self.model.state_dict(),
+                    "optimizer": None if sharded else self.optimizer.state_dict(),
+                    "scheduler": self.scheduler.state_dict(),
+                    "train_state": self.state.state_dict(), "rng": rng_state(),
+                }, self.run_dir / "checkpoint.pt")
+                for folder in self.run_dir.glob("checkpoint-*"):  # the new one is named now
+                    if folder.name != sharded:
+                        shutil.rmtree(folder, ignore_errors=True)
+        self.last_saved_step = self.state.step
+
+    def _finite(self) -> bool:
+        """Whether every weight and optimizer state tensor is finite, on every rank."""
+        tensors = [p.detach() for p in self.model.parameters()]
+        tensors += [value for per_param in self.optimizer.state.values()
+                    for value in per_param.values()
+                    if isinstance(value, torch.Tensor) and value.is_floating_point()]
+        flags = [(t.to_local() if _dtensor.is_dtensor(t) else t).isfinite().all()
+                 for t in tensors]
+        local = float(torch.stack([f.to(self.device) for f in flags]).all()) if flags else 1.0
+        return distributed.mean_over_ranks(local) == 1.0
+
+    def _diverged(self, problem: str) -> DivergedError:
+        if self.last_saved_step is None:
+            advice = "start again (no checkpoint was written yet)"
+        else:
+            advice = f"--resume {self.run_dir} (step {self.last_saved_step})"
+        return DivergedError(f"{problem}, then {advice}", result=self.result())
 
     def _resume(self, resume: str | Path) -> None:
+        """Load a checkpoint; apply the settings this config changes, refuse the rest."""
         checkpoint = load_checkpoint(resume)
         missing = [k for k in ("config", "model", "optimizer", "scheduler", "rng")
                    if k not in checkpoint]
@@ -359,6 +429,10 @@ class Trainer:
                 "checkpoint.pt written by `sophia train`"
             )
         _check_compatible(checkpoint["config"], self.config, resume)
+        # Optimizer settings the saved config gave, to tell which ones this config changes.
+        saved_optimizer = _section(checkpoint["config"], "optimizer")
+        reference = _hyperparameters(build_optimizer(
+            replace(self.config, optimizer=saved_optimizer), self.model, self.device))
         if checkpoint.get("sharded"):  # an FSDP2 run's: DCP reshards it to this job's ranks
             resume_dir = Path(resume) if Path(resume).is_dir() else Path(resume).parent
             distributed.load_sharded(resume_dir / checkpoint["sharded"], self.model,
@@ -371,16 +445,23 @@ class Trainer:
         else:
             self.model.load_state_dict(checkpoint["model"])
             self.optimizer.load_state_dict(checkpoint["optimizer"])
+        groups = self.optimizer.param_groups
+        for group, new, old in zip(groups, self.built_hyperparameters, reference, strict=True):
+            for key, value in new.items():
+                if value != old.get(key):  # changed on resume: applied (else kept as saved,
+                    group["initial_lr" if key == "lr" else key] = value  # e.g. adapted rho)
         scheduler = self.scheduler
         scheduler.load_state_dict(checkpoint["scheduler"])
-        # The schedule follows the current config, so `--resume --max-steps N` extends it.
+        # The schedule follows the current config: `--resume --max-steps N --lr X` applies.
+        scheduler.base_lrs = [group["initial_lr"] for group in groups]
         scheduler.min_lr_ratio, scheduler.warmup_steps, scheduler.max_steps = (
-            self.min_lr_ratio, self.config.optimizer.warmup_steps,
+            _min_lr_ratio(self.config), self.config.optimizer.warmup_steps,
             self.config.run.max_steps)
-        for group, group_lr in zip(self.optimizer.param_groups, scheduler.get_lr(), strict=True):
+        for group, group_lr in zip(groups, scheduler.get_lr(), strict=True):
             group["lr"] = group_lr
-        scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+        scheduler._last_lr = [group["lr"] for group in groups]
         self.state.load_state_dict(_train_state(checkpoint, self.config))
+        self.last_saved_step = self.state.step
         set_rng_state(checkpoint["rng"])
 
     def result(self) -> TrainResult:
@@ -396,7 +477,8 @@ class Trainer:
 
 
 def train(config: Config, *, resume: str | Path | None = None,
-          on_step: Callable[[dict[str, Any]], None] | None = None) -> TrainResult:
+          on_step: Callable[[dict[str, Any]], None] | None = None,
+          overwrite: bool = False) -> TrainResult:
     """Train a GPT as ``config`` says; return the evaluations and timings.
 
     Args:
@@ -405,12 +487,21 @@ def train(config: Config, *, resume: str | Path | None = None,
             ``config.run.out_dir`` (set it to the same folder to continue in place).
         on_step: called with each step's log record after it is written (tests use it to
             simulate a crash).
+        overwrite: replace a run ``config.run.out_dir`` holds (default: refuse it).
 
     Raises:
-        SophiaError: bad data, an unreadable or mismatched checkpoint, or a run that produced
-            ``max_bad_steps`` non-finite steps in a row.
+        SophiaError: bad data or settings, an unreadable or mismatched checkpoint, a run
+            folder in use or holding another run, a disk that refuses writes, too little
+            memory.
+        DivergedError: ``max_bad_steps`` non-finite steps in a row, non-finite weights or
+            validation loss (its ``result`` holds the run so far).
     """
-    return Trainer(config, resume=resume, on_step=on_step).fit()
+    with _memory_errors_are_user_errors():
+        trainer = Trainer(config, resume=resume, on_step=on_step, overwrite=overwrite)
+        try:
+            return trainer.fit()
+        finally:
+            trainer.close()
 
 
 def _show_progress(bar: Any, record: dict[str, Any]) -> None:
@@ -436,11 +527,92 @@ def _train_state(checkpoint: dict[str, Any], config: Config) -> dict[str, Any]:
 
 
 def _check_compatible(saved: dict[str, Any], config: Config, resume: str | Path) -> None:
-    """Refuse to resume with another model, data, optimizer or seed than the checkpoint's."""
+    """Refuse to resume with another preset, model, data, optimizer, seed or validation set
+    than the checkpoint's (every other setting is applied)."""
     mine, theirs = flatten(to_dict(config)), flatten(saved)
-    for key in fixed_on_resume():
+    for key in ("preset", *fixed_on_resume()):
         if theirs.get(key) != mine[key]:
             raise SophiaError(
                 f"checkpoint {str(resume)!r} was trained with {key}={theirs.get(key)!r}, not "
                 f"{mine[key]!r}; drop the --{key.replace('_', '-')} flag to resume it"
             )
+
+
+def _same_folder(resume: str | Path | None, run_dir: Path) -> bool:
+    if resume is None:
+        return False
+    folder = Path(resume) if Path(resume).is_dir() else Path(resume).parent
+    return folder.resolve() == run_dir.resolve()
+
+
+def _min_lr_ratio(config: Config) -> float:
+    lr, min_lr = config.optimizer.lr, config.optimizer.min_lr
+    return min_lr / lr if lr else 1.0  # type: ignore[operator]
+
+
+def _hyperparameters(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
+    return [{k: v for k, v in group.items() if k not in ("params", "initial_lr")}
+            for group in optimizer.param_groups]
+
+
+def _section(saved: dict[str, Any], name: str) -> Any:
+    """Section ``name`` of a saved config (nested or flat), unvalidated."""
+    cls = SECTIONS[name]
+    values = flatten(saved)
+    return cls(**{f.name: values[flat] for f in fields(cls)
+                  if (flat := f.metadata.get("flag", f.name)) in values})
+
+
+# Bytes per float32 parameter held during a step: weights, gradients, two optimizer moments.
+_BYTES_PER_PARAMETER = 16
+
+
+def estimate_memory(config: Config, vocab_size: int) -> dict[str, int]:
+    """A rough lower bound of the bytes a training step holds, by part: ``model``
+    (parameters, gradients, optimizer state), ``activations`` (one micro-batch's, kept for
+    backward, plus its logits) and ``batches`` (the step's token windows)."""
+    shape, run = config.model, config.run
+    d, layers, block, rows = shape.n_embd, shape.n_layer, shape.block_size, run.batch_size
+    parameters = 12 * layers * d * d + 13 * layers * d + (vocab_size + block) * d + 2 * d
+    return {"model": _BYTES_PER_PARAMETER * parameters,
+            "activations": 4 * rows * block * (16 * layers * d + 3 * vocab_size),
+            "batches": 8 * run.grad_accum * rows * (block + 1)}
+
+
+def check_memory(config: Config, vocab_size: int, device: torch.device) -> None:
+    """Refuse, before allocating, a CPU run that cannot fit in this machine's memory (a GPU
+    run that does not fit stops at its first out-of-memory error instead)."""
+    if device.type != "cpu":
+        return
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return
+    parts = estimate_memory(config, vocab_size)
+    if sum(parts.values()) <= total:
+        return
+    fixes = {"model": "use a smaller model (--n-layer, --n-embd)",
+             "activations": "lower --batch-size (raise --grad-accum to keep the tokens per "
+                            "step) or --block-size",
+             "batches": "lower --grad-accum"}
+    largest = max(parts, key=parts.__getitem__)
+    raise SophiaError(
+        f"this run needs at least {sum(parts.values()) / 2**30:.3g} GiB of memory (mostly "
+        f"{largest}), more than the {total / 2**30:.3g} GiB here; {fixes[largest]}"
+    )
+
+
+@contextlib.contextmanager
+def _memory_errors_are_user_errors() -> Any:
+    try:
+        yield
+    except (MemoryError, RuntimeError) as exc:
+        text = str(exc)
+        if isinstance(exc, RuntimeError) and not isinstance(exc, torch.OutOfMemoryError) \
+                and "out of memory" not in text and "can't allocate memory" not in text:
+            raise
+        first = text.strip().splitlines()[0][:120] if text.strip() else type(exc).__name__
+        raise SophiaError(
+            f"out of memory ({first}); lower --batch-size (raise --grad-accum to keep the "
+            "tokens per step) or use a smaller model"
+        ) from None

@@ -10,8 +10,7 @@ group dicts, so an lr scheduler that writes ``group["lr"]`` drives both, and its
 
 from __future__ import annotations
 
-from collections import ChainMap
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -71,7 +70,7 @@ class MuonWithAdamW(Optimizer):
     def _share_groups(self) -> None:
         # The very dicts of the two optimizers: whatever writes group["lr"] reaches them.
         self.param_groups = self._groups()
-        self.state = ChainMap(self.muon.state, self.adamw.state)  # type: ignore[assignment]
+        self.state = _States(self.muon.state, self.adamw.state)  # type: ignore[assignment]
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
@@ -90,3 +89,24 @@ class MuonWithAdamW(Optimizer):
         self.muon.load_state_dict(state_dict["muon"])
         self.adamw.load_state_dict(state_dict["adamw"])
         self._share_groups()  # loading replaced the two optimizers' group dicts
+
+
+class _States(Mapping):
+    """The per-parameter states of both optimizers, read-only. (Not a ChainMap: reading a
+    key through it would add an empty entry to the first optimizer's defaultdict.)"""
+
+    def __init__(self, *states: Mapping) -> None:
+        self.states = states
+
+    def __getitem__(self, param: Any) -> Any:
+        for state in self.states:
+            if param in state:
+                return state[param]
+        raise KeyError(param)
+
+    def __iter__(self) -> Iterator[Any]:
+        for state in self.states:
+            yield from state
+
+    def __len__(self) -> int:
+        return sum(len(state) for state in self.states)

@@ -14,7 +14,8 @@ __all__ = ["CompareSummary", "RunRecord"]
 
 @dataclass
 class RunRecord:
-    """One finished run of a comparison. ``evals`` rows: step, val_loss, seconds, tokens."""
+    """One finished (or diverged) run of a comparison. ``evals`` rows: step, val_loss,
+    seconds, tokens."""
 
     optimizer: str
     lr: float
@@ -28,16 +29,19 @@ class RunRecord:
     skipped_steps: int
     run_dir: str
     evals: list[dict[str, float]] = field(default_factory=list)
+    diverged: bool = False  # stopped non-finite; final_val_loss is then NaN
 
     @classmethod
-    def from_result(cls, result: TrainResult, multiplier: float) -> RunRecord:
+    def from_result(cls, result: TrainResult, multiplier: float,
+                    diverged: bool = False) -> RunRecord:
         return cls(
             optimizer=result.config["optimizer"]["name"], lr=result.config["optimizer"]["lr"],
             lr_multiplier=multiplier, seed=result.config["run"]["seed"],
-            final_val_loss=result.final_val_loss, steps=result.steps,
+            final_val_loss=math.nan if diverged else result.final_val_loss,
+            steps=result.steps,
             train_seconds=result.train_seconds, hessian_seconds=result.hessian_seconds,
             tokens=result.tokens, skipped_steps=result.skipped_steps,
-            run_dir=str(result.run_dir), evals=result.evals,
+            run_dir=str(result.run_dir), evals=result.evals, diverged=diverged,
         )
 
 

@@ -10,7 +10,6 @@ spread is over seeds (mean, min-max). "Seconds" count training only, evaluation 
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import platform
@@ -23,6 +22,7 @@ from typing import Any
 import torch
 
 from ..errors import require
+from ..jsonio import write_json
 from .records import CompareSummary
 
 __all__ = ["reach", "write_report"]
@@ -174,7 +174,7 @@ def write_report(out: Path, *, records: list[Any], best_multipliers: dict[str, f
         "runs": [asdict(r) for r in records],
     }
     results_path = out / "results.json"
-    results_path.write_text(json.dumps(results, indent=1) + "\n")
+    write_json(results_path, results)
     plot_paths = _plot(out, records, best_multipliers, optimizers, headline)
     reference, settings = headline["reference"], base_config["run"]
     lines = [
@@ -214,7 +214,8 @@ def write_report(out: Path, *, records: list[Any], best_multipliers: dict[str, f
               "skipped |", "|---|---|---|---|---|---|---|---|"]
     for r in records:
         mark = " (tuned)" if r.lr_multiplier == best_multipliers[r.optimizer] else ""
-        lines.append(f"| {r.optimizer} | {r.lr:.3g}{mark} | {r.seed} | {r.final_val_loss:.4f} | "
+        final = "diverged" if r.diverged else f"{r.final_val_loss:.4f}"
+        lines.append(f"| {r.optimizer} | {r.lr:.3g}{mark} | {r.seed} | {final} | "
                      f"{r.steps} | {r.train_seconds:.1f} | {r.hessian_seconds:.1f} | "
                      f"{r.skipped_steps} |")
     lines += ["", "Seconds count training steps and Hessian refreshes, not evaluation. "

@@ -38,7 +38,7 @@ from ..config import (
     optimizer_names,
     to_dict,
 )
-from ..errors import SophiaError
+from ..errors import DivergedError, SophiaError, writing
 from ..jsonio import write_json
 from ..trainer import train
 from .records import CompareSummary, RunRecord
@@ -112,8 +112,14 @@ class _Runs:
             record, verb = RunRecord.from_dict(saved["record"]), "found"
         else:
             resume = self._resumable(folder, wanted, saved)
-            record = RunRecord.from_result(train(config, resume=resume), multiplier)
-            write_json(folder / RECORD, {"record": asdict(record), "config": to_dict(config)})
+            try:
+                record = RunRecord.from_result(train(config, resume=resume), multiplier)
+            except DivergedError as exc:  # a grid point too hot: recorded, not the best
+                print(f"{optimizer} x{multiplier:g} seed={seed}: {exc}", file=sys.stderr)
+                record = RunRecord.from_result(exc.result, multiplier, diverged=True)
+            with writing("--out", folder):
+                write_json(folder / RECORD, {"record": asdict(record),
+                                             "config": to_dict(config)})
             verb = "resumed" if resume else "trained"
         self.records[key] = record
         print(f"{optimizer} lr={record.lr:.3g} seed={seed} ({verb}): final val loss "
@@ -153,6 +159,9 @@ def compare(base: Config, *, optimizers: list[str] | tuple[str, ...] = ("sophiag
             overrides: dict[str, Any] | None = None, overwrite: bool = False) -> CompareSummary:
     """Run the comparison (reusing finished runs in ``out_dir``) and write its report.
 
+    A run that diverges is recorded as such (never the tuned lr); an optimizer that diverges
+    at every multiplier is a SophiaError once the report is written.
+
     Args:
         base: settings shared by every run (model, data, steps, batch); its optimizer
             fields are ignored, each optimizer takes the preset's row instead.
@@ -170,8 +179,9 @@ def compare(base: Config, *, optimizers: list[str] | tuple[str, ...] = ("sophiag
                               f"{', '.join(optimizer_names())}")
     if not seeds or not lr_multipliers:
         raise SophiaError("compare needs at least one seed and one lr multiplier")
-    if any(not m > 0 for m in lr_multipliers):
-        raise SophiaError(f"lr multipliers must be positive, got {list(lr_multipliers)}")
+    if any(not 0 < m < math.inf for m in lr_multipliers):
+        raise SophiaError(f"lr multipliers must be positive and finite, got "
+                          f"{list(lr_multipliers)}; fix --lr-grid")
     out = Path(out_dir) if out_dir else \
         Path("runs") / f"compare-{base.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
     runs = _Runs(base, overrides or {}, out, overwrite)
@@ -189,9 +199,18 @@ def compare(base: Config, *, optimizers: list[str] | tuple[str, ...] = ("sophiag
         for multiplier, seed in found:  # other finished runs are reported too
             runs.run(optimizer, multiplier, seed)
         all_seeds += [s for s in extra if s not in all_seeds]
-    return write_report(
-        out, records=list(runs.records.values()), best_multipliers=best,
-        base_config=to_dict(base), optimizers=list(optimizers),
-        lr_multipliers=sorted({r.lr_multiplier for r in runs.records.values()}),
-        seeds=all_seeds, total_seconds=time.perf_counter() - started,
-    )
+    with writing("--out", out):
+        summary = write_report(
+            out, records=list(runs.records.values()), best_multipliers=best,
+            base_config=to_dict(base), optimizers=list(optimizers),
+            lr_multipliers=sorted({r.lr_multiplier for r in runs.records.values()}),
+            seeds=all_seeds, total_seconds=time.perf_counter() - started,
+        )
+    hopeless = [name for name in optimizers
+                if runs.records[(name, best[name], seeds[0])].diverged]
+    if hopeless:
+        raise SophiaError(
+            f"{', '.join(hopeless)} diverged at every lr of the grid (report: "
+            f"{summary.report_path}); use smaller --lr-grid multipliers"
+        )
+    return summary
