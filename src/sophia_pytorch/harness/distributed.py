@@ -132,6 +132,7 @@ def init_from_env(
 def destroy() -> None:
     """Leave the process group, if there is one (call once, at the end of the job)."""
     if is_initialized():
+        barrier()  # together: a rank that leaves early can abort another's teardown
         dist.destroy_process_group()
 
 
