@@ -32,6 +32,7 @@ from .errors import SophiaError, os_error_message
 __all__ = ["main"]
 
 _COMPARE_OWN = ("optimizer", "lr", "seed", "out_dir")
+_TOML_HELP = "TOML settings: [model], [data], [optimizer], [run] tables, or flat key = value"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -75,7 +76,7 @@ def _build_parser() -> argparse.ArgumentParser:
                                 description="Train a GPT; writes log.jsonl and checkpoint.pt.")
     train.add_argument("--preset", default=None, help=f"one of {', '.join(PRESETS)} (tiny)")
     train.add_argument("--config", dest="config_file", metavar="FILE.toml",
-                       help="TOML file of settings (flat key = value)")
+                       help=_TOML_HELP)
     train.add_argument("--resume", metavar="PATH",
                        help="continue from a run folder or checkpoint.pt (keeps its settings; "
                             "flags given change what can change, the rest is refused)")
@@ -88,13 +89,14 @@ def _build_parser() -> argparse.ArgumentParser:
         description="Train the same GPT with several optimizers (same data order and seeds) "
                     "and write report.md, results.json and plots.")
     compare.add_argument("--preset", default=None, help=f"one of {', '.join(PRESETS)} (tiny)")
-    compare.add_argument("--config", dest="config_file", metavar="FILE.toml")
+    compare.add_argument("--config", dest="config_file", metavar="FILE.toml", help=_TOML_HELP)
     compare.add_argument("--optimizers", default="sophiag,adamw",
                          help=f"comma-separated, from {', '.join(optimizer_names())} "
                               "(sophiag,adamw)")
     compare.add_argument("--lr-grid", default="1",
                          help="comma-separated multipliers of each optimizer's preset lr; the "
-                              "best (lowest final val loss, first seed) is kept (1)")
+                              "best (lowest final val loss, first seed) is kept (1). There is "
+                              "no --lr: compare tunes each optimizer's own lr")
     compare.add_argument("--seeds", default="1", help="seeds per optimizer at its best lr (1)")
     compare.add_argument("--seed", default="0", help="first seed (0)")
     compare.add_argument("--out", default=None,
