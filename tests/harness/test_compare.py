@@ -14,6 +14,7 @@ from sophia_pytorch.harness.compare.report import reach
 from sophia_pytorch.harness.compare.runner import compare
 from sophia_pytorch.harness.errors import SophiaError
 from sophia_pytorch.harness.jsonio import write_json
+from sophia_pytorch.harness.rundir import RunLock
 from tests.harness.helpers import tiny_config
 
 
@@ -149,3 +150,13 @@ def test_write_json_replaces_the_file_whole_or_not_at_all(tmp_path, monkeypatch)
         write_json(path, {"a": 2})
     assert json.loads(path.read_text()) == {"a": 1, "loss": None}
     assert [p.name for p in tmp_path.iterdir()] == ["record.json"]  # no temp file left
+
+
+def test_a_run_folder_another_process_is_training_in_is_left_alone(tmp_path):
+    folder = tmp_path / "cmp" / "runs" / "adamw-x1-seed0"
+    folder.mkdir(parents=True)
+    (folder / "log.jsonl").write_text('{"kind": "step", "step": 1}\n')
+    with RunLock(folder), pytest.raises(SophiaError, match="in use by process"):
+        compare(tiny_config(tmp_path, max_steps=2), optimizers=["adamw"],
+                out_dir=tmp_path / "cmp")
+    assert (folder / "log.jsonl").read_text() == '{"kind": "step", "step": 1}\n'

@@ -40,6 +40,7 @@ from ..config import (
 )
 from ..errors import DivergedError, SophiaError, writing
 from ..jsonio import write_json
+from ..rundir import RunLock
 from ..trainer import train
 from .records import CompareSummary, RunRecord
 from .report import write_report
@@ -141,7 +142,12 @@ class _Runs:
         if found is not None and identity(found) == wanted and saved is None:
             return folder  # killed mid-training, after a checkpoint
         if folder.exists():  # a run killed before its first checkpoint, or --overwrite
-            shutil.rmtree(folder)
+            with RunLock(folder), writing("--out", folder):  # not one another process runs
+                for child in folder.iterdir():
+                    if child.is_dir():
+                        shutil.rmtree(child)
+                    elif child.name != ".lock":
+                        child.unlink()
         return None
 
 
