@@ -166,14 +166,20 @@ def _join_job(config: Config) -> distributed.ParallelEnv:
 
 
 class Trainer:
-    """One training run: everything built from ``config`` once, then :meth:`fit`.
+    """One training run: everything built from ``config`` once, then :meth:`fit`, then
+    :meth:`close` (which :func:`train` does for you).
+
+    The run folder is locked from construction to :meth:`close`; a folder holding another
+    run is refused unless ``overwrite``.
 
     Args:
         config: a resolved :class:`~.config.Config` (see ``.config.make_config``).
         resume: a checkpoint file or run folder to continue from; the run keeps writing to
-            ``config.run.out_dir`` (set it to the same folder to continue in place).
+            ``config.run.out_dir`` (set it to the same folder to continue in place). Settings
+            that differ from the checkpoint's are applied, or refused (see ``_resume``).
         on_step: called with each step's log record after it is written (tests use it to
             simulate a crash).
+        overwrite: replace a run ``config.run.out_dir`` already holds (default False).
     """
 
     def __init__(self, config: Config, *, resume: str | Path | None = None,
