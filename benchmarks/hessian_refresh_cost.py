@@ -17,7 +17,7 @@ from sophia_pytorch.harness.trainer import train
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--every", type=int, default=10, help="k, steps between refreshes")
     parser.add_argument("--fractions", default="1,0.5,0.25")
@@ -27,11 +27,11 @@ def main() -> None:
     rows = []
     for fraction in (float(f) for f in args.fractions.split(",")):
         config = make_config("tiny", dict(
-            optimizer="sophiag", max_steps=args.steps, hessian_every=args.every,
-            hessian_fraction=fraction, threads=args.threads, progress=False,
+            optimizer="sophiag", max_steps=args.steps, refresh_every=args.every,
+            refresh_fraction=fraction, threads=args.threads, progress=False,
             out_dir=f"{args.out}/fraction-{fraction:g}",
         ))
-        result = train(config)
+        result = train(config, overwrite=True)
         rows.append((fraction, result))
     print(f"k = {args.every}, {args.steps} steps of the tiny preset, Sophia-G")
     print(f"{'fraction':>8s} {'refresh % of time':>18s} {'s/step':>7s} {'refresh s':>10s} "
