@@ -262,7 +262,7 @@ def gauss_newton_ema_update(
     for decay, weight, indices in _ema_buckets(beta2, weights, len(hessians)):
         group_h, group_g = [hessians[i] for i in indices], [grads[i] for i in indices]
         if isinstance(scale, Tensor):  # addcmul's value must be a number: scale g instead
-            scaled = [g * (scale * weight).to(g.dtype) for g in group_g]
+            scaled = [g * (scale.to(g.dtype) * weight) for g in group_g]
             value = 1.0
         else:
             scaled, value = group_g, weight * scale
