@@ -1,7 +1,7 @@
 """One rank of a 2-process gloo DDP run, started by ``torchrun`` from the integration tests:
 
     python -m torch.distributed.run --standalone --nproc-per-node 2 \\
-        tests/integrations/ddp_worker.py {transformers|lightning} FOLDER
+        -m tests.integrations.ddp_worker {transformers|lightning} FOLDER   # from the repository
 
 Each rank trains with the integration and saves what it saw to ``FOLDER/rank{r}.pt``.
 
@@ -17,8 +17,6 @@ import sys
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository, for tests.*
 
 
 def transformers_rank(folder: Path) -> None:

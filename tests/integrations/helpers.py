@@ -114,10 +114,11 @@ def next_token_pairs(count: int, seed: int = 0) -> torch.utils.data.TensorDatase
 
 def run_ddp_worker(framework: str, folder: Path, timeout: float = 300) -> list[dict]:
     """Run ``ddp_worker.py`` on 2 gloo ranks under torchrun; return what each rank saved."""
-    worker = Path(__file__).with_name("ddp_worker.py")
+    repository = Path(__file__).resolve().parents[2]  # -m finds tests.* from here
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               "--nproc-per-node", "2", str(worker), framework, str(folder)]
+               "--nproc-per-node", "2", "-m", "tests.integrations.ddp_worker", framework,
+               str(folder)]
     done = subprocess.run(command, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+                          cwd=repository, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     return [torch.load(folder / f"rank{rank}.pt", weights_only=False) for rank in range(2)]
