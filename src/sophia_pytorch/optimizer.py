@@ -414,6 +414,9 @@ class SophiaG(SophiaBase):
         """
         if not isinstance(scale, Tensor):
             _check_number("scale", scale)
+        elif scale.numel() != 1:  # read on the device: checking its value would sync
+            raise ValueError(f"Invalid scale: a Tensor scale must have one element (the sample "
+                             f"count B), got shape {tuple(scale.shape)}")
         found: list[tuple[dict[str, Any], list[Tensor], list[Tensor], list[Tensor]]] = []
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]

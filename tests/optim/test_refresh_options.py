@@ -248,6 +248,15 @@ def test_sophiah_grad_scale_divides_the_hessian_vector_product():
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-9)
 
 
+def test_a_tensor_scale_with_more_than_one_element_is_refused():
+    param = torch.zeros(2, requires_grad=True)
+    param.grad = torch.ones(2)
+    optimizer = sophia_pytorch.SophiaG([param])
+    with pytest.raises(ValueError, match="one element"):
+        optimizer.update_hessian(scale=torch.tensor([8.0, 8.0]))
+    assert param not in optimizer.state  # nothing was folded in or counted
+
+
 @pytest.mark.parametrize("key, value", [
     ("bias_correction", 1), ("refresh_at_start", "yes"), ("unclipped_band", (0.5, 0.1)),
     ("unclipped_band", 0.3), ("unclipped_band", (0.1, float("nan"))), ("lr", float("inf")),
