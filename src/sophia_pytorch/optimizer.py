@@ -477,7 +477,7 @@ class SophiaH(SophiaBase):
         generator: torch.Generator | None = None,
         math_attention: bool = True,
         grad_scale: float | Tensor | None = None,
-    ) -> Tensor | None:
+    ) -> bool:
         """Draw a Hutchinson estimate of the Hessian diagonal and fold it into h.
 
         Args:
@@ -490,7 +490,8 @@ class SophiaH(SophiaBase):
                 GradScaler); ĥ is divided by it, and a non-finite ĥ skips the refresh.
 
         Returns:
-            the loss the closure returned, detached; None when the refresh was skipped.
+            True when the estimate was folded in; False when skipped (non-finite estimate
+            under ``grad_scale``) — the same contract as :meth:`SophiaG.update_hessian`.
         """
         params = [p for group in self.param_groups for p in group["params"] if p.requires_grad]
         if any(is_dtensor(p) for p in params):
@@ -499,22 +500,15 @@ class SophiaH(SophiaBase):
                 "all-gathers them outside autograd, so no Hessian-vector product reaches the "
                 "shards. Use DistributedDataParallel, or SophiaG, for data-parallel SophiaH."
             )
-        loss_holder: list[Tensor] = []
-
-        def recording_closure() -> Tensor:
-            loss = closure()
-            loss_holder.append(loss)
-            return loss
-
         estimates = _hutchinson_estimate(
-            recording_closure, params, generator=generator, math_attention=math_attention
+            closure, params, generator=generator, math_attention=math_attention
         )
         present = [e for e in estimates if e is not None]
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             all_reduce_mean(present)
         if grad_scale is not None:
             if not _all_finite(present):
-                return None
+                return False
             torch._foreach_div_(present, grad_scale)
         estimate_of = {p: e for p, e in zip(params, estimates) if e is not None}
         with torch.no_grad():
@@ -527,4 +521,4 @@ class SophiaH(SophiaBase):
                     foreach=group["foreach"],
                 )
             self._adapt_rho()
-        return loss_holder[0].detach()
+        return True

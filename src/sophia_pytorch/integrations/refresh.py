@@ -123,7 +123,7 @@ def gauss_newton_refresh(
         all_reduce_mean(grads)
     folded = optimizer.update_hessian(scale=total, grad_scale=grad_scale)
     _zero_grads(optimizer)
-    return folded is not False
+    return folded
 
 
 def hutchinson_refresh(
@@ -157,4 +157,4 @@ def hutchinson_refresh(
         return loss * grad_scale if grad_scale is not None else loss
 
     folded = optimizer.update_hessian(closure, generator=generator, grad_scale=grad_scale)
-    return folded is not None
+    return folded
