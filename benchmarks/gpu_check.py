@@ -65,22 +65,25 @@ SRC = Path(sophia_pytorch.__file__).resolve().parents[1]
 WATCHDOG_GRACE_S = 60
 CUDA_ONLY = "needs CUDA (dry run on CPU)"
 
+# Hyperparameters of section 1: lr large enough that a wrong rule shows, ρ such that some
+# coordinates are clipped and some not (|m|/(ρh) spreads around 1 with grads ~1e-2, B = 480).
+HP = dict(lr=1e-3, betas=(0.9, 0.99), rho=0.5, weight_decay=0.1, eps=1e-15)
 # Tolerances of section 1, against the float64 re-derivation (see _close). A real error in the
 # rule moves a parameter by ~lr = 1e-3, far outside them.
 TOLERANCES = {
     # fp32 parameters: float32 rounding of p, m, h (~1e-7 relative) and of the ratio m/(ρh).
     "float32 params": dict(atol=1e-6, rtol=1e-5),
-    # bf16 parameters: the library rounds twice a step (weight decay, update), the reference
-    # once: at most ~2 bf16 ulps (2^-7 relative) apart.
-    "bfloat16 params": dict(atol=1e-7, rtol=2.0 ** -7),
+    # bf16 parameters, rounded where the reference rounds them: a float32 ratio against a
+    # float64 one may still round the other way at a tie, one bf16 ulp (<= 2^-7 of |p|).
+    "bfloat16 params": dict(atol=2.0 ** -7 * HP["lr"], rtol=2.0 ** -7),
+    # Compiled, Inductor may keep lr·clamp(…) in float32 instead of rounding it to bf16 before
+    # the add (its emulate_precision_casts is off): a few ulps over the steps.
+    "bfloat16 params, compiled": dict(atol=2.0 ** -5 * HP["lr"], rtol=2.0 ** -5),
     # m and h (float32 for both parameter dtypes): relative to the tensor's largest entry.
     "state": dict(atol_of_max=1e-5, rtol=1e-5),
     # Sophia-H's estimate u*(Hu): float32 Hessian-vector product against float64, normwise.
     "hutchinson": dict(normwise=1e-3),
 }
-# Hyperparameters of section 1: lr large enough that a wrong rule shows, ρ such that some
-# coordinates are clipped and some not (|m|/(ρh) spreads around 1 with grads ~1e-2, B = 480).
-HP = dict(lr=1e-3, betas=(0.9, 0.99), rho=0.5, weight_decay=0.1, eps=1e-15)
 BATCH_SAMPLES = 480.0
 EVENTS = ("step", "refresh", "step", "step", "refresh", "step")
 BYTES_PER_COORDINATE = {"SophiaG": 24, "AdamW": 28}  # float32: reads p g m h (+v), writes p m (+v)
@@ -345,7 +348,9 @@ def _reference_run(params: list[torch.Tensor], grads_per_event: list[list[torch.
         step:     p ← p(1 − lr·wd);  m ← β1 m + (1 − β1) g;  p ← p − lr·clamp(m / max(ρh, ε), ±1)
         refresh:  h ← β2 h + (1 − β2)·B·g⊙g
 
-    The parameter is rounded to its dtype after each step, as a parameter of that dtype holds.
+    A parameter holds its own dtype: it is rounded to it after the weight decay and after the
+    update, and the update lr·clamp(…) is rounded to it before it is added (the state is float32
+    for bf16 parameters, the update is computed there and rounded once into the parameter).
     """
     lr, (beta1, beta2), rho = HP["lr"], HP["betas"], HP["rho"]
     p = [t.double().clone() for t in params]
@@ -357,11 +362,15 @@ def _reference_run(params: list[torch.Tensor], grads_per_event: list[list[torch.
             if kind == "refresh":
                 h[i] = beta2 * h[i] + (1 - beta2) * BATCH_SAMPLES * g[i] * g[i]
                 continue
-            p[i] = p[i] * (1 - lr * HP["weight_decay"])
+            p[i] = _rounded(p[i] * (1 - lr * HP["weight_decay"]), param_dtype)
             m[i] = beta1 * m[i] + (1 - beta1) * g[i]
             ratio = (m[i] / torch.clamp(rho * h[i], min=HP["eps"])).clamp(-1.0, 1.0)
-            p[i] = (p[i] - lr * ratio).to(param_dtype).double()
+            p[i] = _rounded(p[i] - _rounded(lr * ratio, param_dtype), param_dtype)
     return {"params": p, "exp_avg": m, "hessian": h}
+
+
+def _rounded(value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return value.to(dtype).double()
 
 
 def _close(actual: list[torch.Tensor], expected: list[torch.Tensor], *, atol: float,
@@ -396,7 +405,8 @@ def _compare_state(section: Section, name: str, tolerance: str,
 
 def _run_sophiag(ctx: Context, start: list[torch.Tensor], grads_per_event: list[list[torch.Tensor]],
                  dtype: torch.dtype, *, foreach: bool, compiled: bool) -> dict[str, list]:
-    params = [t.to(device=ctx.device, dtype=dtype).requires_grad_() for t in start]
+    # copy=True: on the CPU (dry run) .to() would otherwise hand back ``start`` itself.
+    params = [t.to(device=ctx.device, dtype=dtype, copy=True).requires_grad_() for t in start]
     optimizer = SophiaG(params, **HP, foreach=foreach, fused=False)
     step = optimizer.step
     if compiled:
@@ -408,7 +418,7 @@ def _run_sophiag(ctx: Context, start: list[torch.Tensor], grads_per_event: list[
 
     for kind, grads in zip(EVENTS, grads_per_event):
         for param, grad in zip(params, grads):
-            param.grad = grad.to(device=ctx.device, dtype=dtype)
+            param.grad = grad.to(device=ctx.device, dtype=dtype, copy=True)
         if kind == "step":
             step()
         elif not optimizer.update_hessian(scale=BATCH_SAMPLES):
@@ -440,11 +450,13 @@ def section_correctness(ctx: Context, section: Section) -> None:
                                 zip(expected["exp_avg"], expected["hessian"]))
                 section.figures["reference unclipped fraction"] = \
                     unclipped / section.figures["parameters"]
-            tolerance = f"{str(dtype).removeprefix('torch.')} params"
             for label, foreach, compiled in (("foreach", True, False),
                                              ("for-loop", False, False),
                                              ("torch.compile(step)", False, True)):
                 name = f"SophiaG {label}, {str(dtype).removeprefix('torch.')} params"
+                tolerance = f"{str(dtype).removeprefix('torch.')} params"
+                if compiled and f"{tolerance}, compiled" in TOLERANCES:
+                    tolerance += ", compiled"
                 if ctx.left() < 10:
                     section.skip(name, f"budget ({ctx.left():.0f} s left)")
                     continue
@@ -485,6 +497,8 @@ def _check_sophiah(ctx: Context, section: Section, name: str, *, foreach: bool) 
     """Sophia-H's refresh on the harness GPT (float32, math attention on the device) against
     u⊙(Hu) computed in float64 on the CPU with the same probes; then one step with the
     device's h, against the float64 rule."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
     from sophia_pytorch.harness.model import GPT, GPTConfig
 
     config = GPTConfig(**ctx.scale.hutchinson_gpt)
@@ -508,10 +522,11 @@ def _check_sophiah(ctx: Context, section: Section, name: str, *, foreach: bool) 
     # u⊙(Hu) in float64: the probes are the same draws (one per parameter, in order).
     ref_params = list(reference.parameters())
     probe_source = torch.Generator().manual_seed(3)
-    loss = loss_of(reference, torch.device("cpu"))
-    grads = torch.autograd.grad(loss, ref_params, create_graph=True)
-    probes = [rademacher_like(p, probe_source) for p in ref_params]
-    hvps = torch.autograd.grad(grads, ref_params, grad_outputs=probes)
+    with sdpa_kernel([SDPBackend.MATH]):  # the one attention with a double backward
+        loss = loss_of(reference, torch.device("cpu"))
+        grads = torch.autograd.grad(loss, ref_params, create_graph=True)
+        probes = [rademacher_like(p, probe_source) for p in ref_params]
+        hvps = torch.autograd.grad(grads, ref_params, grad_outputs=probes)
     beta2 = HP["betas"][1]
     expected_h = [(1 - beta2) * u * hv for u, hv in zip(probes, hvps)]
     found_h = [optimizer.state[p]["hessian"].detach().double().cpu() for p in params]
