@@ -39,10 +39,12 @@ import json
 import math
 import os
 import platform
+import shutil
 import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from collections.abc import Callable
@@ -207,7 +209,7 @@ class Report:
                  f"- torch {h['torch']}, CUDA {h['cuda']}, cuDNN {h['cudnn']}, NCCL {h['nccl']}, "
                  f"driver {h['driver']}, Python {h['python']}",
                  f"- device: {h['device_detail']}; host: {h['host']}",
-                 f"- commit {h['commit']}", "",
+                 f"- commit {h['commit']}; runs and caches in {h.get('work')}", "",
                  "| § | section | status | seconds | checks passed |", "|---|---|---|---|---|"]
         for s in sorted(self.sections, key=lambda s: s.number):
             passed = sum(c["passed"] is True for c in s.checks)
@@ -259,7 +261,8 @@ class Context:
     device: torch.device
     dry_run: bool
     scale: Scale
-    out: Path
+    out: Path  # the report
+    work: Path  # runs, checkpoints, token caches: large, not for the report folder
     deadline: float
     compile_backend: str
 
@@ -351,7 +354,7 @@ def corpus_text(chars: int) -> str:
 
 
 def corpus_file(ctx: Context, chars: int) -> Path:
-    path = ctx.out / "data" / f"corpus-{chars}.txt"
+    path = ctx.work / "data" / f"corpus-{chars}.txt"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         _write_text(path, corpus_text(chars))
@@ -949,11 +952,11 @@ def section_compare(ctx: Context, section: Section) -> None:
     settings = {**scale.compare_model, "data": source, "tokenizer": "byte", "grad_accum": 1,
                 "dropout": 0.0, "checkpoint_every": 0, "device": ctx.device.type,
                 "dtype": "bfloat16" if ctx.cuda else "float32", "progress": False,
-                "cache_dir": str(ctx.out / "cache"), "compile": False, "eval_batches": 8}
+                "cache_dir": str(ctx.work / "cache"), "compile": False, "eval_batches": 8}
     began = time.monotonic()
     pilot = train(make_config("gpt2-small", {
         **settings, "optimizer": "sophiag", "max_steps": scale.pilot_steps, "warmup_steps": 1,
-        "eval_every": 0, "out_dir": str(ctx.out / "compare-pilot")}), overwrite=True)
+        "eval_every": 0, "out_dir": str(ctx.work / "compare-pilot")}), overwrite=True)
     pilot_wall = time.monotonic() - began
     per_step = pilot.train_seconds / max(pilot.steps, 1)
     overhead = max(pilot_wall - pilot.train_seconds, 0.0)
@@ -986,12 +989,17 @@ def section_compare(ctx: Context, section: Section) -> None:
                                 f"{base.tokens_per_step} tokens/step")
     try:
         summary = compare(base, optimizers=["sophiag", "adamw"], lr_multipliers=list(grid),
-                          seeds=[0], out_dir=ctx.out / "compare", overwrite=True)
-        results, report = summary.results, str(summary.report_path)
+                          seeds=[0], out_dir=ctx.work / "compare", overwrite=True)
+        results = summary.results
+        copied = ctx.out / "compare"  # the report and plots, without the runs' checkpoints
+        copied.mkdir(parents=True, exist_ok=True)
+        for path in [summary.report_path, summary.results_path, *summary.plot_paths]:
+            shutil.copy2(path, copied / path.name)
+        report = str(copied / summary.report_path.name)
     except Exception as exc:  # noqa: BLE001 - e.g. no matplotlib for the plots: use the records
         section.notes.append(f"compare's report failed ({_error_text(exc)}); figures read "
                              "from the runs' record.json")
-        results, report = _records(ctx.out / "compare"), None
+        results, report = _records(ctx.work / "compare"), None
     section.figures["report"] = report
     rows, finished = [], {}
     for run in results.get("runs", []):
@@ -1064,12 +1072,12 @@ def section_ddp(ctx: Context, section: Section) -> None:
         if ctx.left() < 40:
             section.skip(label, f"budget ({ctx.left():.0f} s left)")
             continue
-        run_dir = ctx.out / f"ddp-{optimizer}"
+        run_dir = ctx.work / f"ddp-{optimizer}"
         flags = [f"--{k.replace('_', '-')}={v}" for k, v in ctx.scale.ddp_model.items()]
         command = [*torchrun, "--nproc-per-node", "1", "-m", "sophia_pytorch.harness", "train",
                    "--parallel", "ddp", "--device", ctx.device.type, "--optimizer", optimizer,
                    *flags, "--no-progress", "--overwrite", "--data", str(data),
-                   "--cache-dir", str(ctx.out / "cache"), "--out-dir", str(run_dir)]
+                   "--cache-dir", str(ctx.work / "cache"), "--out-dir", str(run_dir)]
         began = time.monotonic()
         try:
             done = run_child(command, timeout=max(30.0, min(180.0, ctx.left() - 5)),
@@ -1170,6 +1178,9 @@ def _header(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, help="report folder (gpu_check.json, gpu_check.md)")
+    parser.add_argument("--work", type=Path,
+                        help="folder for runs, checkpoints and token caches (a new temporary "
+                             "folder); kept out of --out, which gets only the reports")
     parser.add_argument("--budget-s", type=float, default=480.0,
                         help="seconds the whole check may take; sections that no longer fit "
                              "are skipped (480)")
@@ -1206,11 +1217,12 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     ctx = Context(device=device, dry_run=args.dry_run, scale=DRY if args.dry_run else GPU,
-                  out=args.out, deadline=began + args.budget_s,
+                  out=args.out, work=args.work or Path(tempfile.mkdtemp(prefix="gpu-check-")),
+                  deadline=began + args.budget_s,
                   compile_backend="aot_eager" if args.dry_run else "inductor")
     sections = [Section(number, SECTIONS[number][1]) for number in sorted(SECTIONS)]
     by_number = {s.number: s for s in sections}
-    report = Report(args.out, _header(args, device), sections)
+    report = Report(args.out, {**_header(args, device), "work": str(ctx.work)}, sections)
     for number in sorted(set(SECTIONS) - set(wanted)):
         by_number[number].status, by_number[number].reason = "skipped", "not asked for"
     report.write()
