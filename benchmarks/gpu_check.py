@@ -161,13 +161,12 @@ class Section:
 
     def check(self, name: str, passed: bool, detail: str = "") -> bool:
         self.checks.append({"name": name, "passed": bool(passed), "detail": detail})
-        print(f"  [{'pass' if passed else 'FAIL'}] {name}" + (f": {detail}" if detail else ""),
-              flush=True)
+        say(f"  [{'pass' if passed else 'FAIL'}] {name}" + (f": {detail}" if detail else ""))
         return bool(passed)
 
     def skip(self, name: str, reason: str) -> None:
         self.checks.append({"name": name, "passed": None, "detail": f"skipped: {reason}"})
-        print(f"  [skip] {name}: {reason}", flush=True)
+        say(f"  [skip] {name}: {reason}")
 
     def table(self, title: str, columns: list[str], rows: list[list[Any]]) -> None:
         self.tables.append({"title": title, "columns": columns, "rows": rows})
@@ -238,6 +237,11 @@ class Report:
         return "\n".join(lines) + "\n"
 
 
+def say(text: str) -> None:
+    """Print progress in ASCII (a GPU machine's locale may not take UTF-8), flushed."""
+    print(text.encode("ascii", "backslashreplace").decode("ascii"), flush=True)
+
+
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}" if math.isfinite(value) else str(value)
@@ -248,7 +252,7 @@ def _fmt(value: Any) -> str:
 
 def _write_text(path: Path, text: str) -> None:
     temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temp.write_text(text)
+    temp.write_text(text, encoding="utf-8")
     os.chmod(temp, umasked())
     os.replace(temp, path)
 
@@ -958,7 +962,7 @@ def section_compare(ctx: Context, section: Section) -> None:
         **settings, "optimizer": "sophiag", "max_steps": scale.pilot_steps, "warmup_steps": 1,
         "eval_every": 0, "out_dir": str(ctx.work / "compare-pilot")}), overwrite=True)
     pilot_wall = time.monotonic() - began
-    per_step = pilot.train_seconds / max(pilot.steps, 1)
+    per_step = max(pilot.train_seconds / max(pilot.steps, 1), 1e-4)
     overhead = max(pilot_wall - pilot.train_seconds, 0.0)
     section.figures["pilot"] = (f"{pilot.steps} Sophia-G steps: {per_step * 1e3:.1f} ms/step, "
                                 f"{overhead:.1f} s outside steps (data, model, saving)")
@@ -1136,7 +1140,7 @@ SECTIONS: dict[int, tuple[str, str, Callable[[Context, Section], None], float]] 
 ORDER = (1, 2, 3, 4, 6, 5)
 
 
-def _header(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+def _header(args: argparse.Namespace, argv: list[str], device: torch.device) -> dict[str, Any]:
     cuda = device.type == "cuda"
     detail = "CPU"
     if cuda:
@@ -1166,7 +1170,7 @@ def _header(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     return {
         "device_name": torch.cuda.get_device_name(device) if cuda else "CPU (dry run)",
         "device_detail": detail, "dry_run": args.dry_run, "budget_s": args.budget_s,
-        "command": " ".join(["python", *sys.argv]) if sys.argv else "gpu_check.main",
+        "command": " ".join(["python", "benchmarks/gpu_check.py", *argv]),
         "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
         "torch": torch.__version__, "cuda": torch.version.cuda,
         "cudnn": torch.backends.cudnn.version() if cuda else None, "nccl": nccl,
@@ -1222,7 +1226,8 @@ def main(argv: list[str] | None = None) -> int:
                   compile_backend="aot_eager" if args.dry_run else "inductor")
     sections = [Section(number, SECTIONS[number][1]) for number in sorted(SECTIONS)]
     by_number = {s.number: s for s in sections}
-    report = Report(args.out, {**_header(args, device), "work": str(ctx.work)}, sections)
+    argv = sys.argv[1:] if argv is None else argv
+    report = Report(args.out, {**_header(args, argv, device), "work": str(ctx.work)}, sections)
     for number in sorted(set(SECTIONS) - set(wanted)):
         by_number[number].status, by_number[number].reason = "skipped", "not asked for"
     report.write()
@@ -1233,10 +1238,10 @@ def main(argv: list[str] | None = None) -> int:
             if ctx.left() < needs:
                 section.status = "skipped"
                 section.reason = f"budget: {max(ctx.left(), 0):.0f} s left, it needs ~{needs:.0f} s"
-                print(f"§{number} {title}: skipped ({section.reason})", flush=True)
+                say(f"section {number} {title}: skipped ({section.reason})")
                 report.write()
                 continue
-            print(f"§{number} {title} ({ctx.left():.0f} s of budget left)", flush=True)
+            say(f"section {number} {title} ({ctx.left():.0f} s of budget left)")
             section.status = "running"
             report.header["elapsed_s"] = time.monotonic() - began
             report.write()
@@ -1256,7 +1261,7 @@ def main(argv: list[str] | None = None) -> int:
             report.header["elapsed_s"] = time.monotonic() - began
             report.write()
             reason = f" ({section.reason})" if section.reason else ""
-            print(f"§{number}: {section.status}{reason} in {section.seconds:.1f} s", flush=True)
+            say(f"section {number}: {section.status}{reason} in {section.seconds:.1f} s")
     finally:
         faulthandler.cancel_dump_traceback_later()
     report.header["elapsed_s"] = time.monotonic() - began
