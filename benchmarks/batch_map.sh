@@ -8,7 +8,8 @@
 #   benchmarks/batch_map.sh QUEUE        # QUEUE: a | b | c | d (see below)
 #   python benchmarks/batch_map_table.py runs/map   # the table and the plot
 #
-# compare reuses finished runs, so a killed queue continues where it stopped.
+# compare reuses finished runs, so a killed queue continues where it stopped (losing only the
+# run in flight).
 set -euo pipefail
 OUT=${MAP_OUT:-runs/map}
 OPTS=${MAP_OPTIMIZERS:-adamw,sophiag}
@@ -17,10 +18,13 @@ one() {  # one BATCH STEPS [extra flags]
   local batch=$1 steps=$2; shift 2
   local micro=32 accum=$((batch / 32)) evals=8 every=$((steps / 8))
   if [ "$batch" -lt 32 ]; then micro=$batch accum=1 evals=$((256 / batch)); fi
-  OMP_NUM_THREADS=1 sophia compare --optimizers "$OPTS" --lr-grid "$GRID" --seeds 3 \
-    --threads 1 --batch-size "$micro" --grad-accum "$accum" --eval-batches "$evals" \
-    --max-steps "$steps" --eval-every "$every" --no-progress \
-    --out "$OUT/b$batch-s$steps" "$@"
+  local seeds
+  for seeds in 1 3; do  # every optimizer's lr grid first, then the extra seeds at the best
+    OMP_NUM_THREADS=1 sophia compare --optimizers "$OPTS" --lr-grid "$GRID" --seeds "$seeds" \
+      --threads 1 --batch-size "$micro" --grad-accum "$accum" --eval-batches "$evals" \
+      --max-steps "$steps" --eval-every "$every" --no-progress \
+      --out "$OUT/b$batch-s$steps" "$@"
+  done
 }
 case "${1:?queue a, b, c or d}" in
   a) one 256 200 ;;                                  # equal steps, the longest

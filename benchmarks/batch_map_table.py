@@ -1,0 +1,151 @@
+"""The batch-size map (issue 16 §2) as tables and one plot, from ``sophia compare`` folders.
+
+Reads every ``b<BATCH>-s<STEPS>/results.json`` under the map folder that
+``benchmarks/batch_map.sh`` fills, and prints, per batch size and length, each optimizer's
+tuned lr (and whether it sat at the edge of its grid), its final validation loss (mean,
+min–max over seeds), its gap to AdamW's final loss paired by seed, how many seeds reached
+AdamW's final loss and in what multiple of AdamW's steps, and — read the other way — the share
+of the run AdamW needed to reach this optimizer's final loss. Two views: equal steps (every
+batch size for the same number of steps) and equal tokens (runs grouped by batch × steps).
+
+    python benchmarks/batch_map_table.py runs/map [--plot docs/img/batch_map.png]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+from pathlib import Path
+
+TOKENS_PER_ROW = 64  # the tiny preset's context
+
+
+def _spread(values: list[float], digits: int = 3) -> str:
+    if not values:
+        return "—"
+    mean = statistics.fmean(values)
+    if len(values) == 1:
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ({min(values):.{digits}f}–{max(values):.{digits}f})"
+
+
+def load(folder: Path) -> dict:
+    """One rung: batch, steps, and per optimizer its tuned runs' figures."""
+    match = re.fullmatch(r"b(\d+)-s(\d+)", folder.name)
+    if match is None or not (folder / "results.json").exists():
+        raise FileNotFoundError(folder)
+    batch, steps = int(match[1]), int(match[2])
+    results = json.loads((folder / "results.json").read_text())
+    headline = results["headline"]
+    runs = results["runs"]
+    rung = {"batch": batch, "steps": steps, "tokens": batch * steps * TOKENS_PER_ROW,
+            "commit": results.get("machine", {}).get("commit", "unknown"), "optimizers": {}}
+    for name, entry in headline["optimizers"].items():
+        first_seed = min(r["seed"] for r in runs if r["optimizer"] == name)
+        grid = sorted({r["lr_multiplier"] for r in runs
+                       if r["optimizer"] == name and r["seed"] == first_seed})
+        best = next(r["lr_multiplier"] for r in runs
+                    if r["optimizer"] == name and r["lr"] == entry["lr"])
+        edge = len(grid) > 1 and best in (grid[0], grid[-1])
+        per_seed = entry["per_seed"]
+        rung["optimizers"][name] = {
+            "lr": entry["lr"], "multiplier": best, "edge": edge,
+            "final": [e["final_val_loss"] for e in per_seed],
+            "gap": [e["final_val_loss"] - e["target"] for e in per_seed],
+            "reached": entry["reached"], "seeds": entry["seeds"],
+            "step_ratio": [e["step_ratio"] for e in per_seed if e["step_ratio"] is not None],
+            "share": [e["reference_steps_to_final"] / steps for e in per_seed
+                      if e["reference_steps_to_final"] is not None],
+        }
+    return rung
+
+
+def table(rungs: list[dict]) -> list[str]:
+    lines = ["| batch (rows) | steps | tokens | optimizer | tuned lr (× row) | final val loss, "
+             "mean (min–max) | gap to AdamW, same seed | seeds reaching AdamW's final loss "
+             "| × AdamW's steps to it | AdamW's share of the run to reach this loss |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for rung in rungs:
+        for name, row in rung["optimizers"].items():
+            adamw = name == "adamw"
+            lr = f"{row['lr']:.3g} (×{row['multiplier']:g}{', edge' if row['edge'] else ''})"
+            ratio = "—" if adamw else (_spread(row["step_ratio"], 2) if row["step_ratio"]
+                                       else "not reached")
+            reached = "—" if adamw else f"{row['reached']}/{row['seeds']}"
+            lines.append(
+                f"| {rung['batch']} | {rung['steps']} | {rung['tokens'] / 1e6:.2f}M | {name} "
+                f"| {lr} | {_spread(row['final'])} | {'—' if adamw else _spread(row['gap'])} "
+                f"| {reached} | {ratio} "
+                f"| {'—' if adamw else _spread(row['share'], 2)} |")
+    return lines
+
+
+def plot(rungs: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps_view = sorted({r["steps"] for r in rungs},
+                        key=lambda s: -sum(r["steps"] == s for r in rungs))[0]
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    names = sorted({n for r in rungs for n in r["optimizers"] if n != "adamw"})
+    for name in names:
+        same = sorted((r for r in rungs if r["steps"] == steps_view and name in r["optimizers"]),
+                      key=lambda r: r["batch"])
+        xs = [r["batch"] for r in same]
+        gaps = [r["optimizers"][name]["gap"] for r in same]
+        means = [statistics.fmean(g) for g in gaps]
+        left.errorbar(xs, means, yerr=[[m - min(g) for m, g in zip(means, gaps)],
+                                       [max(g) - m for m, g in zip(means, gaps)]],
+                      marker="o", capsize=3, label=name)
+    left.axhline(0, color="black", lw=0.8)
+    left.set(xscale="log", xlabel="batch (sequences of 64 tokens per step)",
+             ylabel="final val loss − AdamW's (nats, same seed)",
+             title=f"equal steps ({steps_view} each)")
+    left.set_xticks(sorted({r["batch"] for r in rungs}),
+                    [str(b) for b in sorted({r["batch"] for r in rungs})])
+    left.legend()
+    budgets = sorted({r["tokens"] for r in rungs})
+    for name in names:
+        for tokens in budgets:
+            same = sorted((r for r in rungs if r["tokens"] == tokens and name in r["optimizers"]),
+                          key=lambda r: r["batch"])
+            if len(same) < 2:
+                continue
+            right.plot([r["batch"] for r in same],
+                       [statistics.fmean(r["optimizers"][name]["gap"]) for r in same],
+                       marker="o", label=f"{name}, {tokens / 1e6:.2f}M tokens")
+    right.axhline(0, color="black", lw=0.8)
+    right.set(xscale="log", xlabel="batch (sequences per step)",
+              ylabel="final val loss − AdamW's (nats, mean over seeds)",
+              title="equal tokens (batch × steps fixed)")
+    right.legend(fontsize=8)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
+    parser.add_argument("folder", type=Path, help="the map folder (runs/map)")
+    parser.add_argument("--plot", type=Path, default=None, help="write the plot here (PNG)")
+    args = parser.parse_args()
+    rungs = []
+    for child in sorted(args.folder.iterdir()):
+        try:
+            rungs.append(load(child))
+        except FileNotFoundError:
+            continue
+    rungs.sort(key=lambda r: (r["steps"] * r["batch"], r["batch"]))
+    print("\n".join(table(rungs)))
+    print("\ncommits:", ", ".join(sorted({r["commit"] for r in rungs})))
+    if args.plot:
+        plot(rungs, args.plot)
+        print(f"plot: {args.plot}")
+
+
+if __name__ == "__main__":
+    main()
