@@ -13,13 +13,17 @@ from typing import Any
 
 import griffe
 
-_ROLE = re.compile(r":(?:func|class|meth|mod|attr|data|obj|exc|const):`~?\.*([^`]+)`")
+_ROLE = re.compile(r":(?:func|class|meth|mod|attr|data|obj|exc|const):`(~?)\.*([^`]+)`")
 _LITERAL_MARKER = re.compile(r"\s?::$", flags=re.MULTILINE)
 
 
 def markdown_of(text: str) -> str:
     """``text`` with Sphinx roles as inline code and a line-ending ``::`` as ``:``."""
-    return _LITERAL_MARKER.sub(":", _ROLE.sub(r"`\1`", text))
+    def code(role: re.Match[str]) -> str:
+        short, target = role.groups()
+        return f"`{target.rpartition('.')[2] if short else target}`"
+
+    return _LITERAL_MARKER.sub(":", _ROLE.sub(code, text))
 
 
 class SphinxRoles(griffe.Extension):
