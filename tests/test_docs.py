@@ -55,7 +55,7 @@ DOCSTRING_FIXES_PENDING = {
     "sophia_pytorch.SophiaG.update_hessian": "grad_scale: the shape of a Tensor grad_scale",
     "sophia_pytorch.SophiaH.update_hessian": "grad_scale: the shape of a Tensor grad_scale",
     "sophia_pytorch.integrations.transformers.SophiaTrainer": (
-        "Args: '*args, **kwargs' as one entry; default of sophia_kwargs/shift_labels"),
+        "Args: '*args, **kwargs' as one entry (griffe cannot parse it)"),
     "sophia_pytorch.integrations.transformers.SophiaTrainer.refresh_hessian": "Args: inputs",
     "sophia_pytorch.integrations.lightning.SophiaHessianCallback.on_train_start": "no docstring",
     "sophia_pytorch.integrations.lightning.SophiaHessianCallback.refresh": (
