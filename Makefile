@@ -9,6 +9,8 @@
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+# Silences Material's banner about MkDocs 2 (it is not about our site).
+export NO_MKDOCS_2_WARNING := 1
 
 .PHONY: install test compare lint typecheck docs docs-serve clean
 
