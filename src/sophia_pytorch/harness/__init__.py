@@ -1,1 +1,1 @@
-"""The training and comparison harness (``sophia train``, ``sophia compare``) on top of the library."""
+"""The training and comparison harness (``sophia train``, ``sophia compare``)."""
