@@ -1,0 +1,1 @@
+"""The training and comparison harness (``sophia train``, ``sophia compare``)."""
