@@ -90,9 +90,6 @@ def test_compare_gives_each_optimizer_its_row_and_keeps_the_shared_settings(tmp_
     assert (run.optimizer.betas, run.optimizer.weight_decay) == (row.betas, row.weight_decay)
     assert (run.model, run.data) == (base.model, base.data)
     assert run.optimizer.refresh_every == 4 and run.run.max_steps == 30 and run.run.seed == 5
-    fixed_lr = _run_config(base, {"lr": 0.5, "min_lr": 0.1}, "lion", 1.0, seed=0,
-                           run_dir=tmp_path)
-    assert (fixed_lr.optimizer.lr, fixed_lr.optimizer.min_lr) == (0.5, 0.1)
 
 
 def test_flatten_reads_a_flat_dict_unchanged():
