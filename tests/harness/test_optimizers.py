@@ -206,3 +206,57 @@ def test_reading_muons_state_through_the_wrapper_changes_neither_optimizer():
 def test_muon_refuses_fsdp():
     with pytest.raises(SophiaError, match="muon cannot run under --parallel fsdp"):
         make_config("tiny", {"optimizer": "muon", "parallel": "fsdp"})
+
+
+# ------------------------------------------------------------------ the registry
+def _sgd(settings, model, rows, device):
+    return torch.optim.SGD(registry.decay_groups(list(model.parameters()),
+                                                 settings.weight_decay), lr=settings.lr)
+
+
+def test_adding_an_optimizer_is_one_registry_row(monkeypatch, tmp_path):
+    from sophia_pytorch.harness.config import optimizer_names
+    from tests.harness.helpers import tiny_config
+
+    monkeypatch.setitem(OPTIMIZERS, "sgd", registry.OptimizerSpec(
+        _sgd, row="adamw", fsdp_refusal="sgd cannot run under --parallel fsdp here"))
+    assert "sgd" in optimizer_names()
+    config = make_config("tiny", {"optimizer": "sgd"})
+    assert config.optimizer.lr == PRESETS["tiny"].optimizers["adamw"].lr  # its row's
+    model = _model()
+    built = build_optimizer(config, model)
+    assert type(built) is torch.optim.SGD
+    refresh = build_refresh(config, built, model, autocast=contextlib.nullcontext,
+                            device=torch.device("cpu"))
+    assert type(refresh) is HessianRefresh
+    with pytest.raises(SophiaError, match="sgd cannot run under --parallel fsdp here"):
+        make_config("tiny", {"optimizer": "sgd", "parallel": "fsdp"})
+    with pytest.raises(SophiaError, match="apply to sophiag and sophiah only, not sgd"):
+        make_config("tiny", {"optimizer": "sgd", "sophia_options": {"eps": 1e-9}})
+    result = trainer.train(tiny_config(tmp_path, optimizer="sgd", max_steps=2))
+    assert result.steps == 2
+
+
+def test_every_registered_optimizer_has_its_row_in_every_preset():
+    for preset in PRESETS.values():
+        for name, spec in OPTIMIZERS.items():
+            assert spec.row in preset.optimizers, (name, spec.row)
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_every_registered_optimizer_builds_and_steps(name):
+    model = _model()
+    built = build_optimizer(make_config("tiny", {"optimizer": name}), model)
+    model(torch.randint(256, (2, 8))).logsumexp(-1).mean().backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    built.step()
+    assert any(not torch.equal(b, p) for b, p in zip(before, model.parameters(), strict=True))
+
+
+def test_sophia_options_are_checked_against_the_constructors_signature():
+    accepted = make_config("tiny", {"sophia_options": {"bias_correction": True, "eps": 1e-12}})
+    built = build_optimizer(accepted, _model())
+    assert built.param_groups[0]["bias_correction"] is True
+    for name in ("sophiag", "sophiah", "sophiag-official"):
+        assert OPTIMIZERS[name].unknown_options({"eps": 1, "epsilon": 1}) == ["epsilon"]
+    assert OPTIMIZERS["adamw"].unknown_options({"eps": 1}) == ["eps"]  # takes none

@@ -58,7 +58,7 @@ def _add_config_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = (
         flag = "--" + name.replace("_", "-")
         default = ("the preset's row for the optimizer" if FLAT[name][1] in ROW_FIELDS
                    else f"tiny: {tiny[name]!r}")
-        text = f"{field_doc(name)} ({default})".replace("%", "%%")
+        text = f"({default}) {field_doc(name)}".replace("%", "%%")
         if field_type(name) is bool:
             group.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction,
                                default=None, help=text)

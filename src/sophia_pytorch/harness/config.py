@@ -18,6 +18,7 @@ import dataclasses
 import difflib
 import json
 import math
+import operator
 import os
 import types
 import typing
@@ -131,8 +132,8 @@ def check_field(f: dataclasses.Field, value: Any) -> None:
     if isinstance(value, float) and not math.isfinite(value):
         raise SophiaError(f"{name} must be finite, got {value}; give a finite {option}")
     bounds, choices = f.metadata.get("bounds", {}), f.metadata.get("choices")
-    ops = {"ge": float.__ge__, "gt": float.__gt__, "le": float.__le__, "lt": float.__lt__}
-    if any(limit is not None and not ops[op](float(value), float(limit))
+    ops = {"ge": operator.ge, "gt": operator.gt, "le": operator.le, "lt": operator.lt}
+    if any(limit is not None and not ops[op](value, limit)  # exact: 2**63 is not 2**63 - 1
            for op, limit in bounds.items()):
         raise SophiaError(f"{name} must be {_rule(bounds)}, got {value}; give {option} "
                           f"{_rule(bounds)}")
