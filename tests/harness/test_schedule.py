@@ -150,3 +150,10 @@ def test_an_edited_config_json_is_refused_on_resume_and_named(tmp_path, capsys):
 def test_a_schedule_name_is_checked_against_its_choices():
     with pytest.raises(SophiaError, match="unknown schedule 'wds'.*did you mean 'wsd'"):
         make_config("tiny", {"schedule": "wds"})
+
+
+def test_overwrite_removes_a_wsd_runs_stable_checkpoint(tmp_path):
+    train(tiny_config(tmp_path, max_steps=4, schedule="wsd", decay_fraction=0.5))
+    assert (tmp_path / "run" / "stable.pt").exists()
+    train(tiny_config(tmp_path, max_steps=4), overwrite=True)
+    assert not (tmp_path / "run" / "stable.pt").exists()

@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import shutil
 import sys
 import time
@@ -43,14 +42,17 @@ from . import distributed
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .config import SECTIONS, Config, fixed_on_resume, flat_name, flatten, to_dict
 from .data import BatchSampler, prepare_data
+from .distributed import is_main_process
 from .errors import DivergedError, SophiaError, require, writing
 from .jsonio import write_json
+from .memory import check_memory, estimate_memory, memory_errors_are_user_errors
 from .model import GPT, GPTConfig, lm_loss
 from .optimizers import build_optimizer, build_refresh
-from .rundir import RunLock, RunLog, is_main_process, make_run_dir, prepare_run_dir
+from .rundir import RunLock, RunLog, make_run_dir, prepare_run_dir
 from .schedule import LRSchedule
 
-__all__ = ["TrainResult", "TrainState", "Trainer", "build_optimizer", "is_main_process",
+__all__ = ["TrainResult", "TrainState", "Trainer", "build_optimizer", "estimate_memory",
+           "is_main_process",
            "lm_loss", "train"]
 
 EVAL_SEED = 20230523  # evaluation windows are the same for every run, seed and optimizer
@@ -110,24 +112,6 @@ class TrainState:
         self.evals = [dict(row) for row in self.evals]
 
 
-def pick_device(name: str) -> torch.device:
-    """``auto`` (CUDA if visible, else CPU), or a named torch device that exists here."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        device = None
-    if device is None or device.type not in ("cpu", "cuda", "mps") or (
-            device.type == "cpu" and device.index not in (None, 0)):
-        raise SophiaError(f"unknown device {name!r}; use auto, cpu or cuda[:N]")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise SophiaError("device mps was asked for but this machine has none; use --device cpu")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SophiaError("device cuda was asked for but no CUDA GPU is visible; use --device cpu")
-    return device
-
-
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     """The autocast dtype: bf16 where asked for (or, for auto, on a GPU that has it)."""
     if name == "auto":
@@ -159,7 +143,7 @@ def evaluate(model: nn.Module, batches: BatchSampler, num_batches: int,
 
 
 def _join_job(config: Config) -> distributed.ParallelEnv:
-    env = distributed.init_from_env(pick_device(config.run.device))
+    env = distributed.init_from_env(distributed.resolve_device(config.run.device))
     if (env.world_size > 1 and config.run.parallel == "none") or (
             config.run.parallel != "none" and not distributed.is_initialized()):
         raise SophiaError(
@@ -249,7 +233,7 @@ class Trainer:
             self._resume(resume)
         self.log = RunLog(self.run_dir, keep_until_step=self.state.step if resume else None,
                           tensorboard=run.tensorboard)
-        if is_main_process():
+        if self.env.is_main:
             with writing("--out-dir", self.run_dir):
                 write_json(self.run_dir / "config.json", to_dict(config))
 
@@ -398,7 +382,7 @@ class Trainer:
             if self.config.run.parallel == "fsdp":  # every rank writes its shards anew
                 sharded = f"checkpoint-{self.state.step:08d}"
                 distributed.save_sharded(self.run_dir / sharded, self.model, self.optimizer)
-            if is_main_process():
+            if self.env.is_main:
                 save_checkpoint({
                     "format": CHECKPOINT_FORMAT, "config": to_dict(self.config),
                     "sharded": sharded, "model": None if sharded else self.model.state_dict(),
@@ -505,7 +489,7 @@ def train(config: Config, *, resume: str | Path | None = None,
         DivergedError: ``max_bad_steps`` non-finite steps in a row, non-finite weights or
             validation loss (its ``result`` holds the run so far).
     """
-    with _memory_errors_are_user_errors():
+    with memory_errors_are_user_errors():
         trainer = Trainer(config, resume=resume, on_step=on_step, overwrite=overwrite)
         try:
             return trainer.fit()
@@ -635,58 +619,3 @@ def _section(saved: dict[str, Any], name: str) -> Any:
     values = flatten(saved)
     return cls(**{f.name: values[flat] for f in fields(cls)
                   if (flat := flat_name(f)) in values})
-
-
-# Bytes per float32 parameter held during a step: weights, gradients, two optimizer moments.
-_BYTES_PER_PARAMETER = 16
-
-
-def estimate_memory(config: Config, vocab_size: int) -> dict[str, int]:
-    """A rough lower bound of the bytes a training step holds, by part: ``model``
-    (parameters, gradients, optimizer state), ``activations`` (one micro-batch's, kept for
-    backward, plus its logits) and ``batches`` (the step's token windows)."""
-    shape, run = config.model, config.run
-    d, layers, block, rows = shape.n_embd, shape.n_layer, shape.block_size, run.batch_size
-    parameters = 12 * layers * d * d + 13 * layers * d + (vocab_size + block) * d + 2 * d
-    return {"model": _BYTES_PER_PARAMETER * parameters,
-            "activations": 4 * rows * block * (16 * layers * d + 3 * vocab_size),
-            "batches": 8 * run.grad_accum * rows * (block + 1)}
-
-
-def check_memory(config: Config, vocab_size: int, device: torch.device) -> None:
-    """Refuse, before allocating, a CPU run that cannot fit in this machine's memory (a GPU
-    run that does not fit stops at its first out-of-memory error instead)."""
-    if device.type != "cpu":
-        return
-    try:
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (AttributeError, ValueError, OSError):
-        return
-    parts = estimate_memory(config, vocab_size)
-    if sum(parts.values()) <= total:
-        return
-    fixes = {"model": "use a smaller model (--n-layer, --n-embd)",
-             "activations": "lower --batch-size (raise --grad-accum to keep the tokens per "
-                            "step) or --block-size",
-             "batches": "lower --grad-accum"}
-    largest = max(parts, key=parts.__getitem__)
-    raise SophiaError(
-        f"this run needs at least {sum(parts.values()) / 2**30:.3g} GiB of memory (mostly "
-        f"{largest}), more than the {total / 2**30:.3g} GiB here; {fixes[largest]}"
-    )
-
-
-@contextlib.contextmanager
-def _memory_errors_are_user_errors() -> Any:
-    try:
-        yield
-    except (MemoryError, RuntimeError) as exc:
-        text = str(exc)
-        if isinstance(exc, RuntimeError) and not isinstance(exc, torch.OutOfMemoryError) \
-                and "out of memory" not in text and "can't allocate memory" not in text:
-            raise
-        first = text.strip().splitlines()[0][:120] if text.strip() else type(exc).__name__
-        raise SophiaError(
-            f"out of memory ({first}); lower --batch-size (raise --grad-accum to keep the "
-            "tokens per step) or use a smaller model"
-        ) from None
