@@ -10,6 +10,12 @@ Precedence, lowest first: the preset's values, then a TOML file (``[model]``, ``
 overrides. Optimizer hyperparameters left unset (``None``) are filled from the preset's row
 for the chosen optimizer by :func:`resolve`, so ``--optimizer adamw`` picks AdamW's tuned lr
 without further flags.
+
+Each field carries its rules beside it (:func:`setting`: bounds, choices, whether it is a
+preset-row field, whether a resumed run must keep it, its doc); :func:`validate` checks each
+section's fields against them, then the section's ``check`` (rules between its fields),
+whatever the values came from: a preset, TOML, flags or Python (:func:`coerce` converts all
+of them by one rule). Which optimizers exist is ``registry.OPTIMIZERS``.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
@@ -26,8 +26,10 @@ from .baselines.lion import Lion
 from .baselines.muon import MuonWithAdamW, hidden_matrices
 from .refresh import GaussNewtonBartlett, HessianRefresh, Hutchinson
 
-if TYPE_CHECKING:
-    from .config import OptimizerConfig, OptimizerHparams
+# A builder's ``settings`` is a resolved ``config.OptimizerConfig`` and ``rows`` a preset's
+# ``config.OptimizerHparams`` by name; typed loosely here, as config imports this module.
+OptimizerConfig = Any
+OptimizerHparams = Any
 
 __all__ = ["OPTIMIZERS", "RESERVED_OPTIONS", "OptimizerSpec", "decay_groups"]
 
@@ -37,7 +39,7 @@ RESERVED_OPTIONS = {"params": "the model's parameters", "lr": "--lr", "betas": "
                     "refresh_every": "--refresh-every"}
 
 # build(settings, model, rows, device): ``rows`` are the preset's hyperparameter rows by name.
-Builder = Callable[["OptimizerConfig", nn.Module, "Mapping[str, OptimizerHparams]",
+Builder = Callable[[OptimizerConfig, nn.Module, Mapping[str, OptimizerHparams],
                     "torch.device | None"], torch.optim.Optimizer]
 
 
