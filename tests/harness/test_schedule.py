@@ -84,6 +84,9 @@ def test_an_old_checkpoint_with_scheduler_state_resumes_bit_for_bit(tmp_path, op
         {**row, "seconds": mine["seconds"]}
         for row, mine in zip(_steps(whole.run_dir)[3:], _steps(resumed.run_dir), strict=True)]
     assert resumed.evals[-1]["val_loss"] == whole.evals[-1]["val_loss"]
+    saved = torch.load(run / "checkpoint.pt", weights_only=True)  # written by this code
+    assert "scheduler" not in saved
+    assert "initial_lr" not in str(saved["optimizer"])  # no scheduler key left in a group
 
 
 # --------------------------------------------------------------------- resume rules

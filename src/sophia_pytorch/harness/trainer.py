@@ -52,8 +52,7 @@ from .rundir import RunLock, RunLog, make_run_dir, prepare_run_dir
 from .schedule import LRSchedule
 
 __all__ = ["TrainResult", "TrainState", "Trainer", "build_optimizer", "estimate_memory",
-           "is_main_process",
-           "lm_loss", "train"]
+           "is_main_process", "lm_loss", "train"]
 
 EVAL_SEED = 20230523  # evaluation windows are the same for every run, seed and optimizer
 # 3: no scheduler state (the lr is derived from the step); 2 and 1 still resume.
@@ -445,6 +444,7 @@ class Trainer:
             self.optimizer.load_state_dict(checkpoint["optimizer"])
         groups = self.optimizer.param_groups
         for group, new, old in zip(groups, self.built_hyperparameters, reference, strict=True):
+            group.pop("initial_lr", None)  # a torch scheduler's, in formats 1 and 2
             for key, value in new.items():  # the lr is the schedule's, set each step
                 if key != "lr" and value != old.get(key):  # changed on resume: applied (else
                     group[key] = value  # kept as saved, e.g. an adapted rho)
