@@ -119,13 +119,16 @@ def setting(default: Any = dataclasses.MISSING, *, doc: str, flag: str | None = 
 
 def _rule(bounds: dict[str, float | None]) -> str:
     """The bounds as words: "at least 1", "in [0, 1)", "above 0"."""
+    def text(value: float) -> str:
+        return str(value) if isinstance(value, int) else f"{value:g}"  # ints exact
+
     low = ("[", bounds["ge"]) if bounds["ge"] is not None else ("(", bounds["gt"])
     high = ("]", bounds["le"]) if bounds["le"] is not None else (")", bounds["lt"])
     if low[1] is not None and high[1] is not None:
-        return f"in {low[0]}{low[1]:g}, {high[1]:g}{high[0]}"
+        return f"in {low[0]}{text(low[1])}, {text(high[1])}{high[0]}"
     if low[1] is not None:
-        return f"{'at least' if low[0] == '[' else 'above'} {low[1]:g}"
-    return f"{'at most' if high[0] == ']' else 'below'} {high[1]:g}"
+        return f"{'at least' if low[0] == '[' else 'above'} {text(low[1])}"
+    return f"{'at most' if high[0] == ']' else 'below'} {text(high[1])}"
 
 
 def check_field(f: dataclasses.Field, value: Any) -> None:
