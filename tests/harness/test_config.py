@@ -6,12 +6,16 @@ import dataclasses
 
 import pytest
 
-from sophia_pytorch.harness.compare.runner import _run_config
+from sophia_pytorch.harness.cli import main
+from sophia_pytorch.harness.compare.runner import _run_config, compare
 from sophia_pytorch.harness.config import (
     FLAT,
     PRESETS,
+    ROW_FIELDS,
     SECTIONS,
+    field_doc,
     fixed_on_resume,
+    flat_name,
     flatten,
     load_toml,
     make_config,
@@ -90,11 +94,118 @@ def test_compare_gives_each_optimizer_its_row_and_keeps_the_shared_settings(tmp_
     assert (run.optimizer.betas, run.optimizer.weight_decay) == (row.betas, row.weight_decay)
     assert (run.model, run.data) == (base.model, base.data)
     assert run.optimizer.refresh_every == 4 and run.run.max_steps == 30 and run.run.seed == 5
-    fixed_lr = _run_config(base, {"lr": 0.5, "min_lr": 0.1}, "lion", 1.0, seed=0,
-                           run_dir=tmp_path)
-    assert (fixed_lr.optimizer.lr, fixed_lr.optimizer.min_lr) == (0.5, 0.1)
 
 
 def test_flatten_reads_a_flat_dict_unchanged():
     values = {"n_layer": 3, "lr": 1e-3, "optimizer": "adamw", "data": "bible"}
     assert flatten(values) == values
+
+
+# ----------------------------------------------------- compare: no row for every optimizer
+@pytest.mark.parametrize("toml", [
+    "[optimizer]\nlr = 0.01\n", "lr = 0.01\n", "[optimizer]\nweight_decay = 0.0\n",
+    "[optimizer]\nbeta1 = 0.5\n", "rho = 0.1\n", "min_lr = 0.0\n",
+])
+def test_compare_refuses_a_row_field_from_the_toml_as_it_refuses_the_flag(tmp_path, capsys,
+                                                                         toml):
+    path = tmp_path / "run.toml"
+    path.write_text(toml)
+    name = toml.split("=")[0].split("\n")[-1].strip()
+    assert main(["compare", "--config", str(path), "--out", str(tmp_path / "cmp")]) == 2
+    err = capsys.readouterr().err
+    assert f"{name} from --config {path} would apply to every compared optimizer" in err
+    assert err.count("\n") == 1 and not (tmp_path / "cmp").exists()  # nothing trained
+
+
+@pytest.mark.parametrize("flag", ["--lr", "--min-lr", "--beta1", "--beta2", "--weight-decay",
+                                  "--rho"])
+def test_compare_has_no_flag_for_a_row_field(tmp_path, capsys, flag):
+    assert main(["compare", flag, "0.1", "--out", str(tmp_path / "cmp")]) == 2
+    assert f"unrecognized arguments: {flag}" in capsys.readouterr().err
+
+
+def test_compare_refuses_a_row_field_from_python_overrides_too(tmp_path):
+    base = make_config("tiny", {"max_steps": 1})
+    with pytest.raises(SophiaError, match="lr from the overrides would apply to every"):
+        compare(base, optimizers=["adamw"], lr_multipliers=[1.0], seeds=[0],
+                out_dir=str(tmp_path), overrides={"lr": 0.5})
+
+
+# ------------------------------------------------------- one validation, TOML and flags
+@pytest.mark.parametrize("line, name", [
+    ("lr = true", "lr"), ("n_layer = true", "n_layer"), ("seed = false", "seed"),
+    ("[run]\nmax_steps = true", "max_steps"), ("refresh_fraction = false", "refresh_fraction"),
+])
+def test_a_toml_boolean_is_not_a_number(tmp_path, line, name):
+    path = tmp_path / "run.toml"
+    path.write_text(line + "\n")
+    with pytest.raises(SophiaError, match=f"bad value (True|False) for {name}: expected"):
+        load_toml(path)
+
+
+@pytest.mark.parametrize("name, value", [("lr", True), ("n_layer", True), ("seed", False)])
+def test_a_boolean_is_refused_for_a_number_as_the_flag_true_is(capsys, name, value):
+    with pytest.raises(SophiaError, match=f"bad value {value!r} for {name}"):
+        make_config("tiny", {name: value})
+    assert main(["train", f"--{name.replace('_', '-')}", "true"]) == 2
+    assert f"bad value 'true' for {name}" in capsys.readouterr().err
+
+
+def test_a_toml_value_and_the_same_flag_get_the_same_verdict(tmp_path, capsys):
+    for name, value in [("n_layer", "0"), ("dropout", "1.0"), ("val_fraction", "0.5"),
+                        ("tokenizer", '"words"'), ("max_steps", "2.5")]:
+        path = tmp_path / f"{name}.toml"
+        path.write_text(f"{name} = {value}\n")
+        from_toml = main(["train", "--config", str(path)])
+        toml_error = capsys.readouterr().err
+        from_flag = main(["train", f"--{name.replace('_', '-')}", value.strip('"')])
+        flag_error = capsys.readouterr().err
+        assert from_toml == from_flag == 2
+        assert toml_error.replace("'", "") == flag_error.replace("'", ""), name
+
+
+# ------------------------------------------------------- the rules beside the fields
+def test_row_fields_are_the_fields_marked_row_not_those_defaulting_to_none():
+    assert ROW_FIELDS == ("lr", "min_lr", "beta1", "beta2", "weight_decay", "rho")
+    for cls in SECTIONS.values():
+        for f in dataclasses.fields(cls):
+            assert (f.name in ROW_FIELDS) == bool(f.metadata.get("row")), f.name
+
+
+def test_every_setting_has_a_doc_beside_it_and_the_flag_help_shows_it(capsys):
+    for name in FLAT:
+        assert field_doc(name), name
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    assert "warmup, constant lr, then a linear decay" in " ".join(capsys.readouterr().out.split())
+
+
+def _outside(f: dataclasses.Field) -> list:
+    """Values just outside each bound beside ``f`` (integers for int fields)."""
+    bounds, step = f.metadata["bounds"], 1 if f.type in ("int", int) else 0.5
+    values = []
+    if bounds["ge"] is not None:
+        values.append(bounds["ge"] - step)
+    if bounds["gt"] is not None:
+        values.append(bounds["gt"])
+    if bounds["le"] is not None:
+        values.append(bounds["le"] + step)
+    if bounds["lt"] is not None:
+        values.append(bounds["lt"])
+    return [int(v) if step == 1 else float(v) for v in values]
+
+
+BOUNDED = [(flat_name(f), value) for cls in SECTIONS.values() for f in dataclasses.fields(cls)
+           for value in _outside(f)]
+
+
+def test_the_bounded_settings_are_the_ones_expected():
+    assert {name for name, _ in BOUNDED} >= {
+        "n_layer", "dropout", "val_fraction", "bpe_vocab_size", "lr", "beta1", "beta2",
+        "decay_fraction", "refresh_fraction", "seed", "threads", "eval_every", "max_steps"}
+
+
+@pytest.mark.parametrize("name, value", BOUNDED)
+def test_a_value_outside_a_bound_beside_its_field_is_refused_naming_it(name, value):
+    with pytest.raises(SophiaError, match=f"^{name} must be (at least|above|at most|below|in) "):
+        make_config("tiny", {name: value})

@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 import pytest
 import torch
 
 import sophia_pytorch
-from sophia_pytorch.harness import trainer
+from sophia_pytorch.harness import registry, trainer
 from sophia_pytorch.harness.cli import main
 from sophia_pytorch.harness.config import PRESETS, make_config
 from sophia_pytorch.harness.errors import SophiaError
 from sophia_pytorch.harness.model import GPT, GPTConfig
 from sophia_pytorch.harness.optimizers import build_optimizer, build_refresh
 from sophia_pytorch.harness.refresh import GaussNewtonBartlett, HessianRefresh, Hutchinson
+from sophia_pytorch.harness.registry import OPTIMIZERS
 
 
 def _model() -> GPT:
@@ -46,8 +48,15 @@ def test_each_optimizer_gets_its_hessian_refresh_once(optimizer, refresh):
     assert (chosen.unclipped_fraction() is None) == (refresh is HessianRefresh)
 
 
+def _record_sophiag(monkeypatch) -> None:
+    """Make "sophiag" build a _Recording, which takes any keyword."""
+    spec = dataclasses.replace(OPTIMIZERS["sophiag"], build=registry._sophia(_Recording),
+                               options_class=_Recording)
+    monkeypatch.setitem(OPTIMIZERS, "sophiag", spec)
+
+
 def test_sophia_options_reach_the_constructor_as_keywords(monkeypatch):
-    monkeypatch.setattr(sophia_pytorch, "SophiaG", _Recording)
+    _record_sophiag(monkeypatch)
     options = {"some_future_option": True, "band": [0.1, 0.5]}
     config = make_config("tiny", {"optimizer": "sophiag", "sophia_options": options})
     build_optimizer(config, _model())
@@ -57,10 +66,10 @@ def test_sophia_options_reach_the_constructor_as_keywords(monkeypatch):
                                "refresh_every": 10}
 
 
-def test_an_unknown_sophia_keyword_is_a_one_line_error_naming_it():
-    config = make_config("tiny", {"sophia_options": {"no_such_keyword": 1}})
+def test_an_unknown_sophia_keyword_is_a_one_line_error_naming_it_before_anything_is_built():
+    # Checked against SophiaG's signature when the config is made, not by parsing TypeError.
     with pytest.raises(SophiaError, match="SophiaG takes no keyword 'no_such_keyword'") as raised:
-        build_optimizer(config, _model())
+        make_config("tiny", {"sophia_options": {"no_such_keyword": 1}})
     assert "\n" not in str(raised.value)
 
 
@@ -84,6 +93,7 @@ def test_sophia_option_flags_are_toml_literals_and_override_the_file(tmp_path, m
     toml = tmp_path / "run.toml"
     toml.write_text("[optimizer.sophia_options]\nkept = 3\nreplaced = 1\n")
     seen = {}
+    _record_sophiag(monkeypatch)
 
     def stop_before_training(config, resume=None, overwrite=False):
         seen["options"] = config.optimizer.sophia_options
@@ -103,7 +113,10 @@ def test_a_malformed_sophia_option_flag_is_one_line_exit_2(item, capsys):
 
 
 def test_the_official_variant_merges_official_defaults_under_the_presets_row(monkeypatch):
-    monkeypatch.setattr(sophia_pytorch, "SophiaG", _Recording)
+    spec = dataclasses.replace(
+        OPTIMIZERS["sophiag-official"], options_class=_Recording,
+        build=registry._sophia(_Recording, registry._official_defaults))
+    monkeypatch.setitem(OPTIMIZERS, "sophiag-official", spec)
     monkeypatch.setattr(sophia_pytorch, "OFFICIAL_DEFAULTS",
                         {"lr": 9.0, "betas": (0.5, 0.5), "eps": 1e-9, "switch": False},
                         raising=False)
@@ -151,19 +164,23 @@ def test_muon_rows_lr_scales_its_adamw_part_alike():
     assert decayed["weight_decay"] == rows["adamw"].weight_decay
 
 
-def test_muon_state_dict_round_trips_and_the_scheduler_drives_both_parts():
-    from sophia_pytorch.harness.schedule import WarmupCosine
+def test_muon_state_dict_round_trips_and_the_schedule_drives_both_parts():
+    from sophia_pytorch.harness.schedule import LRSchedule
 
     model = _model()
     config = make_config("tiny", {"optimizer": "muon"})
     built = build_optimizer(config, model)
-    scheduler = WarmupCosine(built, min_lr_ratio=0.1, warmup_steps=2, max_steps=4)
+    schedule = LRSchedule("cosine", min_lr_ratio=0.1, warmup_steps=2, max_steps=4,
+                          decay_fraction=0.2)
     first = [group["lr"] for group in built.param_groups]
+    schedule.apply(built, 0, first)
     x = torch.randint(256, (2, 8))
     model(x).logsumexp(-1).mean().backward()
     built.step()
-    scheduler.step()
-    assert [group["lr"] for group in built.param_groups] == pytest.approx([2 * f for f in first])
+    schedule.apply(built, 1, first)
+    assert [group["lr"] for group in built.param_groups] == pytest.approx(first)  # warmed up
+    schedule.apply(built, 0, first)
+    assert [group["lr"] for group in built.param_groups] == pytest.approx([f / 2 for f in first])
     assert built.muon.param_groups[0]["lr"] == built.param_groups[0]["lr"]
     saved = built.state_dict()
     again = build_optimizer(config, model)
@@ -189,3 +206,57 @@ def test_reading_muons_state_through_the_wrapper_changes_neither_optimizer():
 def test_muon_refuses_fsdp():
     with pytest.raises(SophiaError, match="muon cannot run under --parallel fsdp"):
         make_config("tiny", {"optimizer": "muon", "parallel": "fsdp"})
+
+
+# ------------------------------------------------------------------ the registry
+def _sgd(settings, model, rows, device):
+    return torch.optim.SGD(registry.decay_groups(list(model.parameters()),
+                                                 settings.weight_decay), lr=settings.lr)
+
+
+def test_adding_an_optimizer_is_one_registry_row(monkeypatch, tmp_path):
+    from sophia_pytorch.harness.config import optimizer_names
+    from tests.harness.helpers import tiny_config
+
+    monkeypatch.setitem(OPTIMIZERS, "sgd", registry.OptimizerSpec(
+        _sgd, row="adamw", fsdp_refusal="sgd cannot run under --parallel fsdp here"))
+    assert "sgd" in optimizer_names()
+    config = make_config("tiny", {"optimizer": "sgd"})
+    assert config.optimizer.lr == PRESETS["tiny"].optimizers["adamw"].lr  # its row's
+    model = _model()
+    built = build_optimizer(config, model)
+    assert type(built) is torch.optim.SGD
+    refresh = build_refresh(config, built, model, autocast=contextlib.nullcontext,
+                            device=torch.device("cpu"))
+    assert type(refresh) is HessianRefresh
+    with pytest.raises(SophiaError, match="sgd cannot run under --parallel fsdp here"):
+        make_config("tiny", {"optimizer": "sgd", "parallel": "fsdp"})
+    with pytest.raises(SophiaError, match="apply to sophiag and sophiah only, not sgd"):
+        make_config("tiny", {"optimizer": "sgd", "sophia_options": {"eps": 1e-9}})
+    result = trainer.train(tiny_config(tmp_path, optimizer="sgd", max_steps=2))
+    assert result.steps == 2
+
+
+def test_every_registered_optimizer_has_its_row_in_every_preset():
+    for preset in PRESETS.values():
+        for name, spec in OPTIMIZERS.items():
+            assert spec.row in preset.optimizers, (name, spec.row)
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_every_registered_optimizer_builds_and_steps(name):
+    model = _model()
+    built = build_optimizer(make_config("tiny", {"optimizer": name}), model)
+    model(torch.randint(256, (2, 8))).logsumexp(-1).mean().backward()
+    before = [p.detach().clone() for p in model.parameters()]
+    built.step()
+    assert any(not torch.equal(b, p) for b, p in zip(before, model.parameters(), strict=True))
+
+
+def test_sophia_options_are_checked_against_the_constructors_signature():
+    accepted = make_config("tiny", {"sophia_options": {"bias_correction": True, "eps": 1e-12}})
+    built = build_optimizer(accepted, _model())
+    assert built.param_groups[0]["bias_correction"] is True
+    for name in ("sophiag", "sophiah", "sophiag-official"):
+        assert OPTIMIZERS[name].unknown_options({"eps": 1, "epsilon": 1}) == ["epsilon"]
+    assert OPTIMIZERS["adamw"].unknown_options({"eps": 1}) == ["eps"]  # takes none

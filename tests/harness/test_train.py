@@ -11,7 +11,7 @@ import torch
 from sophia_pytorch.harness import trainer as train_module
 from sophia_pytorch.harness.baselines.lion import Lion
 from sophia_pytorch.harness.errors import SophiaError
-from sophia_pytorch.harness.schedule import WarmupCosine, warmup_cosine
+from sophia_pytorch.harness.schedule import LRSchedule, warmup_cosine
 from sophia_pytorch.harness.trainer import train
 from tests.harness.helpers import tiny_config
 
@@ -30,16 +30,17 @@ def test_schedule_warms_up_linearly_then_follows_a_cosine_to_the_floor():
     assert all(a >= b for a, b in zip(at[4:], at[5:], strict=False))
 
 
-def test_scheduler_sets_the_groups_lr_each_step():
-    param = torch.nn.Parameter(torch.zeros(1))
-    optimizer = torch.optim.SGD([param], lr=2.0)
-    scheduler = WarmupCosine(optimizer, min_lr_ratio=0.1, warmup_steps=2, max_steps=4)
+def test_the_schedule_sets_each_groups_lr_from_its_own_base_lr():
+    params = [torch.nn.Parameter(torch.zeros(1)) for _ in range(2)]
+    optimizer = torch.optim.SGD([{"params": params[:1], "lr": 2.0},
+                                 {"params": params[1:], "lr": 4.0}])
+    schedule = LRSchedule("cosine", min_lr_ratio=0.1, warmup_steps=2, max_steps=4,
+                          decay_fraction=0.2)
     seen = []
-    for _ in range(5):
-        seen.append(optimizer.param_groups[0]["lr"])
-        optimizer.step()
-        scheduler.step()
-    assert seen == pytest.approx([1.0, 2.0, 2.0, 1.1, 0.2])
+    for step in range(5):
+        schedule.apply(optimizer, step, [2.0, 4.0])
+        seen += [group["lr"] for group in optimizer.param_groups]
+    assert seen == pytest.approx([1.0, 2.0, 2.0, 4.0, 2.0, 4.0, 1.1, 2.2, 0.2, 0.4])
 
 
 @pytest.mark.parametrize("optimizer", ["sophiag", "sophiah", "adamw", "lion", "muon"])

@@ -17,9 +17,10 @@ import tomllib
 
 from .config import (
     FLAT,
+    OPTIMIZERS,
     PRESETS,
     ROW_FIELDS,
-    VARIANTS,
+    field_doc,
     field_type,
     flatten,
     load_toml,
@@ -31,7 +32,8 @@ from .errors import SophiaError, os_error_message
 
 __all__ = ["main"]
 
-_COMPARE_OWN = ("optimizer", "lr", "seed", "out_dir")
+# compare sets these itself: each optimizer its own preset row, the seeds, the folders.
+_COMPARE_OWN = ("optimizer", *ROW_FIELDS, "seed", "out_dir")
 _TOML_HELP = "TOML settings: [model], [data], [optimizer], [run] tables, or flat key = value"
 
 
@@ -56,12 +58,12 @@ def _add_config_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = (
         flag = "--" + name.replace("_", "-")
         default = ("the preset's row for the optimizer" if FLAT[name][1] in ROW_FIELDS
                    else f"tiny: {tiny[name]!r}")
+        text = f"({default}) {field_doc(name)}".replace("%", "%%")
         if field_type(name) is bool:
             group.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction,
-                               default=None, help=f"({default})")
+                               default=None, help=text)
         else:
-            group.add_argument(flag, dest=name, default=None, metavar="VALUE",
-                               help=f"({default})")
+            group.add_argument(flag, dest=name, default=None, metavar="VALUE", help=text)
     group.add_argument("--sophia-option", dest="sophia_option", action="append",
                        metavar="KEY=VALUE", default=None,
                        help="a SophiaG/SophiaH constructor keyword, VALUE a TOML literal "
@@ -96,7 +98,8 @@ def _build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--lr-grid", default="1",
                          help="comma-separated multipliers of each optimizer's preset lr; the "
                               "best (lowest final val loss, first seed) is kept (1). There is "
-                              "no --lr: compare tunes each optimizer's own lr")
+                              "no --lr, --min-lr, --beta1, --beta2, --weight-decay or --rho "
+                              "(nor in --config): each optimizer takes its own preset row")
     compare.add_argument("--seeds", default="1", help="seeds per optimizer at its best lr (1)")
     compare.add_argument("--seed", default="0", help="first seed (0)")
     compare.add_argument("--out", default=None,
@@ -111,8 +114,14 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
-    """TOML values, then command-line flags on top; unset flags are left out (flat names)."""
+    """TOML values, then command-line flags on top; unset flags are left out (flat names).
+    Under ``compare``, a row field in the TOML is refused as its flag is (each optimizer
+    takes its own preset row)."""
     values: dict[str, Any] = load_toml(args.config_file) if args.config_file else {}
+    if args.command == "compare":
+        from .compare.runner import refuse_shared_rows
+
+        refuse_shared_rows(values, where=f"--config {args.config_file}")
     for name in FLAT:
         given = getattr(args, name, None)
         if given is not None:
@@ -156,7 +165,7 @@ def _parse_list(text: str, kind: type, name: str) -> list:
 def _run_train(args: argparse.Namespace) -> int:
     from . import distributed
     from .checkpoint import load_checkpoint
-    from .trainer import is_main_process, train
+    from .trainer import check_config_json, is_main_process, train
 
     overrides = _overrides(args)
     if args.resume:
@@ -164,6 +173,8 @@ def _run_train(args: argparse.Namespace) -> int:
         saved = flatten(saved) if isinstance(saved, dict) else {}  # train() names what lacks
         resume_dir = Path(args.resume)
         resume_dir = resume_dir if resume_dir.is_dir() else resume_dir.parent
+        if saved:
+            check_config_json(resume_dir, saved, set(overrides))
         overrides = {**saved, "out_dir": str(resume_dir), **overrides}
     config = make_config(overrides.pop("preset", "tiny"), overrides)
     try:
@@ -204,8 +215,9 @@ def _run_presets() -> int:
             rho = f" rho={hp.rho}" if optimizer.startswith("sophia") else ""
             print(f"  {optimizer:8s} lr={hp.lr:g} min_lr={hp.min_lr:g} betas={hp.betas} "
                   f"wd={hp.weight_decay}{rho}")
-    for variant, (base, options) in VARIANTS.items():
-        print(f"variant {variant}: {base}'s row, constructor keywords {options()}")
+    for name, spec in OPTIMIZERS.items():
+        if spec.row != name:
+            print(f"variant {name}: {spec.row}'s row, constructor keywords {spec.extra()}")
     return 0
 
 

@@ -10,6 +10,12 @@ Precedence, lowest first: the preset's values, then a TOML file (``[model]``, ``
 overrides. Optimizer hyperparameters left unset (``None``) are filled from the preset's row
 for the chosen optimizer by :func:`resolve`, so ``--optimizer adamw`` picks AdamW's tuned lr
 without further flags.
+
+Each field carries its rules beside it (:func:`setting`: bounds, choices, whether it is a
+preset-row field, whether a resumed run must keep it, its doc); :func:`validate` checks each
+section's fields against them, then the section's ``check`` (rules between its fields),
+whatever the values came from: a preset, TOML, flags or Python (:func:`coerce` converts all
+of them by one rule). Which optimizers exist is ``registry.OPTIMIZERS``.
 """
 
 from __future__ import annotations
@@ -18,10 +24,10 @@ import dataclasses
 import difflib
 import json
 import math
+import operator
 import os
 import types
 import typing
-from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, ClassVar
@@ -29,11 +35,12 @@ from typing import Any, ClassVar
 import tomllib
 
 from .errors import SophiaError
+from .registry import OPTIMIZERS, RESERVED_OPTIONS
 
 __all__ = [
     "OPTIMIZERS",
-    "VARIANTS",
     "PRESETS",
+    "ROW_FIELDS",
     "Config",
     "DataConfig",
     "ModelConfig",
@@ -42,47 +49,32 @@ __all__ = [
     "Preset",
     "RunConfig",
     "base_optimizer",
+    "check_field",
     "flatten",
     "identity",
     "load_toml",
     "make_config",
     "optimizer_names",
     "resolve",
+    "setting",
     "to_dict",
 ]
 
-OPTIMIZERS = ("sophiag", "sophiah", "adamw", "lion", "muon")
-SOPHIA = ("sophiag", "sophiah")  # the optimizers that take sophia_options
-
-
-def _official_defaults() -> dict[str, Any]:
-    import sophia_pytorch
-
-    return dict(getattr(sophia_pytorch, "OFFICIAL_DEFAULTS", {}))
-
-
-# Variants "<base>-<variant>": the base optimizer (whose preset row they use) and the extra
-# constructor keywords, read when the optimizer is built; the row and sophia_options win.
-VARIANTS: dict[str, tuple[str, Callable[[], dict[str, Any]]]] = {
-    "sophiag-official": ("sophiag", _official_defaults),  # the authors' SophiaG
-}
-# Keywords the harness sets from its own settings, not from sophia_options: where to set them.
-RESERVED_OPTIONS = {"params": "the model's parameters", "lr": "--lr", "betas": "--beta1/--beta2",
-                    "weight_decay": "--weight-decay", "rho": "--rho",
-                    "refresh_every": "--refresh-every"}
-
-
-def optimizer_names() -> tuple[str, ...]:
-    """Every optimizer name a config may hold: the base optimizers, then the variants."""
-    return (*OPTIMIZERS, *VARIANTS)
-
-
-def base_optimizer(name: str) -> str:
-    """The base optimizer of ``name`` (a variant's base, or ``name`` itself)."""
-    return VARIANTS[name][0] if name in VARIANTS else name
 DTYPES = ("auto", "float32", "bfloat16")
 TOKENIZERS = ("byte", "bpe")
 PARALLEL_MODES = ("none", "ddp", "fsdp")  # sophia_pytorch.harness.distributed.wrap_model
+SCHEDULES = ("cosine", "wsd")  # sophia_pytorch.harness.schedule
+MAX_SEED = 2**63 - 1  # torch.manual_seed's range
+
+
+def optimizer_names() -> tuple[str, ...]:
+    """Every optimizer name a config may hold (``registry.OPTIMIZERS``), variants included."""
+    return tuple(OPTIMIZERS)
+
+
+def base_optimizer(name: str) -> str:
+    """The preset row ``name`` takes: a variant's base, or ``name`` itself."""
+    return OPTIMIZERS[name].row
 
 
 @dataclass(frozen=True)
@@ -101,11 +93,62 @@ class OptimizerHparams:
     rho: float = 0.0
 
 
-# Run settings that do not change a run's numbers: where files go, how progress shows.
-_NOT_IDENTITY = {"identity": False}
-# Settings a resumed run must keep (besides the whole model and data sections).
-_FIXED = {"fixed": True}
-MAX_SEED = 2**63 - 1  # torch.manual_seed's range
+def setting(default: Any = dataclasses.MISSING, *, doc: str, flag: str | None = None,
+            ge: float | None = None, gt: float | None = None, le: float | None = None,
+            lt: float | None = None, choices: tuple[str, ...] | None = None,
+            row: bool = False, fixed: bool = False, identity: bool = True,
+            default_factory: Any = dataclasses.MISSING) -> Any:
+    """A section field with its rules beside it, read by :func:`check_field`.
+
+    Args:
+        doc: what the setting means (the flag's help).
+        flag: its flat name when not the field's name (``data.source`` -> ``data``).
+        ge, gt, le, lt: bounds (>=, >, <=, <) a number must keep.
+        choices: the values a string may take.
+        row: a preset-row hyperparameter: unset (None), it is the preset's row for the
+            chosen optimizer; ``sophia compare`` gives each optimizer its own.
+        fixed: a resumed run must keep it (besides the whole model and data sections).
+        identity: whether it decides a run's numbers (False: where files go, how progress
+            shows), so ``compare`` reuses a run that differs only there.
+    """
+    metadata = {"doc": doc, "bounds": {"ge": ge, "gt": gt, "le": le, "lt": lt},
+                "choices": choices, "row": row, "fixed": fixed, "identity": identity,
+                **({"flag": flag} if flag else {})}
+    return field(default=default, default_factory=default_factory, metadata=metadata)
+
+
+def _rule(bounds: dict[str, float | None]) -> str:
+    """The bounds as words: "at least 1", "in [0, 1)", "above 0"."""
+    def text(value: float) -> str:
+        return str(value) if isinstance(value, int) else f"{value:g}"  # ints exact
+
+    low = ("[", bounds["ge"]) if bounds["ge"] is not None else ("(", bounds["gt"])
+    high = ("]", bounds["le"]) if bounds["le"] is not None else (")", bounds["lt"])
+    if low[1] is not None and high[1] is not None:
+        return f"in {low[0]}{text(low[1])}, {text(high[1])}{high[0]}"
+    if low[1] is not None:
+        return f"{'at least' if low[0] == '[' else 'above'} {text(low[1])}"
+    return f"{'at most' if high[0] == ']' else 'below'} {text(high[1])}"
+
+
+def check_field(f: dataclasses.Field, value: Any) -> None:
+    """Refuse ``value`` for field ``f`` if it breaks the rules beside it (finite, bounds,
+    choices); None (a row field left to the preset) passes."""
+    name = flat_name(f)
+    option = "--" + name.replace("_", "-")
+    if value is None:
+        return
+    if isinstance(value, float) and not math.isfinite(value):
+        raise SophiaError(f"{name} must be finite, got {value}; give a finite {option}")
+    bounds, choices = f.metadata.get("bounds", {}), f.metadata.get("choices")
+    ops = {"ge": operator.ge, "gt": operator.gt, "le": operator.le, "lt": operator.lt}
+    if any(limit is not None and not ops[op](value, limit)  # exact: 2**63 is not 2**63 - 1
+           for op, limit in bounds.items()):
+        raise SophiaError(f"{name} must be {_rule(bounds)}, got {value}; give {option} "
+                          f"{_rule(bounds)}")
+    if choices is not None and value not in choices:
+        raise SophiaError(f"unknown {name} {value!r}{_suggest(str(value), choices)}; choose "
+                          f"one of {', '.join(choices)}")
 
 
 @dataclass
@@ -114,59 +157,80 @@ class ModelConfig:
 
     fixed_on_resume: ClassVar[bool] = True
 
-    n_layer: int = 4
-    n_head: int = 4
-    n_embd: int = 128
-    block_size: int = 64  # context length, tokens
-    dropout: float = 0.0
+    n_layer: int = setting(4, ge=1, doc="transformer blocks")
+    n_head: int = setting(4, ge=1, doc="attention heads per block")
+    n_embd: int = setting(128, ge=1, doc="width; a multiple of n_head")
+    block_size: int = setting(64, ge=1, doc="context length, tokens")
+    dropout: float = setting(0.0, ge=0.0, lt=1.0, doc="dropout probability")
+
+    def check(self) -> None:
+        if self.n_embd % self.n_head:
+            raise SophiaError(f"n_embd ({self.n_embd}) must be a multiple of n_head "
+                              f"({self.n_head}); change --n-embd or --n-head")
 
 
 @dataclass
 class DataConfig:
-    """The corpus, its tokenizer and its split; fixed for the life of a run.
-
-    ``source``: "default" (Shakespeare + King James Bible), "shakespeare", "bible", a file
-    or folder path, or "hf:NAME[:SPLIT[:COLUMN]]" for a Hugging Face dataset.
-    """
+    """The corpus, its tokenizer and its split; fixed for the life of a run."""
 
     fixed_on_resume: ClassVar[bool] = True
 
-    source: str = field(default="default", metadata={"flag": "data"})
-    tokenizer: str = "byte"
-    bpe_vocab_size: int = 4096
-    val_fraction: float = 0.05
+    source: str = setting("default", flag="data",
+                          doc='"default" (Shakespeare + King James Bible), "shakespeare", '
+                              '"bible", a file or folder path, or "hf:NAME[:SPLIT[:COLUMN]]"')
+    tokenizer: str = setting("byte", choices=TOKENIZERS, doc="UTF-8 bytes, or a trained BPE")
+    bpe_vocab_size: int = setting(4096, ge=1, le=2**32, doc="the BPE's vocabulary")
+    val_fraction: float = setting(0.05, gt=0.0, lt=0.5, doc="share of chunks for validation")
+
+    def check(self) -> None:
+        pass
 
 
 @dataclass
 class OptimizerConfig:
     """The optimizer, its schedule and Sophia's Hessian refresh.
 
-    ``name`` is one of ``OPTIMIZERS`` or ``VARIANTS``. Fields that default to None (lr,
-    min_lr, beta1, beta2, weight_decay, rho) are the preset's row for ``name`` (a variant:
-    its base's row) unless set. ``sophia_options`` go to SophiaG/SophiaH as keywords.
+    ``name`` is a key of ``registry.OPTIMIZERS``. The row fields (lr, min_lr, beta1, beta2,
+    weight_decay, rho) are the preset's row for ``name`` (a variant: its base's row) unless
+    set. ``sophia_options`` go to SophiaG/SophiaH as keywords.
     """
 
     fixed_on_resume: ClassVar[bool] = False
 
-    name: str = field(default="sophiag", metadata={"flag": "optimizer", **_FIXED})
-    lr: float | None = None  # peak learning rate
-    min_lr: float | None = None  # the cosine's floor
-    beta1: float | None = None
-    beta2: float | None = None
-    weight_decay: float | None = None
-    rho: float | None = None  # Sophia's clipping scale (gamma)
-    warmup_steps: int = 20
-    grad_clip: float = 1.0  # global grad-norm clip; 0 disables it
-    refresh_every: int = 10  # k: Sophia refreshes its Hessian estimate every k steps
-    # The share of the step's batch the refresh uses (why 1/4: benchmarks/RESULTS.md,
-    # "Harness: Hessian refresh cost").
-    refresh_fraction: float = 0.25
-    # More SophiaG/SophiaH constructor keywords (bias_correction=True, ...).
-    sophia_options: dict[str, Any] = field(default_factory=dict)
+    name: str = setting("sophiag", flag="optimizer", fixed=True,
+                        doc="the optimizer, a key of registry.OPTIMIZERS")
+    lr: float | None = setting(None, ge=0.0, row=True, doc="peak learning rate")
+    min_lr: float | None = setting(None, ge=0.0, row=True, doc="the schedule's floor")
+    beta1: float | None = setting(None, ge=0.0, lt=1.0, row=True, doc="first-moment decay")
+    beta2: float | None = setting(None, ge=0.0, lt=1.0, row=True, doc="second-moment decay")
+    weight_decay: float | None = setting(None, ge=0.0, row=True, doc="decoupled decay")
+    rho: float | None = setting(None, ge=0.0, row=True,
+                                doc="Sophia's clipping scale (gamma)")
+    schedule: str = setting("cosine", choices=SCHEDULES,
+                            doc="cosine: warmup then cosine to min_lr at max_steps; wsd: "
+                                "warmup, constant lr, then a linear decay to min_lr over "
+                                "the last decay_fraction of max_steps")
+    decay_fraction: float = setting(0.2, gt=0.0, le=1.0,
+                                    doc="wsd: the share of max_steps the decay takes")
+    warmup_steps: int = setting(20, ge=0, doc="linear warmup, steps")
+    grad_clip: float = setting(1.0, ge=0.0, doc="global grad-norm clip; 0 disables it")
+    refresh_every: int = setting(10, ge=1,
+                                 doc="k: Sophia refreshes its Hessian estimate every k steps")
+    # Why 1/4: benchmarks/RESULTS.md, "Harness: Hessian refresh cost".
+    refresh_fraction: float = setting(0.25, gt=0.0, le=1.0,
+                                      doc="the share of the step's batch the refresh uses")
+    sophia_options: dict[str, Any] = setting(
+        default_factory=dict, doc="more SophiaG/SophiaH constructor keywords")
 
     @property
     def betas(self) -> tuple[float, float]:
         return (float(self.beta1), float(self.beta2))  # type: ignore[arg-type]
+
+    def check(self) -> None:
+        if self.min_lr > self.lr:  # type: ignore[operator]
+            raise SophiaError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr}); lower "
+                              "--min-lr")
+        _check_sophia_options(self)
 
 
 @dataclass
@@ -175,23 +239,32 @@ class RunConfig:
 
     fixed_on_resume: ClassVar[bool] = False
 
-    batch_size: int = 32  # rows per micro-batch (per rank)
-    grad_accum: int = 1  # micro-batches per optimizer step
-    max_steps: int = 200
-    seed: int = field(default=0, metadata=_FIXED)  # model init, data order, Hessian draws
-    dtype: str = "auto"  # autocast dtype; auto = bfloat16 on a CUDA GPU that supports it
-    device: str = "auto"
-    threads: int = 0  # CPU threads for torch; 0 keeps torch's default (all cores)
-    parallel: str = "none"  # none, ddp or fsdp; ddp/fsdp under torchrun (docs/DISTRIBUTED.md)
-    compile: bool = False
-    eval_every: int = 25
-    eval_batches: int = field(default=8, metadata=_FIXED)  # the same val set all run long
-    checkpoint_every: int = field(default=0, metadata=_NOT_IDENTITY)  # 0: only at the end
-    max_bad_steps: int = 5  # abort after this many non-finite steps in a row
-    out_dir: str = field(default="", metadata=_NOT_IDENTITY)  # "": runs/<preset>-<optim>-<time>
-    cache_dir: str = field(default="", metadata=_NOT_IDENTITY)  # "": $SOPHIA_CACHE or ~/.cache
-    tensorboard: bool = field(default=False, metadata=_NOT_IDENTITY)
-    progress: bool = field(default=True, metadata=_NOT_IDENTITY)
+    batch_size: int = setting(32, ge=1, doc="rows per micro-batch (per rank)")
+    grad_accum: int = setting(1, ge=1, doc="micro-batches per optimizer step")
+    max_steps: int = setting(200, ge=1, doc="optimizer steps")
+    seed: int = setting(0, ge=0, le=MAX_SEED, fixed=True,
+                        doc="model init, data order, Hessian draws")
+    dtype: str = setting("auto", choices=DTYPES,
+                         doc="autocast dtype; auto = bfloat16 on a CUDA GPU that supports it")
+    device: str = setting("auto", doc="auto (CUDA if visible), cpu, cuda[:N] or mps")
+    threads: int = setting(0, ge=0, doc="CPU threads for torch; 0 keeps torch's default")
+    parallel: str = setting("none", choices=PARALLEL_MODES,
+                            doc="ddp or fsdp under torchrun (docs/DISTRIBUTED.md)")
+    compile: bool = setting(False, doc="torch.compile the model")
+    eval_every: int = setting(25, ge=0, doc="evaluate every N steps (and at the end)")
+    eval_batches: int = setting(8, ge=1, fixed=True, doc="the same val set all run long")
+    checkpoint_every: int = setting(0, ge=0, identity=False, doc="0: only at the end")
+    max_bad_steps: int = setting(5, ge=1, doc="abort after this many non-finite steps in a row")
+    out_dir: str = setting("", identity=False, doc='"": runs/<preset>-<optimizer>-<time>')
+    cache_dir: str = setting("", identity=False, doc='"": $SOPHIA_CACHE or ~/.cache/sophia')
+    tensorboard: bool = setting(False, identity=False, doc="TensorBoard scalars")
+    progress: bool = setting(True, identity=False, doc="a tqdm progress bar")
+
+    def check(self) -> None:
+        cpus = os.cpu_count() or 1
+        if self.threads > cpus:
+            raise SophiaError(f"threads {self.threads} exceeds the {cpus} CPUs here; use "
+                              f"--threads 1..{cpus} (0: torch's default)")
 
 
 @dataclass
@@ -228,7 +301,15 @@ FLAT: dict[str, tuple[str, str]] = {
     flat_name(f): (section, f.name) for section, cls in SECTIONS.items() for f in fields(cls)
 }
 _RENAMED = {"hessian_every": "refresh_every", "hessian_fraction": "refresh_fraction"}
-ROW_FIELDS = tuple(f.name for f in fields(OptimizerConfig) if f.default is None)
+# The preset-row hyperparameters (marked ``row=True`` beside their fields).
+ROW_FIELDS = tuple(f.name for f in fields(OptimizerConfig) if f.metadata.get("row"))
+
+
+def field_doc(name: str) -> str:
+    """The doc string beside the field of flat setting ``name``."""
+    section, attribute = FLAT[name]
+    return next(f.metadata.get("doc", "") for f in fields(SECTIONS[section])
+                if f.name == attribute)
 
 
 def fixed_on_resume() -> list[str]:
@@ -238,13 +319,21 @@ def fixed_on_resume() -> list[str]:
 
 
 def identity(config: Config | dict[str, Any]) -> dict[str, Any]:
-    """The flat settings that decide a run's numbers (all but ``_NOT_IDENTITY`` ones), in
+    """The flat settings that decide a run's numbers (all but ``identity=False`` ones), in
     JSON form: two runs with equal identities train alike. ``config``: a Config or its
-    ``to_dict`` (as saved in config.json and checkpoints)."""
-    values = flatten(to_dict(config) if isinstance(config, Config) else config)
+    ``to_dict`` (as saved in config.json and checkpoints; a setting it predates counts as
+    its default, which is how that run ran)."""
+    values = {**_defaults(), **flatten(to_dict(config) if isinstance(config, Config)
+                                       else config)}
     skipped = {flat_name(f) for cls in SECTIONS.values() for f in fields(cls)
                if f.metadata.get("identity") is False}
     return json.loads(json.dumps({k: v for k, v in sorted(values.items()) if k not in skipped}))
+
+
+def _defaults() -> dict[str, Any]:
+    """Flat name -> default of every field with a plain (non-None, non-factory) default."""
+    return {flat_name(f): f.default for cls in SECTIONS.values() for f in fields(cls)
+            if f.default is not dataclasses.MISSING and f.default is not None}
 
 
 @dataclass(frozen=True)
@@ -327,7 +416,10 @@ def field_type(name: str) -> type:
 
 
 def coerce(name: str, value: Any) -> Any:
-    """Convert a TOML or command-line value for flat setting ``name`` to its type, or raise."""
+    """Convert a TOML, command-line or Python value for flat setting ``name`` to its type,
+    or raise. One rule for every source: a command-line string is read as the TOML value
+    would be ("4" and 4 are the same n_layer), and a boolean is never a number (TOML
+    ``lr = true`` is refused as ``--lr true`` is)."""
     if name not in FLAT:
         raise _unknown(name)
     kind = field_type(name)
@@ -335,11 +427,14 @@ def coerce(name: str, value: Any) -> Any:
         if kind is bool:
             if isinstance(value, bool):
                 return value
-            text = str(value).strip().lower()
+            text = str(value).strip().lower() if isinstance(value, str) else None
             if text in ("1", "true", "yes", "on"):
                 return True
             if text in ("0", "false", "no", "off"):
                 return False
+            raise ValueError(value)
+        if isinstance(value, bool) or (kind in (int, float) and
+                                       not isinstance(value, (int, float, str))):
             raise ValueError(value)
         if kind is int and isinstance(value, float) and not value.is_integer():
             raise ValueError(value)
@@ -418,10 +513,10 @@ def make_config(preset: str = "tiny", overrides: dict[str, Any] | None = None) -
 def resolve(config: Config) -> Config:
     """Fill unset optimizer hyperparameters from the preset's row, then validate."""
     name = config.optimizer.name
-    if name not in optimizer_names():
+    if name not in OPTIMIZERS:
         raise SophiaError(
-            f"unknown optimizer {name!r}{_suggest(name, optimizer_names())}; "
-            f"choose one of {', '.join(optimizer_names())}"
+            f"unknown optimizer {name!r}{_suggest(name, OPTIMIZERS)}; "
+            f"choose one of {', '.join(OPTIMIZERS)}"
         )
     row = PRESETS[config.preset].optimizers[base_optimizer(name)]
     filled = dict(lr=row.lr, min_lr=row.min_lr, beta1=row.betas[0], beta2=row.betas[1],
@@ -429,63 +524,33 @@ def resolve(config: Config) -> Config:
     optimizer = replace(config.optimizer, **{
         k: v for k, v in filled.items() if getattr(config.optimizer, k) is None})
     config = replace(config, optimizer=optimizer)
-    _validate(config)
+    validate(config)
     return config
 
 
-def _validate(config: Config) -> None:
-    def need(ok: bool, message: str) -> None:
-        if not ok:
-            raise SophiaError(message)
+def validate(config: Config) -> None:
+    """Check every section: each field against the rules beside it, then the section's own
+    ``check`` (rules between its fields), then the rules between sections.
 
-    flat = {name: getattr(getattr(config, s), a) for name, (s, a) in FLAT.items()}
-    for name, value in flat.items():
-        need(not isinstance(value, float) or math.isfinite(value),
-             f"{name} must be finite, got {value}; give a finite --{name.replace('_', '-')}")
-    for name in ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "grad_accum",
-                 "max_steps", "refresh_every", "eval_batches", "max_bad_steps",
-                 "bpe_vocab_size"):
-        need(flat[name] >= 1, f"{name} must be at least 1, got {flat[name]}")
-    for name in ("warmup_steps", "eval_every", "threads", "checkpoint_every", "lr", "min_lr",
-                 "weight_decay", "rho", "grad_clip"):
-        need(flat[name] >= 0, f"{name} must be >= 0, got {flat[name]}")
-    model, optimizer, run = config.model, config.optimizer, config.run
-    need(0 <= run.seed <= MAX_SEED, f"seed must be in [0, 2**63 - 1], got {run.seed}")
-    cpus = os.cpu_count() or 1
-    need(run.threads <= cpus, f"threads {run.threads} exceeds the {cpus} CPUs here; use "
-                              f"--threads 1..{cpus} (0: torch's default)")
-    need(config.data.bpe_vocab_size <= 2**32,
-         f"bpe_vocab_size must be at most 2**32, got {config.data.bpe_vocab_size}")
-    need(model.n_embd % model.n_head == 0,
-         f"n_embd ({model.n_embd}) must be a multiple of n_head ({model.n_head})")
-    need(0.0 <= model.dropout < 1.0, f"dropout must be in [0, 1), got {model.dropout}")
-    need(0.0 < config.data.val_fraction < 0.5,
-         f"val_fraction must be in (0, 0.5), got {config.data.val_fraction}")
-    need(0.0 < optimizer.refresh_fraction <= 1.0,
-         f"refresh_fraction must be in (0, 1], got {optimizer.refresh_fraction}")
-    need(0.0 <= optimizer.beta1 < 1.0 and 0.0 <= optimizer.beta2 < 1.0,  # type: ignore[operator]
-         f"betas must be in [0, 1), got ({optimizer.beta1}, {optimizer.beta2})")
-    need(optimizer.min_lr <= optimizer.lr,  # type: ignore[operator]
-         f"min_lr ({optimizer.min_lr}) must not exceed lr ({optimizer.lr})")
-    need(run.dtype in DTYPES, f"unknown dtype {run.dtype!r}; choose one of {DTYPES}")
-    need(run.parallel in PARALLEL_MODES,
-         f"unknown parallel mode {run.parallel!r}; choose one of {', '.join(PARALLEL_MODES)}")
-    _validate_sophia_options(optimizer)
-    need(not (optimizer.name == "sophiah" and run.parallel == "fsdp"),
-         "sophiah cannot run under --parallel fsdp (FSDP2 gathers parameters outside autograd: "
-         "no Hessian-vector product); use --parallel ddp, or sophiag")
-    need(not (optimizer.name == "muon" and run.parallel == "fsdp"),
-         "muon cannot run under --parallel fsdp (it orthogonalises whole matrices, FSDP2 holds "
-         "shards); use --parallel ddp")
-    need(config.data.tokenizer in TOKENIZERS,
-         f"unknown tokenizer {config.data.tokenizer!r}; choose one of {', '.join(TOKENIZERS)}")
+    Raises:
+        SophiaError: the first rule broken, naming the setting and the fix.
+    """
+    for section in SECTIONS:
+        values = getattr(config, section)
+        for f in fields(values):
+            check_field(f, getattr(values, f.name))
+        values.check()
+    spec = OPTIMIZERS[config.optimizer.name]
+    if config.run.parallel == "fsdp" and spec.fsdp_refusal:
+        raise SophiaError(spec.fsdp_refusal)
 
 
-def _validate_sophia_options(optimizer: OptimizerConfig) -> None:
-    options = optimizer.sophia_options
-    if options and base_optimizer(optimizer.name) not in SOPHIA:
+def _check_sophia_options(optimizer: OptimizerConfig) -> None:
+    options, spec = optimizer.sophia_options, OPTIMIZERS[optimizer.name]
+    if options and not spec.takes_options:
+        takers = [name for name, s in OPTIMIZERS.items() if s.takes_options and s.row == name]
         raise SophiaError(
-            f"sophia_options {sorted(options)} apply to sophiag and sophiah only, not "
+            f"sophia_options {sorted(options)} apply to {' and '.join(takers)} only, not "
             f"{optimizer.name}; drop --sophia-option or pick a Sophia optimizer"
         )
     for key, value in options.items():
@@ -496,6 +561,11 @@ def _validate_sophia_options(optimizer: OptimizerConfig) -> None:
                               f"{RESERVED_OPTIONS[key]}; drop it from the sophia options")
         if not _all_finite(value):
             raise SophiaError(f"sophia option {key}={value!r} is not finite; give a finite value")
+    unknown = spec.unknown_options(options)
+    if unknown:
+        cls = spec.options_class.__name__  # type: ignore[union-attr]
+        raise SophiaError(f"{cls} takes no keyword {unknown[0]!r} (from the sophia options); "
+                          f"check its name in help(sophia_pytorch.{cls})")
 
 
 def _all_finite(value: Any) -> bool:

@@ -31,6 +31,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from .._dtensor import is_dtensor
+from .errors import SophiaError
 
 __all__ = [
     "ParallelEnv",
@@ -41,8 +42,10 @@ __all__ = [
     "gradient_sync",
     "init_from_env",
     "is_initialized",
+    "is_main_process",
     "load_sharded",
     "mean_over_ranks",
+    "resolve_device",
     "save_sharded",
     "wrap_model",
 ]
@@ -75,6 +78,35 @@ def is_initialized() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
+def is_main_process() -> bool:
+    """The one answer to "is this the main process": rank 0 of the process group, or the
+    only process without one. The main process logs, shows progress and writes files."""
+    return not is_initialized() or dist.get_rank() == 0
+
+
+def resolve_device(name: str | torch.device) -> torch.device:
+    """The device ``name`` means here — the one place ``"auto"`` is resolved: CUDA if a GPU
+    is visible, else CPU. A named device must exist (``cpu``, ``cuda[:N]``, ``mps``).
+
+    Raises:
+        SophiaError: an unknown device, or one this machine does not have.
+    """
+    if str(name) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps") or (
+            device.type == "cpu" and device.index not in (None, 0)):
+        raise SophiaError(f"unknown device {name!r}; use auto, cpu or cuda[:N]")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise SophiaError("device mps was asked for but this machine has none; use --device cpu")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SophiaError("device cuda was asked for but no CUDA GPU is visible; use --device cpu")
+    return device
+
+
 def _env_int(name: str) -> int | None:
     value = os.environ.get(name)
     if value is None:
@@ -104,9 +136,7 @@ def init_from_env(
         a :class:`ParallelEnv`. With ``RANK`` and ``WORLD_SIZE`` unset there is no group:
         rank 0 of 1. An already initialised group is joined as it is, not re-created.
     """
-    if str(device) == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    requested = torch.device(device)
+    requested = resolve_device(device) if str(device) == "auto" else torch.device(device)
     rank, world_size = _env_int("RANK"), _env_int("WORLD_SIZE")
     if rank is None or world_size is None:
         if is_initialized():

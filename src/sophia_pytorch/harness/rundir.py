@@ -15,26 +15,19 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
+from .distributed import is_main_process
 from .errors import SophiaError, writing
 from .jsonio import dumps
 
 __all__ = ["RUN_FILES", "RunLock", "RunLog", "holds_run", "is_main_process", "make_run_dir",
            "prepare_run_dir"]
 
-RUN_FILES = ("checkpoint.pt", "log.jsonl", "config.json", "record.json")
+RUN_FILES = ("checkpoint.pt", "log.jsonl", "config.json", "record.json", "stable.pt")
 
 try:
     import fcntl
 except ImportError:  # Windows: the lock file's PID decides
     fcntl = None  # type: ignore[assignment]
-
-
-def is_main_process() -> bool:
-    """True on rank 0 of a data-parallel job, and always without one: it writes files."""
-    dist = torch.distributed
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 def holds_run(folder: str | Path) -> bool:

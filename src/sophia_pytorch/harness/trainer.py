@@ -5,8 +5,10 @@ refresh that optimizer needs, lr schedule, run folder), then :meth:`Trainer.fit`
 :meth:`Trainer.train_step`: ``grad_accum`` micro-batches forward/backward under autocast,
 the mean loss and gradient checked for non-finite values (a bad step is skipped without
 touching the optimizer, counted, and aborts the run after ``max_bad_steps`` in a row),
-grad-norm clipping, the optimizer step, the lr schedule, and Sophia's Hessian refresh when
-one is owed (see ``.refresh``). Where the run stands is a :class:`TrainState`.
+grad-norm clipping, the optimizer step, and Sophia's Hessian refresh when one is owed (see
+``.refresh``). Each step's lr is a pure function of the step and the settings
+(``.schedule``), set on the groups before the step. Where the run stands is a
+:class:`TrainState`.
 
 Every step and every evaluation is one JSON line in ``<run>/log.jsonl``. The time in
 ``seconds`` counts training only (steps and refreshes, not evaluation or checkpointing), so
@@ -22,11 +24,11 @@ model and optimizer state in a ``torch.distributed.checkpoint`` folder beside ch
 from __future__ import annotations
 
 import contextlib
+import json
 import math
-import os
 import shutil
+import sys
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -38,20 +40,24 @@ from torch import nn
 from .. import _dtensor
 from . import distributed
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from .config import SECTIONS, Config, fixed_on_resume, flatten, to_dict
+from .config import SECTIONS, Config, fixed_on_resume, flat_name, flatten, to_dict
 from .data import BatchSampler, prepare_data
+from .distributed import is_main_process
 from .errors import DivergedError, SophiaError, require, writing
 from .jsonio import write_json
+from .memory import check_memory, estimate_memory, memory_errors_are_user_errors
 from .model import GPT, GPTConfig, lm_loss
 from .optimizers import build_optimizer, build_refresh
-from .rundir import RunLock, RunLog, is_main_process, make_run_dir, prepare_run_dir
-from .schedule import WarmupCosine
+from .rundir import RunLock, RunLog, make_run_dir, prepare_run_dir
+from .schedule import LRSchedule
 
-__all__ = ["TrainResult", "TrainState", "Trainer", "build_optimizer", "is_main_process",
-           "lm_loss", "train"]
+__all__ = ["TrainResult", "TrainState", "Trainer", "build_optimizer", "estimate_memory",
+           "is_main_process", "lm_loss", "train"]
 
 EVAL_SEED = 20230523  # evaluation windows are the same for every run, seed and optimizer
-CHECKPOINT_FORMAT = 2
+# 3: no scheduler state (the lr is derived from the step); 2 and 1 still resume.
+CHECKPOINT_FORMAT = 3
+STABLE_CHECKPOINT = "stable.pt"  # a wsd run's checkpoint at the start of its decay
 
 
 @dataclass
@@ -105,24 +111,6 @@ class TrainState:
         self.evals = [dict(row) for row in self.evals]
 
 
-def pick_device(name: str) -> torch.device:
-    """``auto`` (CUDA if visible, else CPU), or a named torch device that exists here."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        device = None
-    if device is None or device.type not in ("cpu", "cuda", "mps") or (
-            device.type == "cpu" and device.index not in (None, 0)):
-        raise SophiaError(f"unknown device {name!r}; use auto, cpu or cuda[:N]")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise SophiaError("device mps was asked for but this machine has none; use --device cpu")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SophiaError("device cuda was asked for but no CUDA GPU is visible; use --device cpu")
-    return device
-
-
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     """The autocast dtype: bf16 where asked for (or, for auto, on a GPU that has it)."""
     if name == "auto":
@@ -154,7 +142,7 @@ def evaluate(model: nn.Module, batches: BatchSampler, num_batches: int,
 
 
 def _join_job(config: Config) -> distributed.ParallelEnv:
-    env = distributed.init_from_env(pick_device(config.run.device))
+    env = distributed.init_from_env(distributed.resolve_device(config.run.device))
     if (env.world_size > 1 and config.run.parallel == "none") or (
             config.run.parallel != "none" and not distributed.is_initialized()):
         raise SophiaError(
@@ -226,13 +214,12 @@ class Trainer:
                                    n_embd=shape.n_embd, dropout=shape.dropout)).to(self.device)
         self.train_model = wrap_model(self.model, config, self.device)  # before: FSDP2 shards
         self.optimizer = build_optimizer(config, self.model, self.device)
-        self.built_hyperparameters = _hyperparameters(self.optimizer)  # before the schedule
+        self.built_hyperparameters = _hyperparameters(self.optimizer)
+        self.base_lrs = [group["lr"] for group in self.optimizer.param_groups]
+        self.schedule = LRSchedule.from_config(config)
         self.refresh = build_refresh(config, self.optimizer, self.train_model,
                                      autocast=self.autocast, device=self.device,
                                      rank=self.env.rank, world_size=self.env.world_size)
-        self.scheduler = WarmupCosine(self.optimizer, min_lr_ratio=_min_lr_ratio(config),
-                                      warmup_steps=config.optimizer.warmup_steps,
-                                      max_steps=run.max_steps)
         self.train_batches = BatchSampler(data.train, run.batch_size, shape.block_size,
                                           seed=run.seed, rank=self.env.rank,
                                           world_size=self.env.world_size, device=self.device)
@@ -245,7 +232,7 @@ class Trainer:
             self._resume(resume)
         self.log = RunLog(self.run_dir, keep_until_step=self.state.step if resume else None,
                           tensorboard=run.tensorboard)
-        if is_main_process():
+        if self.env.is_main:
             with writing("--out-dir", self.run_dir):
                 write_json(self.run_dir / "config.json", to_dict(config))
 
@@ -300,6 +287,8 @@ class Trainer:
                 if last or (run.checkpoint_every and state.step % run.checkpoint_every == 0
                             and not state.bad_in_row):
                     self.save()
+                if state.step == self.schedule.decay_start() and not last:
+                    self.save(STABLE_CHECKPOINT)  # where a longer run can branch off
         finally:
             if bar is not None:
                 bar.close()
@@ -308,6 +297,7 @@ class Trainer:
     def train_step(self) -> dict[str, Any]:
         """One optimizer step, and any Hessian refresh it owes; returns its log record."""
         state, started = self.state, time.perf_counter()
+        self.schedule.apply(self.optimizer, state.step, self.base_lrs)
         lr = self.optimizer.param_groups[0]["lr"]
         micro_batches = [self.train_batches.get(state.data_position + micro)
                          for micro in range(self.config.run.grad_accum)]
@@ -319,10 +309,6 @@ class Trainer:
         state.skipped_steps += not finite
         state.bad_in_row = 0 if finite else state.bad_in_row + 1
         self.optimizer.zero_grad(set_to_none=True)
-        with warnings.catch_warnings():
-            # Skipped steps are deliberate; torch warns when no optimizer.step() came first.
-            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
-            self.scheduler.step()
         if finite:
             refreshed = self._refresh(micro_batches, key=state.step) or refreshed
         if self.device.type == "cuda":
@@ -377,8 +363,9 @@ class Trainer:
                                  "lower --lr or raise --warmup-steps")
         return val_loss
 
-    def save(self) -> None:
-        """Write ``checkpoint.pt`` atomically (rank 0); FSDP2 shards go to their own folder.
+    def save(self, name: str = "checkpoint.pt") -> None:
+        """Write checkpoint ``name`` atomically (rank 0); FSDP2 shards go to their own folder
+        (a ``stable.pt`` is not written under FSDP2: the shards are the latest save's).
 
         Raises:
             DivergedError: the weights or optimizer state are not finite (nothing is written:
@@ -388,22 +375,24 @@ class Trainer:
             raise self._diverged(f"the weights are not finite after step {self.state.step}; "
                                  "lower --lr (or --weight-decay)")
         sharded = None
+        if name != "checkpoint.pt" and self.config.run.parallel == "fsdp":
+            return
         with writing("--out-dir", self.run_dir):
             if self.config.run.parallel == "fsdp":  # every rank writes its shards anew
                 sharded = f"checkpoint-{self.state.step:08d}"
                 distributed.save_sharded(self.run_dir / sharded, self.model, self.optimizer)
-            if is_main_process():
+            if self.env.is_main:
                 save_checkpoint({
                     "format": CHECKPOINT_FORMAT, "config": to_dict(self.config),
                     "sharded": sharded, "model": None if sharded else self.model.state_dict(),
                     "optimizer": None if sharded else self.optimizer.state_dict(),
-                    "scheduler": self.scheduler.state_dict(),
                     "train_state": self.state.state_dict(), "rng": rng_state(),
-                }, self.run_dir / "checkpoint.pt")
+                }, self.run_dir / name)
                 for folder in self.run_dir.glob("checkpoint-*"):  # the new one is named now
                     if folder.name != sharded:
                         shutil.rmtree(folder, ignore_errors=True)
-        self.last_saved_step = self.state.step
+        if name == "checkpoint.pt":
+            self.last_saved_step = self.state.step
 
     def _finite(self) -> bool:
         """Whether every weight and optimizer state tensor is finite, on every rank."""
@@ -426,8 +415,8 @@ class Trainer:
     def _resume(self, resume: str | Path) -> None:
         """Load a checkpoint; apply the settings this config changes, refuse the rest."""
         checkpoint = load_checkpoint(resume)
-        missing = [k for k in ("config", "model", "optimizer", "scheduler", "rng")
-                   if k not in checkpoint]
+        # Formats 1 and 2 also hold a "scheduler" state: not read, the lr is derived.
+        missing = [k for k in ("config", "model", "optimizer", "rng") if k not in checkpoint]
         if missing or ("train_state" not in checkpoint and "step" not in checkpoint):
             raise SophiaError(
                 f"{str(resume)!r} is not a sophia training checkpoint (it lacks "
@@ -435,6 +424,8 @@ class Trainer:
                 "checkpoint.pt written by `sophia train`"
             )
         _check_compatible(checkpoint["config"], self.config, resume)
+        train_state = _train_state(checkpoint, self.config)
+        _check_steps_left(train_state["step"], checkpoint["config"], self.config, resume)
         # Optimizer settings the saved config gave, to tell which ones this config changes.
         saved_optimizer = _section(checkpoint["config"], "optimizer")
         reference = _hyperparameters(build_optimizer(
@@ -453,20 +444,16 @@ class Trainer:
             self.optimizer.load_state_dict(checkpoint["optimizer"])
         groups = self.optimizer.param_groups
         for group, new, old in zip(groups, self.built_hyperparameters, reference, strict=True):
-            for key, value in new.items():
-                if value != old.get(key):  # changed on resume: applied (else kept as saved,
-                    group["initial_lr" if key == "lr" else key] = value  # e.g. adapted rho)
-        scheduler = self.scheduler
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        # The schedule follows the current config: `--resume --max-steps N --lr X` applies.
-        scheduler.base_lrs = [group["initial_lr"] for group in groups]
-        scheduler.min_lr_ratio, scheduler.warmup_steps, scheduler.max_steps = (
-            _min_lr_ratio(self.config), self.config.optimizer.warmup_steps,
-            self.config.run.max_steps)
-        for group, group_lr in zip(groups, scheduler.get_lr(), strict=True):
-            group["lr"] = group_lr
-        scheduler._last_lr = [group["lr"] for group in groups]
-        self.state.load_state_dict(_train_state(checkpoint, self.config))
+            group.pop("initial_lr", None)  # a torch scheduler's, in formats 1 and 2
+            for key, value in new.items():  # the lr is the schedule's, set each step
+                if key != "lr" and value != old.get(key):  # changed on resume: applied (else
+                    group[key] = value  # kept as saved, e.g. an adapted rho)
+        old_schedule = LRSchedule.from_config(_saved_config(checkpoint["config"], self.config))
+        change = describe_lr_change(train_state["step"], old_schedule, self.schedule,
+                                    [group["lr"] for group in reference], self.base_lrs)
+        if change and self.env.is_main:
+            print(f"note: {change}", file=sys.stderr)
+        self.state.load_state_dict(train_state)
         self.last_saved_step = self.state.step
         set_rng_state(checkpoint["rng"])
 
@@ -502,7 +489,7 @@ def train(config: Config, *, resume: str | Path | None = None,
         DivergedError: ``max_bad_steps`` non-finite steps in a row, non-finite weights or
             validation loss (its ``result`` holds the run so far).
     """
-    with _memory_errors_are_user_errors():
+    with memory_errors_are_user_errors():
         trainer = Trainer(config, resume=resume, on_step=on_step, overwrite=overwrite)
         try:
             return trainer.fit()
@@ -544,16 +531,81 @@ def _check_compatible(saved: dict[str, Any], config: Config, resume: str | Path)
             )
 
 
+def check_config_json(run_dir: str | Path, saved: dict[str, Any], given: set[str]) -> None:
+    """Refuse a resume whose run folder's config.json says other settings than the
+    checkpoint's (an edit, or a resume that changed settings and was killed before its next
+    checkpoint), except those ``given`` again now (flat names): settings change on resume
+    through flags or ``--config`` only, and config.json is rewritten, so an edit there would
+    otherwise be silently lost. An unreadable or missing config.json is rewritten as usual.
+    """
+    path = Path(run_dir) / "config.json"
+    try:
+        found = flatten(json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, ValueError, SophiaError, AttributeError):
+        return
+    theirs = json.loads(json.dumps(flatten(saved)))
+    differ = sorted(k for k in found.keys() | theirs.keys()
+                    if k not in given and k != "out_dir" and found.get(k) != theirs.get(k))
+    if differ:
+        key = differ[0]
+        flag = "--" + key.replace("_", "-")
+        raise SophiaError(
+            f"{path} says {key}={found.get(key)!r} but the checkpoint ran with "
+            f"{theirs.get(key)!r} ({len(differ)} such setting(s): {', '.join(differ[:4])}); "
+            f"settings change on resume only through flags: add {flag} {found.get(key)} to "
+            f"apply it, or {flag} {theirs.get(key)} to keep the checkpoint's"
+        )
+
+
+def _check_steps_left(step: int, saved: dict[str, Any], config: Config,
+                      resume: str | Path) -> None:
+    """Refuse a ``max_steps`` below the checkpoint's step: nothing would train, and
+    config.json would claim a shorter run than the one done."""
+    if step > config.run.max_steps:
+        saved_steps = flatten(saved).get("max_steps", "?")
+        raise SophiaError(
+            f"checkpoint {str(resume)!r} is at step {step} (of a {saved_steps}-step run), past "
+            f"--max-steps {config.run.max_steps}; give --max-steps above {step} to continue "
+            "it, or leave --max-steps out"
+        )
+
+
+def _saved_config(saved: dict[str, Any], config: Config) -> Config:
+    """The checkpoint's optimizer settings and max_steps over ``config`` (unvalidated)."""
+    max_steps = flatten(saved).get("max_steps", config.run.max_steps)
+    return replace(config, optimizer=_section(saved, "optimizer"),
+                   run=replace(config.run, max_steps=max_steps))
+
+
+def describe_lr_change(step: int, old: LRSchedule, new: LRSchedule,
+                       old_base_lrs: list[float], new_base_lrs: list[float]) -> str | None:
+    """What a resume at ``step`` does to the lr, or None when the new settings give the
+    same lr for the steps the old ones still had to run (none shows a jump)."""
+    before = old.lr(step, old_base_lrs[0])
+    after = new.lr(step, new_base_lrs[0])
+    if before == after and old == new and old_base_lrs == new_base_lrs:
+        return None
+    changed = [f"{name} {getattr(old, name)!r} -> {getattr(new, name)!r}"
+               for name in ("kind", "warmup_steps", "max_steps", "decay_fraction", "min_lr_ratio")
+               if getattr(old, name) != getattr(new, name)]
+    if old_base_lrs[0] != new_base_lrs[0]:
+        changed.insert(0, f"lr {old_base_lrs[0]:.3g} -> {new_base_lrs[0]:.3g}")
+    text = (f"resuming at step {step} with {', '.join(changed)}: the lr there is {after:.3g}, "
+            f"where the checkpoint's settings had {before:.3g}")
+    if new.kind == "cosine" and new.max_steps != old.max_steps and before != after:
+        text += ("; a longer cosine is re-stretched over the whole run, so the lr jumps here "
+                 "(to extend a run without a jump, train it with --schedule wsd and resume "
+                 "from its stable.pt)")
+    elif before == after:
+        text += " (no jump here)"
+    return text
+
+
 def _same_folder(resume: str | Path | None, run_dir: Path) -> bool:
     if resume is None:
         return False
     folder = Path(resume) if Path(resume).is_dir() else Path(resume).parent
     return folder.resolve() == run_dir.resolve()
-
-
-def _min_lr_ratio(config: Config) -> float:
-    lr, min_lr = config.optimizer.lr, config.optimizer.min_lr
-    return min_lr / lr if lr else 1.0  # type: ignore[operator]
 
 
 def _hyperparameters(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
@@ -566,59 +618,4 @@ def _section(saved: dict[str, Any], name: str) -> Any:
     cls = SECTIONS[name]
     values = flatten(saved)
     return cls(**{f.name: values[flat] for f in fields(cls)
-                  if (flat := f.metadata.get("flag", f.name)) in values})
-
-
-# Bytes per float32 parameter held during a step: weights, gradients, two optimizer moments.
-_BYTES_PER_PARAMETER = 16
-
-
-def estimate_memory(config: Config, vocab_size: int) -> dict[str, int]:
-    """A rough lower bound of the bytes a training step holds, by part: ``model``
-    (parameters, gradients, optimizer state), ``activations`` (one micro-batch's, kept for
-    backward, plus its logits) and ``batches`` (the step's token windows)."""
-    shape, run = config.model, config.run
-    d, layers, block, rows = shape.n_embd, shape.n_layer, shape.block_size, run.batch_size
-    parameters = 12 * layers * d * d + 13 * layers * d + (vocab_size + block) * d + 2 * d
-    return {"model": _BYTES_PER_PARAMETER * parameters,
-            "activations": 4 * rows * block * (16 * layers * d + 3 * vocab_size),
-            "batches": 8 * run.grad_accum * rows * (block + 1)}
-
-
-def check_memory(config: Config, vocab_size: int, device: torch.device) -> None:
-    """Refuse, before allocating, a CPU run that cannot fit in this machine's memory (a GPU
-    run that does not fit stops at its first out-of-memory error instead)."""
-    if device.type != "cpu":
-        return
-    try:
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (AttributeError, ValueError, OSError):
-        return
-    parts = estimate_memory(config, vocab_size)
-    if sum(parts.values()) <= total:
-        return
-    fixes = {"model": "use a smaller model (--n-layer, --n-embd)",
-             "activations": "lower --batch-size (raise --grad-accum to keep the tokens per "
-                            "step) or --block-size",
-             "batches": "lower --grad-accum"}
-    largest = max(parts, key=parts.__getitem__)
-    raise SophiaError(
-        f"this run needs at least {sum(parts.values()) / 2**30:.3g} GiB of memory (mostly "
-        f"{largest}), more than the {total / 2**30:.3g} GiB here; {fixes[largest]}"
-    )
-
-
-@contextlib.contextmanager
-def _memory_errors_are_user_errors() -> Any:
-    try:
-        yield
-    except (MemoryError, RuntimeError) as exc:
-        text = str(exc)
-        if isinstance(exc, RuntimeError) and not isinstance(exc, torch.OutOfMemoryError) \
-                and "out of memory" not in text and "can't allocate memory" not in text:
-            raise
-        first = text.strip().splitlines()[0][:120] if text.strip() else type(exc).__name__
-        raise SophiaError(
-            f"out of memory ({first}); lower --batch-size (raise --grad-accum to keep the "
-            "tokens per step) or use a smaller model"
-        ) from None
+                  if (flat := flat_name(f)) in values})

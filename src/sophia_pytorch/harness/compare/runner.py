@@ -27,9 +27,9 @@ from typing import Any
 
 from ..checkpoint import load_checkpoint
 from ..config import (
+    OPTIMIZERS,
     PRESETS,
     ROW_FIELDS,
-    SOPHIA,
     Config,
     base_optimizer,
     flatten,
@@ -52,17 +52,29 @@ RECORD = "record.json"
 
 def _run_config(base: Config, overrides: dict[str, Any], optimizer: str, multiplier: float,
                 seed: int, run_dir: Path) -> Config:
-    """``base`` with this optimizer's preset row (lr scaled by ``multiplier``), except the
-    row fields the user fixed in ``overrides`` (flat names)."""
+    """``base`` with this optimizer's preset row (lr and min_lr scaled by ``multiplier``);
+    ``overrides`` may not fix a row field (see :func:`refuse_shared_rows`)."""
+    refuse_shared_rows(overrides)
     values = {k: v for k, v in flatten(to_dict(base)).items() if k not in ROW_FIELDS}
-    values.update({k: overrides[k] for k in ROW_FIELDS if overrides.get(k) is not None})
-    if base_optimizer(optimizer) not in SOPHIA:
+    if not OPTIMIZERS[optimizer].takes_options:
         values["sophia_options"] = {}
     row = PRESETS[base.preset].optimizers[base_optimizer(optimizer)]
     values.update(optimizer=optimizer, seed=seed, out_dir=str(run_dir),
-                  lr=values.get("lr", row.lr) * multiplier,
-                  min_lr=values.get("min_lr", row.min_lr) * multiplier)
+                  lr=row.lr * multiplier, min_lr=row.min_lr * multiplier)
     return make_config(base.preset, values)
+
+
+def refuse_shared_rows(overrides: dict[str, Any], where: str = "the overrides") -> None:
+    """Refuse a row field (lr, min_lr, betas, weight decay, rho) given once for every
+    compared optimizer: it would silently make the comparison unfair (one lr for AdamW and
+    Muon). Each optimizer takes its preset row, its lr scaled by the lr grid."""
+    given = [k for k in ROW_FIELDS if overrides.get(k) is not None]
+    if given:
+        raise SophiaError(
+            f"{given[0]} from {where} would apply to every compared optimizer; compare gives "
+            f"each optimizer its own preset row (lr scaled by --lr-grid): drop {given[0]}, "
+            "or train one optimizer with it through `sophia train`"
+        )
 
 
 def _final(record: RunRecord) -> float:
@@ -175,10 +187,12 @@ def compare(base: Config, *, optimizers: list[str] | tuple[str, ...] = ("sophiag
         lr_multipliers: the lr grid, as multiples of each optimizer's preset lr.
         seeds: model-initialisation and data-order seeds; the grid uses the first.
         out_dir: the comparison folder (default ``runs/compare-<preset>-<time>``).
-        overrides: optimizer hyperparameters the user fixed for every optimizer (e.g. lr).
+        overrides: the flat settings the user gave; a row field (lr, min_lr, beta1,
+            beta2, weight_decay, rho) among them is refused (:func:`refuse_shared_rows`).
         overwrite: retrain a run whose folder holds a run with other settings (default:
             refuse, naming the difference).
     """
+    refuse_shared_rows(overrides or {})
     for name in optimizers:
         if name not in optimizer_names():
             raise SophiaError(f"unknown optimizer {name!r} in --optimizers; choose from "
