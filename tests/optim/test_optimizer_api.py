@@ -54,9 +54,10 @@ def test_state_holds_exp_avg_hessian_and_step_and_refresh_counters(dtype, state_
     optimizer.step()
     optimizer.update_hessian(scale=4)
     state = optimizer.state[param]
-    assert set(state) == {"exp_avg", "hessian", "step", "hessian_step"}
+    assert set(state) == {"exp_avg", "hessian", "step", "hessian_step", "last_refresh_step"}
     assert torch.is_tensor(state["step"]) and float(state["step"]) == 2
     assert state["hessian_step"].dtype == torch.float32 and float(state["hessian_step"]) == 1
+    assert float(state["last_refresh_step"]) == 2 and optimizer.last_refresh_step() == 2
     for key in ("exp_avg", "hessian"):
         assert state[key].dtype == state_dtype and state[key].shape == param.shape
     assert optimizer.steps_taken() == 2 and optimizer.refreshes_done() == 1
@@ -201,7 +202,7 @@ def test_maximize_equals_minimizing_the_negated_loss():
 
 BAD_HYPERPARAMETERS = [
     ("lr", -1e-3, "-0.001"), ("lr", "fast", "'fast'"), ("lr", float("nan"), "nan"),
-    ("lr", torch.tensor([1e-3, 2e-3]), "tensor"),
+    ("lr", torch.tensor([1e-3, 2e-3]), "Tensor lr must be 1-element"),
     ("rho", -0.04, "-0.04"), ("eps", -1e-15, "-1e-15"), ("weight_decay", -0.1, "-0.1"),
     ("betas", (1.0, 0.99), "1.0"), ("betas", (0.9, 1.0), "1.0"), ("betas", (-0.1, 0.99), "-0.1"),
     ("betas", (0.9,), r"\(0.9,\)"), ("betas", "0.9", "'0.9'"), ("rho", None, "None"),
@@ -246,7 +247,23 @@ def test_hessian_due_after_every_refresh_every_steps():
         assert optimizer.steps_taken() == step
         if optimizer.hessian_due():
             due.append(step)
+            optimizer.update_hessian(scale=1)
+            assert not optimizer.hessian_due()
     assert due == [10, 20]
+
+
+def test_a_refresh_not_done_stays_due_until_it_is():
+    theta = torch.zeros(2, requires_grad=True)
+    optimizer = sophia_pytorch.SophiaG([theta], refresh_every=4)
+    due = []
+    for step in range(1, 12):
+        theta.grad = torch.ones(2)
+        optimizer.step()
+        if optimizer.hessian_due():
+            due.append(step)
+            if step == 6:  # owed since step 4; the next is due 4 steps after this one
+                optimizer.update_hessian(scale=1)
+    assert due == [4, 5, 6, 10, 11]
 
 
 def test_unclipped_fraction_counts_coordinates_the_clip_leaves_alone():
