@@ -344,9 +344,11 @@ class SophiaBase(Optimizer):
         if any(e.is_sparse for _, e in estimates):
             raise RuntimeError(f"{name} does not support sparse gradients (update_hessian got "
                                "one); use a dense gradient, e.g. nn.Embedding(sparse=False)")
-        denominator = 1.0 if grad_scale is None else grad_scale * grad_scale if squared \
-            else grad_scale
-        coefficient = scale / denominator if squared else 1.0 / denominator
+        # divided twice, not by grad_scale², which can underflow to 0
+        coefficient = scale if squared else 1.0
+        if grad_scale is not None:
+            coefficient = coefficient / grad_scale / grad_scale if squared \
+                else coefficient / grad_scale
         plans = []  # (group, params, es, weights): computed first, written last
         for group in self.param_groups:
             members = {p for p in group["params"]}
