@@ -296,7 +296,9 @@ class SophiaBase(Optimizer):
 
         The official code logs it as "win rate". 0.0 before any state exists or when every
         coordinate is clipped (a pure sign step). Counted over whole parameters: with FSDP2
-        (DTensor) parameters this is a collective, to be called on every rank.
+        (DTensor) parameters this is a collective, to be called on every rank. NaN when a
+        state is on the meta device, which holds no values to count (and ``unclipped_band``
+        then leaves ρ as it is).
         """
         return self._unclipped_fraction(self.param_groups)
 
@@ -309,6 +311,8 @@ class SophiaBase(Optimizer):
                 state = self.state.get(param)
                 if not state or "exp_avg" not in state:
                     continue
+                if state["exp_avg"].device.type == "meta":
+                    return math.nan
                 exp_avg, hessian = local_shards(state["exp_avg"], state["hessian"])
                 count, size = unclipped_count(exp_avg, hessian, group["rho"] if rho is None
                                               else rho)
