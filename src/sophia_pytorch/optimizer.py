@@ -27,6 +27,9 @@ from .functional import (
 __all__ = ["OFFICIAL_DEFAULTS", "SophiaBase", "SophiaG", "SophiaH"]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
+# parameter dtypes the fused CPU kernel steps (complex as real pairs; m, h float32 for bf16/fp16)
+_FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.complex64,
+                 torch.complex128)
 _STATE_KEYS = ("exp_avg", "hessian")  # shaped like the parameter
 # 0-dim float32 counters on the CPU: steps taken, estimates folded into h, and the step count
 # at the last fold (the refresh cadence counts from it).
@@ -58,6 +61,17 @@ def _check_number(name: str, value: Any, *, low: float = 0.0, high: float | None
         raise ValueError(f"Invalid {name}: {value!r}; it must be {bounds}")
 
 
+def _check_fused_param(param: Tensor) -> None:
+    """Refuse, as torch's fused optimizers do, a parameter that ``fused=True`` cannot step."""
+    if param.device.type != "cpu" or param.dtype not in _FUSED_DTYPES or param.is_sparse:
+        raise RuntimeError(
+            "`fused=True` requires all the params to be floating point Tensors of supported "
+            f"devices: ['cpu'] but {param.dtype} and {param.device.type} (the fused kernel of "
+            "sophia_pytorch is CPU-only). Pass fused=None to use it where it can run and the "
+            "foreach or for-loop path elsewhere"
+        )
+
+
 def _validate_hyperparameters(group: dict[str, Any]) -> None:
     """Raise ValueError naming the first invalid hyperparameter of a group (or the defaults)."""
     _check_number("learning rate (lr)", group["lr"])
@@ -71,6 +85,10 @@ def _validate_hyperparameters(group: dict[str, Any]) -> None:
     _check_number("eps", group["eps"])
     if not group["eps"] > 0:  # eps = 0 makes 0/0 = NaN where m = 0 and h <= 0
         raise ValueError(f"Invalid eps: {group['eps']!r}; it must be > 0 (default 1e-15)")
+    if group.get("fused") and isinstance(group["lr"], Tensor):
+        raise ValueError("lr as a Tensor is not supported for fused=True: the fused kernel "
+                         "takes lr as a number. Pass a float lr, or fused=None to step with a "
+                         "Tensor lr on the for-loop path")
     refresh_every = group["refresh_every"]
     if isinstance(refresh_every, bool) or not isinstance(refresh_every, int) or refresh_every < 1:
         raise ValueError(f"Invalid refresh_every: {refresh_every!r}; it must be an int >= 1")
@@ -117,7 +135,8 @@ class SophiaBase(Optimizer):
                        unclipped_band=tuple(unclipped_band) if isinstance(unclipped_band, list)
                        else unclipped_band)
         _validate_hyperparameters(
-            dict(lr=lr, betas=betas, rho=rho, weight_decay=weight_decay, eps=eps, **options)
+            dict(lr=lr, betas=betas, rho=rho, weight_decay=weight_decay, eps=eps, fused=fused,
+                 **options)
         )
         if not isinstance(maximize, bool):
             raise ValueError(f"Invalid maximize: {maximize!r}; expected True or False")
@@ -217,6 +236,8 @@ class SophiaBase(Optimizer):
             param, grad, exp_avg, hessian = local_shards(
                 param, param.grad, state["exp_avg"], state["hessian"]
             )
+            if group["fused"]:
+                _check_fused_param(param)
             params.append(param)
             grads.append(grad)
             exp_avgs.append(exp_avg)
@@ -239,6 +260,8 @@ class SophiaBase(Optimizer):
             self._init_group(group, params, grads, exp_avgs, hessians, steps)
             if not params:
                 continue
+            if group["fused"] and isinstance(group["lr"], Tensor):
+                _validate_hyperparameters(group)  # raises: a Tensor lr set after construction
             if torch.compiler.is_compiling():
                 for step in steps:
                     step += 1
@@ -484,7 +507,9 @@ class SophiaG(SophiaBase):
         foreach: use the multi-tensor path; None picks it on accelerators (default None).
         fused: use the one-pass CPU kernel of :mod:`sophia_pytorch._kernel`, bitwise equal to the
             for-loop; None takes it for CPU parameters when it can be built, else falls back
-            with one warning; True raises if it cannot be built (default None).
+            with one warning; True raises as torch's fused optimizers do: at construction if
+            it cannot be built or ``lr`` is a Tensor, at ``step()`` for a parameter it cannot
+            step (not on the CPU, e.g. CUDA or meta; not floating point) (default None).
         refresh_every: k, the Hessian refresh interval used by ``hessian_due()`` (default 10).
         bias_correction: keep h equal to its bias-corrected EMA, ``h_ema / (1 − β2^r)`` after
             r refreshes: the first estimate sets h instead of adding 1% of itself (with

@@ -229,11 +229,60 @@ def test_sophiag_fused_trajectory_is_bitwise_that_of_the_for_loop(kernel, dtype)
         assert torch.equal(got["exp_avg"], want["exp_avg"])
 
 
-def test_sophiag_with_a_tensor_lr_and_fused_true_falls_back_to_the_for_loop(kernel):
-    fused_params, _ = _train(dict(fused=True), lr=torch.tensor(HYPER["lr"]))
+def test_sophiag_with_a_tensor_lr_and_fused_none_takes_the_for_loop(kernel):
+    default_params, _ = _train({}, lr=torch.tensor(HYPER["lr"]))
     loop_params, _ = _train(dict(fused=False), lr=torch.tensor(HYPER["lr"]))
-    for got, want in zip(fused_params, loop_params, strict=True):
+    for got, want in zip(default_params, loop_params, strict=True):
         assert torch.equal(got, want)
+
+
+def test_fused_true_with_a_tensor_lr_raises_as_torch_does(kernel):
+    with pytest.raises(ValueError, match="lr as a Tensor is not supported for fused=True"):
+        SophiaG([torch.zeros(3, requires_grad=True)], lr=torch.tensor(0.1), fused=True)
+    param = torch.zeros(3, requires_grad=True)
+    optimizer = SophiaG([param], fused=True)
+    optimizer.param_groups[0]["lr"] = torch.tensor(0.1)  # set after construction
+    param.grad = torch.ones(3)
+    with pytest.raises(ValueError, match="lr as a Tensor is not supported for fused=True"):
+        optimizer.step()
+    assert torch.equal(param, torch.zeros(3))
+
+
+@pytest.mark.parametrize("device, dtype", [("meta", torch.float32), ("cpu", torch.int64)])
+def test_fused_true_on_a_param_the_kernel_cannot_step_raises_as_torch_does(kernel, device,
+                                                                           dtype):
+    param = torch.zeros(3, device=device, dtype=dtype)
+    optimizer = SophiaG([param], fused=True)
+    param.grad = torch.ones(3, device=device, dtype=dtype)
+    with pytest.raises(RuntimeError, match=r"`fused=True` requires all the params to be "
+                                           rf"floating point .*{dtype} and {device}"):
+        optimizer.step()
+
+
+def test_fused_true_on_a_cuda_param_raises_as_torch_does(kernel):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device here; the meta case above takes the same check")
+    param = torch.zeros(3, device="cuda", requires_grad=True)
+    param.grad = torch.ones(3, device="cuda")
+    with pytest.raises(RuntimeError, match=r"`fused=True` requires all the params"):
+        SophiaG([param], fused=True).step()
+
+
+def test_fused_none_on_a_param_the_kernel_cannot_step_takes_another_path_quietly():
+    param = torch.zeros(3, device="meta", requires_grad=True)
+    param.grad = torch.ones(3, device="meta")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        SophiaG([param]).step()
+    assert SophiaG([param]).defaults["fused"] is None
+
+
+def test_a_group_with_fused_true_and_a_tensor_lr_is_refused_by_add_param_group(kernel):
+    optimizer = SophiaG([torch.zeros(3, requires_grad=True)], fused=True)
+    with pytest.raises(ValueError, match="lr as a Tensor is not supported for fused=True"):
+        optimizer.add_param_group({"params": [torch.zeros(2, requires_grad=True)],
+                                   "lr": torch.tensor(0.1)})
+    assert len(optimizer.param_groups) == 1
 
 
 def test_sophiag_defaults_to_the_fused_kernel_on_cpu(kernel, monkeypatch):
