@@ -7,6 +7,7 @@ where it cannot be built, and the fallback tests simulate that case on any machi
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import warnings
@@ -398,3 +399,54 @@ def test_a_build_lock_left_by_a_killed_build_is_removed_and_a_fresh_one_kept(tmp
     fused._remove_stale_lock(fresh)
     fused._remove_stale_lock(tmp_path / "absent")
     assert not stale.exists() and fresh.exists()
+
+
+def _step_in_a_fresh_process(tmp_path, **env):
+    """One default SophiaG step in a new process with an empty kernel cache; its stderr."""
+    script = ("import torch; from sophia_pytorch import SophiaG;"
+              "p = torch.ones(3, requires_grad=True); p.grad = torch.ones(3); SophiaG([p]).step()")
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path / "cache"), **env}
+    env.pop("SOPHIA_DISABLE_FUSED", None)
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    return result.stderr
+
+
+@pytest.mark.slow  # a fresh process imports torch: 10-30 s on a loaded 2-core machine
+def test_without_a_compiler_the_warning_names_it_first_and_nothing_claims_to_compile(tmp_path):
+    """A real process on a machine without the compiler torch would run (CXX names none)."""
+    stderr = _step_in_a_fresh_process(tmp_path, CXX="sophia-no-such-c++")
+    warning = [line for line in stderr.splitlines() if "fused CPU kernel is unavailable" in line]
+    assert len(warning) == 1, stderr
+    assert "unavailable: sophia-no-such-c++: not found;" in warning[0]
+    assert "-MMD" not in warning[0] and "-isystem" not in warning[0]  # no command line
+    assert "compiling" not in stderr
+
+
+@pytest.mark.slow
+def test_a_failed_build_warns_with_the_compilers_error_line(tmp_path):
+    """A real build with a compiler that fails: the warning shows its error, not the command."""
+    if shutil.which("g++") is None:
+        pytest.skip("the stand-in compiler answers `--version` with g++'s")
+    compiler = tmp_path / "bin" / "c++"
+    compiler.parent.mkdir()
+    compiler.write_text("#!/bin/sh\n"  # answers torch's `c++ --version`, fails to compile
+                        "[ \"$1\" = --version ] && exec g++ --version\n"
+                        "echo 'sophia_step.cpp:1:10: fatal error: torch/extension.h: "
+                        "No such file or directory' >&2\nexit 1\n")
+    compiler.chmod(0o755)
+    stderr = _step_in_a_fresh_process(
+        tmp_path, CXX="c++", PATH=f"{compiler.parent}{os.pathsep}{os.environ['PATH']}")
+    warning = [line for line in stderr.splitlines() if "fused CPU kernel is unavailable" in line]
+    assert len(warning) == 1, stderr
+    assert "unavailable: sophia_step.cpp:1:10: fatal error: torch/extension.h" in warning[0]
+
+
+def test_the_cause_of_a_build_log_is_its_not_found_line():
+    log = ("RuntimeError: Error building extension 'sophia_step_0': [1/2] c++ -MMD -MF "
+           "sophia_step.o.d -isystem /torch/include -fPIC -c sophia_step.cpp -o sophia_step.o\n"
+           "FAILED: sophia_step.o\nc++ -MMD -MF sophia_step.o.d -c sophia_step.cpp\n"
+           "/bin/sh: 1: c++: not found\nninja: build stopped: subcommand failed.\n")
+    assert fused._cause(log) == "/bin/sh: 1: c++: not found"
+    assert fused._cause("RuntimeError: something else\nmore") == "RuntimeError: something else"
