@@ -109,8 +109,10 @@ def _validate_hyperparameters(group: dict[str, Any]) -> None:
 class SophiaBase(Optimizer):
     """The Sophia step, state and diagnostics that SophiaG and SophiaH share.
 
-    Subclasses add ``update_hessian``, the estimator that feeds h. The keywords are those of
-    :class:`SophiaG`, which documents them.
+    Subclasses add ``update_hessian``, the estimator that feeds h: it gathers one estimate per
+    parameter and hands it to ``_fold``, the tail they share (check, fold into h, count, adapt
+    ρ), so both return True when the estimate was folded in and False when it was skipped.
+    The keywords are those of :class:`SophiaG`, which documents them.
     """
 
     def __init__(
@@ -289,9 +291,16 @@ class SophiaBase(Optimizer):
         return self._largest_count("last_refresh_step") if self.refreshes_done() else None
 
     def _largest_count(self, key: str) -> int:
-        # the counters live on the CPU (see _state_for): reading them never syncs a device
-        counts = [s[key] for s in self.state.values() if key in s]
-        return int(torch.stack(counts).max()) if counts else 0
+        return self._largest_counts((key,))[0]
+
+    def _largest_counts(self, keys: tuple[str, ...]) -> list[int]:
+        """The largest value of each counter in ``keys`` over all states, read in one pass.
+
+        The counters live on the CPU (see ``_state_for``): reading them never syncs a device.
+        """
+        states = self.state.values()
+        return [int(max((s[key].item() for s in states if key in s), default=0))
+                for key in keys]
 
     def hessian_due(self) -> bool:
         """True when a Hessian refresh (``update_hessian``) is owed before the next step.
@@ -307,8 +316,8 @@ class SophiaBase(Optimizer):
         Reads CPU counters only: no device sync.
         """
         first = self.param_groups[0]
-        taken, last = self.steps_taken(), self.last_refresh_step()
-        if last is None:
+        taken, refreshes, last = self._largest_counts(_COUNT_KEYS)
+        if not refreshes:
             return first["refresh_at_start"] or taken >= first["refresh_every"]
         return taken >= last + first["refresh_every"]
 
