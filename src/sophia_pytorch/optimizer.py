@@ -27,8 +27,14 @@ from .functional import (
 __all__ = ["OFFICIAL_DEFAULTS", "SophiaBase", "SophiaG", "SophiaH"]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
+# parameter dtypes the fused CPU kernel steps (complex as real pairs; m, h float32 for bf16/fp16)
+_FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.complex64,
+                 torch.complex128)
 _STATE_KEYS = ("exp_avg", "hessian")  # shaped like the parameter
-_COUNT_KEYS = ("step", "hessian_step")  # 0-dim float32 counters
+# 0-dim float32 counters on the CPU: steps taken, estimates folded into h, and the step count
+# at the last fold (the refresh cadence counts from it).
+_COUNT_KEYS = ("step", "hessian_step", "last_refresh_step")
+_REQUIRED_KEYS = ("step", "exp_avg", "hessian")  # a loaded state must have these
 # ρ moves by this factor, at most _MAX_RHO_MOVES times per refresh, to enter the target band.
 _RHO_FACTOR = 2.0 ** 0.5
 _MAX_RHO_MOVES = 16
@@ -44,13 +50,26 @@ OFFICIAL_DEFAULTS: dict[str, Any] = dict(
 def _check_number(name: str, value: Any, *, low: float = 0.0, high: float | None = None) -> None:
     if isinstance(value, Tensor):
         if value.numel() != 1:
-            raise ValueError(f"Invalid {name}: a Tensor {name} must have one element, got {value}")
+            short = name.split(" (")[-1].rstrip(")")  # "learning rate (lr)" -> "lr"
+            raise ValueError(f"Invalid {name}: Tensor {short} must be 1-element, got shape "
+                             f"{tuple(value.shape)}")
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"Invalid {name}: expected a number, got {value!r}")
     if not math.isfinite(value) or not value >= low or (high is not None and not value < high):
         bounds = f"in [{low}, {high})" if high is not None else f">= {low}"
         raise ValueError(f"Invalid {name}: {value!r}; it must be {bounds}")
+
+
+def _check_fused_param(param: Tensor) -> None:
+    """Refuse, as torch's fused optimizers do, a parameter that ``fused=True`` cannot step."""
+    if param.device.type != "cpu" or param.dtype not in _FUSED_DTYPES or param.is_sparse:
+        raise RuntimeError(
+            "`fused=True` requires all the params to be floating point Tensors of supported "
+            f"devices: ['cpu'] but {param.dtype} and {param.device.type} (the fused kernel of "
+            "sophia_pytorch is CPU-only). Pass fused=None to use it where it can run and the "
+            "foreach or for-loop path elsewhere"
+        )
 
 
 def _validate_hyperparameters(group: dict[str, Any]) -> None:
@@ -66,6 +85,10 @@ def _validate_hyperparameters(group: dict[str, Any]) -> None:
     _check_number("eps", group["eps"])
     if not group["eps"] > 0:  # eps = 0 makes 0/0 = NaN where m = 0 and h <= 0
         raise ValueError(f"Invalid eps: {group['eps']!r}; it must be > 0 (default 1e-15)")
+    if group.get("fused") and isinstance(group["lr"], Tensor):
+        raise ValueError("lr as a Tensor is not supported for fused=True: the fused kernel "
+                         "takes lr as a number. Pass a float lr, or fused=None to step with a "
+                         "Tensor lr on the for-loop path")
     refresh_every = group["refresh_every"]
     if isinstance(refresh_every, bool) or not isinstance(refresh_every, int) or refresh_every < 1:
         raise ValueError(f"Invalid refresh_every: {refresh_every!r}; it must be an int >= 1")
@@ -86,8 +109,10 @@ def _validate_hyperparameters(group: dict[str, Any]) -> None:
 class SophiaBase(Optimizer):
     """The Sophia step, state and diagnostics that SophiaG and SophiaH share.
 
-    Subclasses add ``update_hessian``, the estimator that feeds h. The keywords are those of
-    :class:`SophiaG`, which documents them.
+    Subclasses add ``update_hessian``, the estimator that feeds h: it gathers one estimate per
+    parameter and hands it to ``_fold``, the tail they share (check, fold into h, count, adapt
+    ρ), so both return True when the estimate was folded in and False when it was skipped.
+    The keywords are those of :class:`SophiaG`, which documents them.
     """
 
     def __init__(
@@ -112,7 +137,8 @@ class SophiaBase(Optimizer):
                        unclipped_band=tuple(unclipped_band) if isinstance(unclipped_band, list)
                        else unclipped_band)
         _validate_hyperparameters(
-            dict(lr=lr, betas=betas, rho=rho, weight_decay=weight_decay, eps=eps, **options)
+            dict(lr=lr, betas=betas, rho=rho, weight_decay=weight_decay, eps=eps, fused=fused,
+                 **options)
         )
         if not isinstance(maximize, bool):
             raise ValueError(f"Invalid maximize: {maximize!r}; expected True or False")
@@ -157,11 +183,27 @@ class SophiaBase(Optimizer):
             step = param_state.get("step")
             if step is not None and not torch.is_tensor(step):
                 param_state["step"] = torch.tensor(float(step), dtype=torch.float32)
+        self._infer_last_refresh_steps()
+
+    def _infer_last_refresh_steps(self) -> None:
+        """Give states saved before ``last_refresh_step`` existed the step of their last
+        refresh under the cadence of then: the r-th refresh came after step r·k, or (r−1)·k
+        with ``refresh_at_start``, k the group's ``refresh_every``."""
+        for group in self.param_groups:
+            for param in group["params"]:
+                state = self.state.get(param)
+                if not state or "last_refresh_step" in state or "step" not in state:
+                    continue
+                refreshes = int(state.get("hessian_step", 0))
+                last = (refreshes - int(group["refresh_at_start"])) * group["refresh_every"]
+                last = min(max(last, 0), int(state["step"]))
+                state["last_refresh_step"] = torch.tensor(float(last), dtype=torch.float32)
 
     # ----------------------------------------------------------------------------- state
     def _state_for(self, param: Tensor) -> dict[str, Tensor]:
         """The state of ``param``, created on first use: m and h are zeros; ``step`` (steps
-        taken) and ``hessian_step`` (estimates folded into h) are 0-dim float32 tensors.
+        taken), ``hessian_step`` (estimates folded into h) and ``last_refresh_step``
+        (``steps_taken()`` at the last fold) are 0-dim float32 tensors on the CPU.
 
         m and h are float32 for float16/bfloat16 parameters (they hold small, slowly moving
         averages that bf16's 8-bit mantissa would round away), else the parameter's dtype.
@@ -196,6 +238,8 @@ class SophiaBase(Optimizer):
             param, grad, exp_avg, hessian = local_shards(
                 param, param.grad, state["exp_avg"], state["hessian"]
             )
+            if group["fused"]:
+                _check_fused_param(param)
             params.append(param)
             grads.append(grad)
             exp_avgs.append(exp_avg)
@@ -218,6 +262,8 @@ class SophiaBase(Optimizer):
             self._init_group(group, params, grads, exp_avgs, hessians, steps)
             if not params:
                 continue
+            if group["fused"] and isinstance(group["lr"], Tensor):
+                _validate_hyperparameters(group)  # raises: a Tensor lr set after construction
             if torch.compiler.is_compiling():
                 for step in steps:
                     step += 1
@@ -240,24 +286,40 @@ class SophiaBase(Optimizer):
         """The largest per-parameter count of Hessian estimates folded into h."""
         return self._largest_count("hessian_step")
 
+    def last_refresh_step(self) -> int | None:
+        """``steps_taken()`` when the last estimate was folded into h; None before the first."""
+        return self._largest_count("last_refresh_step") if self.refreshes_done() else None
+
     def _largest_count(self, key: str) -> int:
-        counts = [s[key] for s in self.state.values() if key in s]
-        return int(torch.stack(counts).max()) if counts else 0
+        return self._largest_counts((key,))[0]
+
+    def _largest_counts(self, keys: tuple[str, ...]) -> list[int]:
+        """The largest value of each counter in ``keys`` over all states, read in one pass.
+
+        The counters live on the CPU (see ``_state_for``): reading them never syncs a device.
+        """
+        states = self.state.values()
+        return [int(max((s[key].item() for s in states if key in s), default=0))
+                for key in keys]
 
     def hessian_due(self) -> bool:
         """True when a Hessian refresh (``update_hessian``) is owed before the next step.
 
-        A refresh is owed at every step count that is a multiple of ``refresh_every`` (after
-        steps k, 2k, …) and, with ``refresh_at_start=True``, also before the first step, until
-        it is done. Asking before and after ``step()`` in one loop never refreshes twice.
+        The next refresh is due ``refresh_every`` (k) steps after the last one, the first
+        after k steps — or before the first step with ``refresh_at_start=True``. A loop that
+        refreshes whenever one is due therefore refreshes after steps k, 2k, … (0, k, 2k, …
+        with ``refresh_at_start``). A refresh stays owed until one is folded in (one that
+        returns False is retried at the next ask), and asking before and after ``step()`` in
+        one loop never refreshes twice. Changing ``refresh_every`` mid-run counts from the
+        last refresh: k 10 → 100 after a refresh at step 500 makes the next due at step 600.
         The interval is the first parameter group's: the refresh is one backward for all.
+        Reads CPU counters only: no device sync.
         """
         first = self.param_groups[0]
-        taken = self.steps_taken()
-        if taken % first["refresh_every"]:
-            return False
-        owed = taken // first["refresh_every"] + int(first["refresh_at_start"])
-        return self.refreshes_done() < owed
+        taken, refreshes, last = self._largest_counts(_COUNT_KEYS)
+        if not refreshes:
+            return first["refresh_at_start"] or taken >= first["refresh_every"]
+        return taken >= last + first["refresh_every"]
 
     # ---------------------------------------------------------------------- diagnostics
     @torch.no_grad()
@@ -266,7 +328,9 @@ class SophiaBase(Optimizer):
 
         The official code logs it as "win rate". 0.0 before any state exists or when every
         coordinate is clipped (a pure sign step). Counted over whole parameters: with FSDP2
-        (DTensor) parameters this is a collective, to be called on every rank.
+        (DTensor) parameters this is a collective, to be called on every rank. NaN when a
+        state is on the meta device, which holds no values to count (and ``unclipped_band``
+        then leaves ρ as it is).
         """
         return self._unclipped_fraction(self.param_groups)
 
@@ -279,6 +343,8 @@ class SophiaBase(Optimizer):
                 state = self.state.get(param)
                 if not state or "exp_avg" not in state:
                     continue
+                if state["exp_avg"].device.type == "meta":
+                    return math.nan
                 exp_avg, hessian = local_shards(state["exp_avg"], state["hessian"])
                 count, size = unclipped_count(exp_avg, hessian, group["rho"] if rho is None
                                               else rho)
@@ -291,23 +357,87 @@ class SophiaBase(Optimizer):
         return unclipped / total if total else 0.0
 
     # ------------------------------------------------------------ after a Hessian refresh
+    @torch.no_grad()
+    def _fold(self, estimates: list[tuple[Tensor, Tensor]], *, squared: bool,
+              scale: float | Tensor, grad_scale: float | Tensor | None) -> bool:
+        """The tail every ``update_hessian`` shares: check, fold into h, count, adapt ρ.
+
+        Args:
+            estimates: (parameter, e) pairs; the estimate is ĥ = scale·e⊙e / grad_scale²
+                when ``squared`` (Gauss-Newton-Bartlett: e is a sampled-label gradient),
+                else ĥ = scale·e / grad_scale (Hutchinson: e = u⊙(∇²L·u)).
+            scale, grad_scale: validated by the caller where they are numbers.
+
+        Returns:
+            True when folded; False when ``grad_scale`` is given and an e is not finite.
+
+        Every check runs before anything is written: a refused refresh (a ValueError, or
+        False) leaves h, the counters and ρ as they were. Without ``grad_scale`` nothing is
+        read back from the device; with it, one host read checks every e and the value of a
+        Tensor ``scale`` or ``grad_scale`` together.
+        """
+        name = type(self).__name__
+        if any(e.is_sparse for _, e in estimates):
+            raise RuntimeError(f"{name} does not support sparse gradients (update_hessian got "
+                               "one); use a dense gradient, e.g. nn.Embedding(sparse=False)")
+        # divided twice, not by grad_scale², which can underflow to 0
+        coefficient = scale if squared else 1.0
+        if grad_scale is not None:
+            coefficient = coefficient / grad_scale / grad_scale if squared \
+                else coefficient / grad_scale
+        plans = []  # (group, params, es, weights): computed first, written last
+        for group in self.param_groups:
+            members = {p for p in group["params"]}
+            pairs = [(p, e) for p, e in estimates if p in members]
+            params = [p for p, _ in pairs]
+            weights = self._fold_weights(group, params)
+            for param, weight in zip(params, weights):
+                _check_representable(coefficient, weight, _state_dtype(param), scale, grad_scale)
+            plans.append((group, params, [e for _, e in pairs], weights))
+        if grad_scale is not None and not _finite_and_valid(
+                [e for _, e in estimates], scale if squared else None, grad_scale):
+            return False
+        taken = self.steps_taken()
+        for group, params, es, weights in plans:
+            hessians, locals_ = [], []
+            for param, e in zip(params, es):
+                _, hessian, e = local_shards(param, self._state_for(param)["hessian"], e)
+                hessians.append(hessian)
+                locals_.append(e)
+            if squared:
+                gauss_newton_ema_update(hessians, locals_, beta2=group["betas"][1],
+                                        scale=coefficient, weights=weights,
+                                        foreach=group["foreach"])
+            else:
+                if grad_scale is not None:
+                    locals_ = [e / grad_scale for e in locals_]
+                hessian_ema_update(hessians, locals_, beta2=group["betas"][1], weights=weights,
+                                   foreach=group["foreach"])
+            for param in params:
+                state = self.state[param]
+                for key in ("hessian_step", "last_refresh_step"):  # absent from old states
+                    state.setdefault(key, torch.tensor(0.0, dtype=torch.float32))
+                state["hessian_step"].add_(1)
+                state["last_refresh_step"].fill_(taken)
+        self._adapt_rho()
+        return True
+
     def _fold_weights(self, group: dict[str, Any], params: list[Tensor]) -> list[float]:
-        """Count one more estimate for each of ``params``; return each one's EMA weight.
+        """The EMA weight of one more estimate for each of ``params`` (nothing is counted).
 
         Without bias correction the weight is ``1 − β2``. With it, the r-th estimate gets
         ``(1 − β2) / (1 − β2^r)``: the first replaces h outright, and h stays equal to the
         bias-corrected EMA ``h_ema / (1 − β2^r)`` at every refresh, so the step needs no
         correction of its own.
         """
-        counters = [self._state_for(p).setdefault("hessian_step", torch.tensor(0.0))
-                    for p in params]
-        if not counters:
-            return []
-        torch._foreach_add_(counters, 1)
         beta2 = group["betas"][1]
         if not group["bias_correction"]:
             return [1 - beta2] * len(params)
-        return [(1 - beta2) / (1 - beta2 ** r) for r in torch.stack(counters).tolist()]
+        zero = torch.tensor(0.0, dtype=torch.float32)
+        counters = [self.state.get(p, {}).get("hessian_step", zero) for p in params]
+        if not counters:
+            return []
+        return [(1 - beta2) / (1 - beta2 ** (r + 1)) for r in torch.stack(counters).tolist()]
 
     @torch.no_grad()
     def _adapt_rho(self) -> None:
@@ -335,6 +465,14 @@ class SophiaBase(Optimizer):
     def _remember_state_dtypes(optimizer: SophiaBase, state_dict: dict[str, Any]) -> None:
         saved: dict[int, dict[str, Tensor]] = {}
         for param_id, param_state in state_dict["state"].items():
+            missing = [key for key in _REQUIRED_KEYS if key not in param_state]
+            if missing:  # refuse before anything is loaded: step() would fail on it later
+                raise ValueError(
+                    f"{type(optimizer).__name__}.load_state_dict: the state of parameter "
+                    f"{param_id} lacks {missing} (it has {sorted(param_state)}); is this "
+                    "another optimizer's state_dict? Load a SophiaG/SophiaH state, or start "
+                    "this optimizer fresh"
+                )
             saved[param_id] = {k: v for k, v in param_state.items()
                                if k in _STATE_KEYS + _COUNT_KEYS}
         optimizer._saved_state_for_load = (saved, [g["params"] for g in state_dict["param_groups"]])
@@ -352,6 +490,7 @@ class SophiaBase(Optimizer):
                         state[key] = value.to(device="cpu", dtype=torch.float32, copy=True)
                     elif param.dtype in _LOW_PRECISION:
                         state[key] = value.to(device=param.device, dtype=torch.float32, copy=True)
+        optimizer._infer_last_refresh_steps()
 
 
 class SophiaG(SophiaBase):
@@ -377,7 +516,9 @@ class SophiaG(SophiaBase):
         foreach: use the multi-tensor path; None picks it on accelerators (default None).
         fused: use the one-pass CPU kernel of :mod:`sophia_pytorch._kernel`, bitwise equal to the
             for-loop; None takes it for CPU parameters when it can be built, else falls back
-            with one warning; True raises if it cannot be built (default None).
+            with one warning; True raises as torch's fused optimizers do: at construction if
+            it cannot be built or ``lr`` is a Tensor, at ``step()`` for a parameter it cannot
+            step (not on the CPU, e.g. CUDA or meta; not floating point) (default None).
         refresh_every: k, the Hessian refresh interval used by ``hessian_due()`` (default 10).
         bias_correction: keep h equal to its bias-corrected EMA, ``h_ema / (1 − β2^r)`` after
             r refreshes: the first estimate sets h instead of adding 1% of itself (with
@@ -403,49 +544,87 @@ class SophiaG(SophiaBase):
         Args:
             scale: B, the number of samples in the mean sampled-label loss whose gradient
                 is in ``p.grad`` — counted over all data-parallel ranks (default 1.0); a
-                number or a 0-dim tensor (no host sync, e.g. under CUDA graphs).
+                number >= 0 or a 0-dim tensor (read without a host sync unless
+                ``grad_scale`` is given, so its value is checked only then).
             grad_scale: the loss scale the gradients carry, when they were produced by
-                ``scaler.scale(loss).backward()`` (``scaler.get_scale()``); g is unscaled by
-                it, and a non-finite g skips the refresh. The scaler itself is not touched.
+                ``scaler.scale(loss).backward()`` (``scaler.get_scale()``), a finite number
+                > 0 or a 0-dim tensor; g is unscaled by it, and a non-finite g skips the
+                refresh. The scaler itself is not touched.
 
         Returns:
             True when the estimate was folded in; False when skipped (non-finite gradient
-            under ``grad_scale``).
+            under ``grad_scale``), leaving h and every counter as they were.
+
+        Raises:
+            ValueError: an invalid ``scale`` or ``grad_scale`` (a Tensor one with
+                ``grad_scale`` given), or one whose ĥ coefficient overflows h's dtype;
+                nothing is changed.
+            RuntimeError: a sparse gradient.
         """
-        if not isinstance(scale, Tensor):
-            _check_number("scale", scale)
-        elif scale.numel() != 1:  # read on the device: checking its value would sync
-            raise ValueError(f"Invalid scale: a Tensor scale must have one element (the sample "
-                             f"count B), got shape {tuple(scale.shape)}")
-        found: list[tuple[dict[str, Any], list[Tensor], list[Tensor], list[Tensor]]] = []
-        for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            hessians, grads = [], []
-            for param in params:
-                _, hessian, grad = local_shards(param, self._state_for(param)["hessian"],
-                                                param.grad)
-                hessians.append(hessian)
-                grads.append(grad)
-            found.append((group, params, hessians, grads))
+        _check_scale("scale", scale, positive=False)
         if grad_scale is not None:
-            if not _all_finite([g for *_, grads in found for g in grads]):
-                return False
-            scale = scale / grad_scale ** 2
-        for group, params, hessians, grads in found:
-            gauss_newton_ema_update(
-                hessians, grads, beta2=group["betas"][1], scale=scale,
-                weights=self._fold_weights(group, params), foreach=group["foreach"],
-            )
-        self._adapt_rho()
-        return True
+            _check_scale("grad_scale", grad_scale, positive=True)
+        estimates = [(p, p.grad) for group in self.param_groups for p in group["params"]
+                     if p.grad is not None]
+        return self._fold(estimates, squared=True, scale=scale, grad_scale=grad_scale)
 
 
-def _all_finite(tensors: list[Tensor]) -> bool:
-    """Whether every element of every tensor is finite (one host read for all)."""
-    if not tensors:
+def _state_dtype(param: Tensor) -> torch.dtype:
+    """The dtype of m and h for ``param`` (see ``SophiaBase._state_for``)."""
+    if param.dtype in _LOW_PRECISION:
+        return torch.float32
+    return param.dtype.to_real() if param.dtype.is_complex else param.dtype
+
+
+def _check_scale(name: str, value: float | Tensor, *, positive: bool) -> None:
+    """Refuse a ``scale`` (>= 0) or ``grad_scale`` (> 0) that is not a finite number or a
+    one-element tensor; a tensor's value is checked later, in the one host read of the fold."""
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"Invalid {name}: a Tensor {name} must have one element, got "
+                             f"shape {tuple(value.shape)}")
+        return
+    _check_number(name, value)
+    if positive and not value > 0:
+        raise ValueError(f"Invalid {name}: {value!r}; it must be > 0 (the loss scale the "
+                         "gradients carry, e.g. scaler.get_scale())")
+
+
+def _check_representable(coefficient: float | Tensor, weight: float, dtype: torch.dtype,
+                         scale: float | Tensor, grad_scale: float | Tensor | None) -> None:
+    """Refuse a number coefficient of ĥ whose product with the EMA weight overflows ``dtype``
+    (a Tensor one is on the device: it is not read)."""
+    if isinstance(coefficient, Tensor):
+        return
+    value = coefficient * weight
+    if not (math.isfinite(value) and abs(value) <= torch.finfo(dtype).max):
+        raise ValueError(
+            f"Invalid scale: scale={scale!r} with grad_scale={grad_scale!r} gives the estimate "
+            f"a factor {coefficient!r}, which overflows the {dtype} Hessian state; scale is "
+            "the sample count B and grad_scale the loss scale"
+        )
+
+
+def _finite_and_valid(estimates: list[Tensor], scale: float | Tensor | None,
+                      grad_scale: float | Tensor) -> bool:
+    """Whether every estimate is finite, reading the device once for all; a Tensor ``scale``
+    (< 0 or not finite) or ``grad_scale`` (<= 0 or not finite) found invalid in that same read
+    raises ValueError."""
+    checks: list[tuple[str, Tensor]] = []
+    if isinstance(scale, Tensor):
+        checks.append(("scale", scale.isfinite() & (scale >= 0)))
+    if isinstance(grad_scale, Tensor):
+        checks.append(("grad_scale", grad_scale.isfinite() & (grad_scale > 0)))
+    flags = [e.isfinite().all() for e in estimates] + [f.reshape(()) for _, f in checks]
+    if not flags:
         return True
-    flags = [t.isfinite().all() for t in tensors]
-    return bool(torch.stack([f.to(flags[0].device) for f in flags]).all())
+    read = torch.stack([f.to(flags[0].device) for f in flags]).tolist()
+    for (name, _), ok in zip(checks, read[len(estimates):]):
+        if not ok:
+            value = scale if name == "scale" else grad_scale
+            raise ValueError(f"Invalid {name}: {value!r}; it must be finite and "
+                             f"{'>= 0' if name == 'scale' else '> 0'}")
+    return all(read[:len(estimates)])
 
 
 class SophiaH(SophiaBase):
@@ -493,6 +672,8 @@ class SophiaH(SophiaBase):
             True when the estimate was folded in; False when skipped (non-finite estimate
             under ``grad_scale``) — the same contract as :meth:`SophiaG.update_hessian`.
         """
+        if grad_scale is not None:
+            _check_scale("grad_scale", grad_scale, positive=True)
         params = [p for group in self.param_groups for p in group["params"] if p.requires_grad]
         if any(is_dtensor(p) for p in params):
             raise NotImplementedError(
@@ -503,22 +684,7 @@ class SophiaH(SophiaBase):
         estimates = _hutchinson_estimate(
             closure, params, generator=generator, math_attention=math_attention
         )
-        present = [e for e in estimates if e is not None]
+        present = [(p, e) for p, e in zip(params, estimates) if e is not None]
         if torch.distributed.is_available() and torch.distributed.is_initialized():
-            all_reduce_mean(present)
-        if grad_scale is not None:
-            if not _all_finite(present):
-                return False
-            torch._foreach_div_(present, grad_scale)
-        estimate_of = {p: e for p, e in zip(params, estimates) if e is not None}
-        with torch.no_grad():
-            for group in self.param_groups:
-                members = [p for p in group["params"] if p in estimate_of]
-                hessian_ema_update(
-                    [self._state_for(p)["hessian"] for p in members],
-                    [estimate_of[p] for p in members],
-                    beta2=group["betas"][1], weights=self._fold_weights(group, members),
-                    foreach=group["foreach"],
-                )
-            self._adapt_rho()
-        return True
+            all_reduce_mean([e for _, e in present])
+        return self._fold(present, squared=False, scale=1.0, grad_scale=grad_scale)

@@ -7,6 +7,7 @@ where it cannot be built, and the fallback tests simulate that case on any machi
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import warnings
@@ -229,11 +230,60 @@ def test_sophiag_fused_trajectory_is_bitwise_that_of_the_for_loop(kernel, dtype)
         assert torch.equal(got["exp_avg"], want["exp_avg"])
 
 
-def test_sophiag_with_a_tensor_lr_and_fused_true_falls_back_to_the_for_loop(kernel):
-    fused_params, _ = _train(dict(fused=True), lr=torch.tensor(HYPER["lr"]))
+def test_sophiag_with_a_tensor_lr_and_fused_none_takes_the_for_loop(kernel):
+    default_params, _ = _train({}, lr=torch.tensor(HYPER["lr"]))
     loop_params, _ = _train(dict(fused=False), lr=torch.tensor(HYPER["lr"]))
-    for got, want in zip(fused_params, loop_params, strict=True):
+    for got, want in zip(default_params, loop_params, strict=True):
         assert torch.equal(got, want)
+
+
+def test_fused_true_with_a_tensor_lr_raises_as_torch_does(kernel):
+    with pytest.raises(ValueError, match="lr as a Tensor is not supported for fused=True"):
+        SophiaG([torch.zeros(3, requires_grad=True)], lr=torch.tensor(0.1), fused=True)
+    param = torch.zeros(3, requires_grad=True)
+    optimizer = SophiaG([param], fused=True)
+    optimizer.param_groups[0]["lr"] = torch.tensor(0.1)  # set after construction
+    param.grad = torch.ones(3)
+    with pytest.raises(ValueError, match="lr as a Tensor is not supported for fused=True"):
+        optimizer.step()
+    assert torch.equal(param, torch.zeros(3))
+
+
+@pytest.mark.parametrize("device, dtype", [("meta", torch.float32), ("cpu", torch.int64)])
+def test_fused_true_on_a_param_the_kernel_cannot_step_raises_as_torch_does(kernel, device,
+                                                                           dtype):
+    param = torch.zeros(3, device=device, dtype=dtype)
+    optimizer = SophiaG([param], fused=True)
+    param.grad = torch.ones(3, device=device, dtype=dtype)
+    with pytest.raises(RuntimeError, match=r"`fused=True` requires all the params to be "
+                                           rf"floating point .*{dtype} and {device}"):
+        optimizer.step()
+
+
+def test_fused_true_on_a_cuda_param_raises_as_torch_does(kernel):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device here; the meta case above takes the same check")
+    param = torch.zeros(3, device="cuda", requires_grad=True)
+    param.grad = torch.ones(3, device="cuda")
+    with pytest.raises(RuntimeError, match=r"`fused=True` requires all the params"):
+        SophiaG([param], fused=True).step()
+
+
+def test_fused_none_on_a_param_the_kernel_cannot_step_takes_another_path_quietly():
+    param = torch.zeros(3, device="meta", requires_grad=True)
+    param.grad = torch.ones(3, device="meta")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        SophiaG([param]).step()
+    assert SophiaG([param]).defaults["fused"] is None
+
+
+def test_a_group_with_fused_true_and_a_tensor_lr_is_refused_by_add_param_group(kernel):
+    optimizer = SophiaG([torch.zeros(3, requires_grad=True)], fused=True)
+    with pytest.raises(ValueError, match="lr as a Tensor is not supported for fused=True"):
+        optimizer.add_param_group({"params": [torch.zeros(2, requires_grad=True)],
+                                   "lr": torch.tensor(0.1)})
+    assert len(optimizer.param_groups) == 1
 
 
 def test_sophiag_defaults_to_the_fused_kernel_on_cpu(kernel, monkeypatch):
@@ -349,3 +399,54 @@ def test_a_build_lock_left_by_a_killed_build_is_removed_and_a_fresh_one_kept(tmp
     fused._remove_stale_lock(fresh)
     fused._remove_stale_lock(tmp_path / "absent")
     assert not stale.exists() and fresh.exists()
+
+
+def _step_in_a_fresh_process(tmp_path, **env):
+    """One default SophiaG step in a new process with an empty kernel cache; its stderr."""
+    script = ("import torch; from sophia_pytorch import SophiaG;"
+              "p = torch.ones(3, requires_grad=True); p.grad = torch.ones(3); SophiaG([p]).step()")
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path / "cache"), **env}
+    env.pop("SOPHIA_DISABLE_FUSED", None)
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    return result.stderr
+
+
+@pytest.mark.slow  # a fresh process imports torch: 10-30 s on a loaded 2-core machine
+def test_without_a_compiler_the_warning_names_it_first_and_nothing_claims_to_compile(tmp_path):
+    """A real process on a machine without the compiler torch would run (CXX names none)."""
+    stderr = _step_in_a_fresh_process(tmp_path, CXX="sophia-no-such-c++")
+    warning = [line for line in stderr.splitlines() if "fused CPU kernel is unavailable" in line]
+    assert len(warning) == 1, stderr
+    assert "unavailable: sophia-no-such-c++: not found;" in warning[0]
+    assert "-MMD" not in warning[0] and "-isystem" not in warning[0]  # no command line
+    assert "compiling" not in stderr
+
+
+@pytest.mark.slow
+def test_a_failed_build_warns_with_the_compilers_error_line(tmp_path):
+    """A real build with a compiler that fails: the warning shows its error, not the command."""
+    if shutil.which("g++") is None:
+        pytest.skip("the stand-in compiler answers `--version` with g++'s")
+    compiler = tmp_path / "bin" / "c++"
+    compiler.parent.mkdir()
+    compiler.write_text("#!/bin/sh\n"  # answers torch's `c++ --version`, fails to compile
+                        "[ \"$1\" = --version ] && exec g++ --version\n"
+                        "echo 'sophia_step.cpp:1:10: fatal error: torch/extension.h: "
+                        "No such file or directory' >&2\nexit 1\n")
+    compiler.chmod(0o755)
+    stderr = _step_in_a_fresh_process(
+        tmp_path, CXX="c++", PATH=f"{compiler.parent}{os.pathsep}{os.environ['PATH']}")
+    warning = [line for line in stderr.splitlines() if "fused CPU kernel is unavailable" in line]
+    assert len(warning) == 1, stderr
+    assert "unavailable: sophia_step.cpp:1:10: fatal error: torch/extension.h" in warning[0]
+
+
+def test_the_cause_of_a_build_log_is_its_not_found_line():
+    log = ("RuntimeError: Error building extension 'sophia_step_0': [1/2] c++ -MMD -MF "
+           "sophia_step.o.d -isystem /torch/include -fPIC -c sophia_step.cpp -o sophia_step.o\n"
+           "FAILED: sophia_step.o\nc++ -MMD -MF sophia_step.o.d -c sophia_step.cpp\n"
+           "/bin/sh: 1: c++: not found\nninja: build stopped: subcommand failed.\n")
+    assert fused._cause(log) == "/bin/sh: 1: c++: not found"
+    assert fused._cause("RuntimeError: something else\nmore") == "RuntimeError: something else"

@@ -54,9 +54,10 @@ def test_state_holds_exp_avg_hessian_and_step_and_refresh_counters(dtype, state_
     optimizer.step()
     optimizer.update_hessian(scale=4)
     state = optimizer.state[param]
-    assert set(state) == {"exp_avg", "hessian", "step", "hessian_step"}
+    assert set(state) == {"exp_avg", "hessian", "step", "hessian_step", "last_refresh_step"}
     assert torch.is_tensor(state["step"]) and float(state["step"]) == 2
     assert state["hessian_step"].dtype == torch.float32 and float(state["hessian_step"]) == 1
+    assert float(state["last_refresh_step"]) == 2 and optimizer.last_refresh_step() == 2
     for key in ("exp_avg", "hessian"):
         assert state[key].dtype == state_dtype and state[key].shape == param.shape
     assert optimizer.steps_taken() == 2 and optimizer.refreshes_done() == 1
@@ -67,6 +68,15 @@ def test_sparse_gradients_are_refused():
     param.grad = torch.sparse_coo_tensor([[1]], [1.0], (4,))
     with pytest.raises(RuntimeError, match="sparse"):
         sophia_pytorch.SophiaG([param]).step()
+
+
+def test_a_sparse_gradient_in_update_hessian_is_refused_as_step_refuses_it():
+    embedding = torch.nn.Embedding(5, 3, sparse=True)
+    embedding(torch.tensor([1, 3])).sum().backward()
+    optimizer = sophia_pytorch.SophiaG(embedding.parameters())
+    with pytest.raises(RuntimeError, match="SophiaG does not support sparse gradients"):
+        optimizer.update_hessian(scale=2)
+    assert not optimizer.state
 
 
 def test_complex_parameter_moves_as_its_real_and_imaginary_parts():
@@ -201,7 +211,7 @@ def test_maximize_equals_minimizing_the_negated_loss():
 
 BAD_HYPERPARAMETERS = [
     ("lr", -1e-3, "-0.001"), ("lr", "fast", "'fast'"), ("lr", float("nan"), "nan"),
-    ("lr", torch.tensor([1e-3, 2e-3]), "tensor"),
+    ("lr", torch.tensor([1e-3, 2e-3]), "Tensor lr must be 1-element"),
     ("rho", -0.04, "-0.04"), ("eps", -1e-15, "-1e-15"), ("weight_decay", -0.1, "-0.1"),
     ("betas", (1.0, 0.99), "1.0"), ("betas", (0.9, 1.0), "1.0"), ("betas", (-0.1, 0.99), "-0.1"),
     ("betas", (0.9,), r"\(0.9,\)"), ("betas", "0.9", "'0.9'"), ("rho", None, "None"),
@@ -246,7 +256,36 @@ def test_hessian_due_after_every_refresh_every_steps():
         assert optimizer.steps_taken() == step
         if optimizer.hessian_due():
             due.append(step)
+            optimizer.update_hessian(scale=1)
+            assert not optimizer.hessian_due()
     assert due == [10, 20]
+
+
+def test_a_refresh_not_done_stays_due_until_it_is():
+    theta = torch.zeros(2, requires_grad=True)
+    optimizer = sophia_pytorch.SophiaG([theta], refresh_every=4)
+    due = []
+    for step in range(1, 12):
+        theta.grad = torch.ones(2)
+        optimizer.step()
+        if optimizer.hessian_due():
+            due.append(step)
+            if step == 6:  # owed since step 4; the next is due 4 steps after this one
+                optimizer.update_hessian(scale=1)
+    assert due == [4, 5, 6, 10, 11]
+
+
+def test_unclipped_fraction_on_the_meta_device_is_nan_and_leaves_rho_alone():
+    """Meta tensors hold no values: there is no fraction to count (NaN, not an error, so a
+    logging loop of a meta-device dry run goes on), and an ``unclipped_band`` keeps ρ."""
+    param = torch.zeros(4, device="meta", requires_grad=True)
+    optimizer = sophia_pytorch.SophiaG([param], unclipped_band=(0.1, 0.5), foreach=False)
+    assert optimizer.unclipped_fraction() == 0.0  # no state yet
+    param.grad = torch.ones(4, device="meta")
+    optimizer.step()
+    assert optimizer.update_hessian(scale=2) is True
+    assert math.isnan(optimizer.unclipped_fraction())
+    assert optimizer.param_groups[0]["rho"] == 0.04
 
 
 def test_unclipped_fraction_counts_coordinates_the_clip_leaves_alone():
@@ -432,6 +471,34 @@ def test_compiled_step_matches_eager_step():
         assert float(optimizers[1].state[q]["step"]) == 4
         torch.testing.assert_close(optimizers[0].state[p]["hessian"],
                                    optimizers[1].state[q]["hessian"])
+
+
+def test_loading_another_optimizers_state_is_refused_naming_the_missing_keys():
+    param = torch.ones(3, requires_grad=True)
+    adamw = torch.optim.AdamW([param])
+    param.grad = torch.ones(3)
+    adamw.step()
+    optimizer = sophia_pytorch.SophiaG([param])
+    with pytest.raises(ValueError, match=r"lacks \['hessian'\].*exp_avg_sq"):
+        optimizer.load_state_dict(adamw.state_dict())
+    assert not optimizer.state  # nothing was loaded
+    param.grad = torch.ones(3)
+    optimizer.step()  # and the optimizer still works
+
+
+def test_a_state_saved_before_the_refresh_counters_existed_still_loads():
+    param = torch.ones(3, requires_grad=True)
+    optimizer = sophia_pytorch.SophiaG([param], refresh_every=2)
+    param.grad = torch.ones(3)
+    optimizer.step()
+    saved = optimizer.state_dict()
+    for state in saved["state"].values():
+        del state["hessian_step"], state["last_refresh_step"]
+    loaded = sophia_pytorch.SophiaG([param], refresh_every=2)
+    loaded.load_state_dict(saved)
+    loaded.step()
+    assert loaded.hessian_due() and loaded.update_hessian(scale=1)
+    assert loaded.refreshes_done() == 1 and loaded.last_refresh_step() == 2
 
 
 STATE_DTYPE_CASES = [(torch.float32, torch.float64), (torch.float64, torch.float32),

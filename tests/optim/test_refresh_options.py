@@ -264,3 +264,124 @@ def test_a_tensor_scale_with_more_than_one_element_is_refused():
 def test_invalid_refresh_options_and_non_finite_values_are_refused(key, value):
     with pytest.raises(ValueError, match=key.split("_")[0]):
         sophia_pytorch.SophiaG([torch.zeros(2, requires_grad=True)], **{key: value})
+
+
+# ------------------------------------------------------- refused refreshes change nothing
+
+
+def _refreshed_once(dtype=torch.float32, **options):
+    """A SophiaG with one step and one refresh behind it, and a fresh gradient in p.grad."""
+    param = torch.linspace(-1, 1, 6, dtype=dtype).requires_grad_()
+    optimizer = sophia_pytorch.SophiaG([param], **options)
+    param.grad = torch.linspace(0.5, 2, 6, dtype=dtype)
+    optimizer.step()
+    assert optimizer.update_hessian(scale=4) is True
+    param.grad = torch.linspace(-3, 3, 6, dtype=dtype)
+    return param, optimizer
+
+
+def _snapshot(optimizer) -> list:
+    return [optimizer.param_groups[0]["rho"]] + [
+        {k: v.clone() for k, v in state.items()} for state in optimizer.state.values()]
+
+
+def _assert_unchanged(optimizer, before) -> None:
+    after = _snapshot(optimizer)
+    assert after[0] == before[0]
+    for got, want in zip(after[1:], before[1:], strict=True):
+        assert set(got) == set(want)
+        for key in want:
+            assert torch.equal(got[key], want[key]), key
+
+
+BAD_GRAD_SCALES = [0.0, -1024.0, float("nan"), float("inf"), "1024", True]
+
+
+@pytest.mark.parametrize("grad_scale", BAD_GRAD_SCALES, ids=repr)
+def test_an_invalid_grad_scale_is_refused_and_changes_nothing(grad_scale):
+    param, optimizer = _refreshed_once(unclipped_band=(0.2, 0.4))
+    before = _snapshot(optimizer)
+    with pytest.raises(ValueError, match="grad_scale"):
+        optimizer.update_hessian(scale=4, grad_scale=grad_scale)
+    _assert_unchanged(optimizer, before)
+
+
+@pytest.mark.parametrize("grad_scale", BAD_GRAD_SCALES, ids=repr)
+def test_sophiah_refuses_an_invalid_grad_scale_before_its_hessian_vector_product(grad_scale):
+    param = torch.ones(3, requires_grad=True)
+    optimizer = sophia_pytorch.SophiaH([param])
+
+    def closure():
+        raise AssertionError("the closure must not run")
+
+    with pytest.raises(ValueError, match="grad_scale"):
+        optimizer.update_hessian(closure, grad_scale=grad_scale)
+    assert param not in optimizer.state
+
+
+@pytest.mark.parametrize(("name", "value"), [
+    ("grad_scale", 0.0), ("grad_scale", -2.0), ("grad_scale", float("nan")),
+    ("grad_scale", float("inf")), ("scale", -2.0), ("scale", float("nan")),
+    ("scale", float("inf")),  # scale = 0 is valid: an empty sample count
+])
+def test_an_invalid_tensor_scale_is_refused_in_the_one_host_read(name, value):
+    """A Tensor's value is read only where the refresh reads the device anyway (with a
+    grad_scale): there a bad one is a ValueError, and nothing changes."""
+    param, optimizer = _refreshed_once(bias_correction=True)
+    before = _snapshot(optimizer)
+    kwargs = dict(scale=4.0, grad_scale=torch.tensor(2.0))
+    kwargs[name] = torch.tensor(value)
+    with pytest.raises(ValueError, match=f"Invalid {name}"):
+        optimizer.update_hessian(**kwargs)
+    _assert_unchanged(optimizer, before)
+
+
+def test_a_tensor_grad_scale_equals_a_float_grad_scale():
+    hessians = []
+    for grad_scale in (256.0, torch.tensor(256.0)):
+        param, optimizer = _refreshed_once(torch.float64)
+        param.grad.mul_(256.0)
+        assert optimizer.update_hessian(scale=4, grad_scale=grad_scale) is True
+        hessians.append(optimizer.state[param]["hessian"])
+    assert torch.equal(hessians[0], hessians[1])
+
+
+@pytest.mark.parametrize(("dtype", "scale", "grad_scale"), [
+    (torch.float32, 1e308, None), (torch.float32, 4.0, 1e-30),
+    (torch.float64, 1e308, 1e-300), (torch.bfloat16, 1e41, None),
+], ids=["float32-scale", "float32-grad_scale", "float64", "bfloat16-state-float32"])
+def test_a_scale_that_overflows_the_state_is_refused_and_changes_nothing(dtype, scale,
+                                                                        grad_scale):
+    param, optimizer = _refreshed_once(dtype)
+    before = _snapshot(optimizer)
+    with pytest.raises(ValueError, match="overflows"):
+        optimizer.update_hessian(scale=scale, grad_scale=grad_scale)
+    _assert_unchanged(optimizer, before)
+
+
+def test_a_skipped_refresh_changes_no_counter_rho_or_hessian():
+    param, optimizer = _refreshed_once(unclipped_band=(0.2, 0.4), bias_correction=True)
+    before = _snapshot(optimizer)
+    param.grad[2] = float("nan")
+    assert optimizer.update_hessian(scale=4, grad_scale=8.0) is False
+    _assert_unchanged(optimizer, before)
+
+
+def test_a_first_refresh_that_is_skipped_creates_no_state():
+    param = torch.ones(3, requires_grad=True)
+    optimizer = sophia_pytorch.SophiaG([param])
+    param.grad = torch.tensor([1.0, float("inf"), 1.0])
+    assert optimizer.update_hessian(scale=1, grad_scale=2.0) is False
+    assert param not in optimizer.state and optimizer.refreshes_done() == 0
+
+
+@pytest.mark.parametrize("name", ["SophiaG", "SophiaH"])
+def test_update_hessian_returns_true_when_folded(name):
+    param = torch.ones(3, requires_grad=True)
+    optimizer = getattr(sophia_pytorch, name)([param])
+    if name == "SophiaG":
+        param.grad = torch.ones(3)
+        result = optimizer.update_hessian(scale=2)
+    else:
+        result = optimizer.update_hessian(lambda: (param ** 3).sum())
+    assert result is True and optimizer.refreshes_done() == 1

@@ -15,8 +15,9 @@ default extension root, keyed by the source, the torch and Python versions and t
 features, so later processes load it in a fraction of a second. torch.compile of the foreach
 path was the other candidate: it fuses too, but it rounds differently (it is not bitwise equal
 to the for-loop) and compiles for longer.
-Where it cannot be built the optimizers fall back to the other paths with one warning; set
-``SOPHIA_DISABLE_FUSED=1`` to never try.
+Where it cannot be built (no compiler or no ninja is found before any build starts; or the
+build fails) the optimizers fall back to the other paths with one warning that names the cause
+in one line; set ``SOPHIA_DISABLE_FUSED=1`` to never try.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ import hashlib
 import logging
 import os
 import platform
+import re
+import shutil
 import sys
 import threading
 import time
@@ -116,6 +119,10 @@ def _load(reference: Callable[..., None]) -> None:
             except OSError:  # a build cut short; let the extension machinery redo it
                 cached = False
         if not cached:
+            missing = _missing_build_tool()
+            if missing is not None:  # fail before announcing a build that cannot start
+                _failure = missing
+                return
             logger.warning(
                 "sophia: compiling the fused CPU kernel of the Sophia step, once (10-60 s); "
                 "it is cached in %s. Pass fused=False to skip it.", directory,
@@ -138,6 +145,37 @@ def _load(reference: Callable[..., None]) -> None:
         _op = op
     except Exception as error:  # no compiler, no ninja, no source file, a failed build …
         _failure = f"{type(error).__name__}: {error}".strip()
+
+
+def _missing_build_tool() -> str | None:
+    """Why the kernel cannot be built here, checked before any build: no C++ compiler (the
+    ``CXX`` torch's extension builder runs, ``c++`` by default) or no ninja; else None."""
+    from torch.utils import cpp_extension
+
+    compiler = (os.environ.get("CXX", "").strip() or "c++").split()[0]
+    if shutil.which(compiler) is None:
+        return (f"{compiler}: not found; the fused kernel is compiled on first use and needs a "
+                "C++ compiler (install g++ or clang++, or point CXX at one)")
+    if not cpp_extension.is_ninja_available():
+        return ("ninja: not found; the fused kernel is built with ninja "
+                "(pip install ninja, or the `fused` extra: pip install 'sophia-pytorch[fused]')")
+    return None
+
+
+# lines of a build log that name its cause, most telling first
+_CAUSES = [re.compile(p) for p in (r": not found\b", r"fatal error", r"\berror:", r"No such file",
+                                   r"Permission denied", r"No space left")]
+
+
+def _cause(failure: str) -> str:
+    """The one line of a failure that says what went wrong (a build log's ``c++: not
+    found`` or first compiler error, not its opening command line), at most 200 characters."""
+    lines = [line.strip() for line in failure.splitlines() if line.strip()]
+    for pattern in _CAUSES:
+        for line in lines:
+            if pattern.search(line):
+                return line[:200]
+    return lines[0][:200] if lines else failure
 
 
 def _remove_stale_lock(lock: Path, *, older_than_s: float = 600.0) -> None:
@@ -192,9 +230,13 @@ def is_available(reference: Callable[..., None]) -> bool:
     return _op is not None
 
 
-def unavailable_reason() -> str | None:
-    """Why the fused kernel is unavailable (None when it is available or not yet tried)."""
-    return _failure
+def unavailable_reason(*, full: bool = False) -> str | None:
+    """Why the fused kernel is unavailable, in one line naming the cause (e.g. ``c++: not
+    found``); with ``full=True`` the whole message, build log included. None when it is
+    available or not yet tried."""
+    if _failure is None or full:
+        return _failure
+    return _cause(_failure)
 
 
 def build_info() -> BuildInfo | None:
@@ -209,8 +251,9 @@ def warn_unavailable_once() -> None:
         return
     _warned = True
     warnings.warn(
-        f"sophia: the fused CPU kernel is unavailable ({_failure.splitlines()[0][:300]}); "
-        "using the slower unfused step. Pass fused=False to silence this.",
+        f"sophia: the fused CPU kernel is unavailable: {_cause(_failure)} -- using the slower "
+        "unfused step. Pass fused=False (or set SOPHIA_DISABLE_FUSED=1) to silence this; "
+        "the build log: sophia_pytorch._kernel.loader.unavailable_reason(full=True).",
         RuntimeWarning,
         stacklevel=3,
     )
