@@ -1,0 +1,209 @@
+"""Issue 15 part A: nothing lost, nothing silent. Each fault is the real one where this
+machine allows it (a real signal to a real ``sophia train``, a real write failure)."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from sophia_pytorch.harness.cli import main
+from sophia_pytorch.harness.rundir import RunLog
+from tests.harness.helpers import corpus_slice
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _small(tmp_path, *extra: str) -> list[str]:
+    return ["--data", str(corpus_slice(tmp_path / "data")), "--cache-dir", str(tmp_path / "c"),
+            "--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--block-size", "16",
+            "--batch-size", "4", "--eval-every", "2", "--eval-batches", "2", "--no-progress",
+            "--warmup-steps", "1", *extra]
+
+
+def _snapshot(folder: Path) -> dict[str, bytes | None]:
+    """Every file and folder under ``folder`` (folders as None), by relative path."""
+    return {str(p.relative_to(folder)): (p.read_bytes() if p.is_file() else None)
+            for p in sorted(folder.rglob("*")) if p.name != ".lock"}
+
+
+def _one_line_error(capsys, *fragments: str) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    for fragment in fragments:
+        assert fragment in err, (fragment, err)
+    return err
+
+
+def _steps(run: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    return [row for row in rows if row["kind"] == "step"]
+
+
+# ------------------------------------------------------- item 1: --overwrite deletes only ours
+def _hugging_face_output(folder: Path) -> Path:
+    """A folder shaped like a transformers Trainer's output."""
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"],
+                                                    "model_type": "gpt2"}))
+    for sub in ("checkpoint-500", "checkpoint-best"):
+        (folder / sub).mkdir()
+        (folder / sub / "model.safetensors").write_bytes(b"weights")
+        (folder / sub / "trainer_state.json").write_text("{}")
+    (folder / "tensorboard").mkdir()
+    (folder / "tensorboard" / "events.out.tfevents.1").write_bytes(b"events")
+    return folder
+
+
+@pytest.mark.parametrize("overwrite", [True, False])
+def test_a_folder_sophia_did_not_write_is_refused_and_nothing_of_it_deleted(
+        tmp_path, capsys, overwrite):
+    folder = _hugging_face_output(tmp_path / "hf")
+    before = _snapshot(folder)
+    flags = ["--overwrite"] if overwrite else []
+    assert main(["train", *_small(tmp_path, "--max-steps", "2", "--out-dir", str(folder)),
+                 *flags]) == 2
+    _one_line_error(capsys, "config.json", "no sophia run wrote", "another --out-dir")
+    assert _snapshot(folder) == before
+
+
+def test_overwrite_removes_only_the_files_a_run_writes(tmp_path):
+    run = tmp_path / "run"
+    assert main(["train", *_small(tmp_path, "--max-steps", "3", "--out-dir", str(run))]) == 0
+    (run / "notes.txt").write_text("mine")
+    (run / "checkpoint-500").mkdir()
+    (run / "checkpoint-500" / "model.safetensors").write_bytes(b"weights")
+    assert main(["train", *_small(tmp_path, "--max-steps", "2", "--out-dir", str(run),
+                                  "--overwrite")]) == 0
+    assert [row["step"] for row in _steps(run)] == [1, 2]
+    assert (run / "notes.txt").read_text() == "mine"
+    assert (run / "checkpoint-500" / "model.safetensors").read_bytes() == b"weights"
+
+
+def test_a_run_without_a_checkpoint_is_not_offered_for_resume(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", *_small(tmp_path, "--max-steps", "2", "--out-dir", str(run))]) == 0
+    (run / "checkpoint.pt").unlink()
+    capsys.readouterr()
+    assert main(["train", *_small(tmp_path, "--max-steps", "2", "--out-dir", str(run))]) == 2
+    err = _one_line_error(capsys, "without a checkpoint", "--overwrite")
+    assert "--resume" not in err
+
+
+# --------------------------------------------- item 2: resume rewrites log.jsonl atomically
+def _resume_with_file_size_limit(run: Path, limit: int) -> subprocess.CompletedProcess:
+    """``sophia train --resume run`` in a process that may write no file past ``limit``
+    bytes (RLIMIT_FSIZE): its first larger write fails for real, with EFBIG."""
+
+    def limit_writes() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return subprocess.run(
+        [sys.executable, "-m", "sophia_pytorch.harness", "train", "--resume", str(run),
+         "--no-progress"],
+        capture_output=True, text=True, preexec_fn=limit_writes, timeout=300,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)])})
+
+
+def test_a_write_failing_while_resume_rewrites_the_log_keeps_the_log(tmp_path):
+    run = tmp_path / "run"
+    assert main(["train", *_small(tmp_path, "--max-steps", "4", "--out-dir", str(run),
+                                  "--checkpoint-every", "2")]) == 0
+    with (run / "log.jsonl").open("a") as log:  # what a crash after step 4 left: a torn line
+        log.write('{"kind": "step", "step": 5, "lo')
+    before = (run / "log.jsonl").read_bytes()
+    assert len(before) > 1024
+    finished = _resume_with_file_size_limit(run, 1024)
+    assert finished.returncode == 2, finished.stderr
+    assert "Traceback" not in finished.stderr and str(run) in finished.stderr
+    assert (run / "log.jsonl").read_bytes() == before  # before the fix: cut at 1024 bytes
+    assert not list(run.glob(".log.jsonl.*.tmp"))
+
+
+def test_every_damaged_log_line_is_dropped_on_resume(tmp_path):
+    path = tmp_path / "log.jsonl"
+    good = [{"kind": "step", "step": 1, "loss": 5.0}, {"kind": "eval", "step": 2, "val_loss": 4.0}]
+    path.write_bytes(b"\n".join([
+        json.dumps(good[0]).encode(), b'{"kind": "step", "step": \xff\xfe 2}',
+        b'{"kind": "step", "step": Infinity}', b'{"kind": "step", "step": NaN}',
+        b'{"kind": "step", "step": 1e400}', b'[1, 2]', b'{"kind": "step", "step": true}',
+        json.dumps(good[1]).encode(), b'{"kind": "step", "step": 3}', b'{"kind": "st',
+    ]))
+    RunLog(tmp_path, keep_until_step=2, tensorboard=False)
+    assert [json.loads(line) for line in path.read_text().splitlines()] == good
+
+
+def test_resume_over_a_log_with_damaged_lines_is_not_a_traceback(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", *_small(tmp_path, "--max-steps", "2", "--out-dir", str(run))]) == 0
+    with (run / "log.jsonl").open("ab") as log:
+        log.write(b'{"kind": "step", "step": Infinity}\n\xff\xfe\n')
+    assert main(["train", "--resume", str(run), "--max-steps", "3", "--no-progress"]) == 0
+    assert [row["step"] for row in _steps(run)] == [1, 2, 3]
+
+
+# ------------------------------------- item 3: SIGINT / SIGTERM save, then --resume continues
+def _sophia(*args: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "sophia_pytorch.harness", *args],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)])})
+
+
+def _step_lines(run: Path) -> int:
+    try:
+        return sum(b'"kind": "step"' in line
+                   for line in (run / "log.jsonl").read_bytes().splitlines())
+    except FileNotFoundError:
+        return 0
+
+
+def _settings(folder: Path) -> list[str]:
+    return _small(folder, "--max-steps", "60", "--eval-every", "30", "--threads", "1")
+
+
+@pytest.fixture(scope="module")
+def whole_run(tmp_path_factory) -> Path:
+    """The uninterrupted run, by the same command in another process."""
+    folder = tmp_path_factory.mktemp("whole")
+    whole = _sophia("train", *_settings(folder), "--out-dir", str(folder / "run"))
+    assert whole.wait(timeout=600) == 0, whole.stderr.read()
+    return folder
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_saves_at_the_step_boundary_and_resume_equals_the_whole_run(
+        whole_run, signum):
+    tmp_path = whole_run  # same data and cache paths: the same settings
+    settings = _settings(tmp_path)
+
+    run = tmp_path / f"stopped-{signum}"
+    process = _sophia("train", *settings, "--out-dir", str(run))  # --checkpoint-every 0
+    deadline = time.monotonic() + 300
+    while _step_lines(run) < 5 and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    process.send_signal(signum)
+    assert process.wait(timeout=300) == 128 + signum
+    stderr = process.stderr.read()
+    assert "Traceback" not in stderr and f"sophia train --resume {run}" in stderr, stderr
+    stopped = _step_lines(run)
+    assert 5 <= stopped < 60, "the signal came too late to interrupt the run"
+    saved = json.loads(subprocess.check_output(
+        [sys.executable, "-c", "import sys, torch, json; print(json.dumps(torch.load("
+         "sys.argv[1], weights_only=True)['train_state']['step']))", str(run / "checkpoint.pt")]))
+    assert saved == stopped  # saved at the boundary of the last step logged
+
+    resumed = _sophia("train", "--resume", str(run), "--no-progress")
+    assert resumed.wait(timeout=600) == 0, resumed.stderr.read()
+    ours = [(row["step"], row["loss"]) for row in _steps(run)]
+    theirs = [(row["step"], row["loss"]) for row in _steps(tmp_path / "run")]
+    assert ours == theirs
