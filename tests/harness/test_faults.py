@@ -207,3 +207,139 @@ def test_a_signal_saves_at_the_step_boundary_and_resume_equals_the_whole_run(
     ours = [(row["step"], row["loss"]) for row in _steps(run)]
     theirs = [(row["step"], row["loss"]) for row in _steps(tmp_path / "run")]
     assert ours == theirs
+
+
+# --------------------------------------------------- items 11, 12, 8: the disk and the cache
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real, small file system (tmpfs) mounted for the test: writes past it fail with
+    ENOSPC. Needs the right to mount (root, or CAP_SYS_ADMIN)."""
+    mounted = []
+
+    def mount(size: str) -> Path:
+        folder = tmp_path / f"disk{len(mounted)}"
+        folder.mkdir()
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs",
+                               str(folder)], capture_output=True, text=True)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a small tmpfs here ({done.stderr.strip()}): the full-"
+                        "disk test needs root or CAP_SYS_ADMIN")
+        mounted.append(folder)
+        return folder
+
+    yield mount
+    for folder in mounted:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def _fill(disk: Path, leave: int) -> None:
+    """Fill ``disk`` to the last byte, then free ``leave`` bytes of it."""
+    filler = disk / "filler"
+    with filler.open("wb") as handle:
+        try:
+            while True:
+                handle.write(b"\0" * 65536)
+                handle.flush()
+        except OSError:
+            pass
+    os.truncate(filler, max(0, filler.stat().st_size - leave))
+
+
+def test_a_really_full_disk_while_saving_is_one_line_and_keeps_the_last_checkpoint(
+        tmp_path, capsys, small_disk):
+    run = small_disk("4m") / "run"
+    assert main(["train", *_small(tmp_path, "--max-steps", "2", "--out-dir", str(run))]) == 0
+    kept = (run / "checkpoint.pt").read_bytes()
+    _fill(run.parent, leave=32 * 1024)  # room for the log and config, not a checkpoint
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), "--max-steps", "4", "--no-progress"]) == 2
+    _one_line_error(capsys, "No space left on device", "free some disk space", "--out-dir")
+    assert (run / "checkpoint.pt").read_bytes() == kept
+    assert not list(run.glob(".checkpoint.pt.*.tmp"))
+
+
+def test_a_really_full_token_cache_is_one_line_and_leaves_no_partial_entry(
+        tmp_path, capsys, small_disk):
+    cache = small_disk("64k") / "cache"
+    args = _small(tmp_path, "--max-steps", "1", "--out-dir", str(tmp_path / "run"))
+    args[args.index("--cache-dir") + 1] = str(cache)
+    assert main(["train", *args]) == 2
+    _one_line_error(capsys, "No space left on device", "--cache-dir")
+    assert list(cache.iterdir()) == []
+
+
+def _cache_entry(tmp_path) -> tuple[Path, dict]:
+    from sophia_pytorch.harness.data import prepare_data
+
+    data = prepare_data(str(corpus_slice(tmp_path / "data")), cache_dir=tmp_path / "cache")
+    whole = {"train": data.train.tobytes(), "val": data.val.tobytes()}
+    return data.folder, whole
+
+
+def _damage_meta_torn(folder: Path) -> None:
+    (folder / "meta.json").write_bytes(b'{"source": "x", "vocab')
+
+
+def _damage_meta_types(folder: Path) -> None:
+    meta = json.loads((folder / "meta.json").read_text())
+    (folder / "meta.json").write_text(json.dumps({**meta, "train": "many"}))
+
+
+def _damage_meta_not_utf8(folder: Path) -> None:
+    (folder / "meta.json").write_bytes(b"\xff\xfe{}")
+
+
+def _damage_train_truncated(folder: Path) -> None:  # item 8
+    os.truncate(folder / "train.bin", (folder / "train.bin").stat().st_size // 2)
+
+
+def _damage_train_missing(folder: Path) -> None:
+    (folder / "train.bin").unlink()
+
+
+def _damage_val_empty(folder: Path) -> None:
+    (folder / "val.bin").write_bytes(b"")
+
+
+@pytest.mark.parametrize("damage", [_damage_meta_torn, _damage_meta_types, _damage_meta_not_utf8,
+                                    _damage_train_truncated, _damage_train_missing,
+                                    _damage_val_empty])
+def test_a_damaged_cache_entry_is_rebuilt(tmp_path, damage):
+    from sophia_pytorch.harness.data import prepare_data
+
+    folder, whole = _cache_entry(tmp_path)
+    damage(folder)
+    data = prepare_data(str(corpus_slice(tmp_path / "data")), cache_dir=tmp_path / "cache")
+    assert data.folder == folder
+    assert {"train": data.train.tobytes(), "val": data.val.tobytes()} == whole
+
+
+def test_a_cache_folder_that_cannot_exist_is_one_line_naming_it(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("SOPHIA_CACHE", "/proc/nope/x")
+    args = _small(tmp_path, "--max-steps", "1", "--out-dir", str(tmp_path / "run"))
+    del args[args.index("--cache-dir"):args.index("--cache-dir") + 2]
+    assert main(["train", *args]) == 2
+    _one_line_error(capsys, "/proc/nope/x", "$SOPHIA_CACHE")
+
+
+# -------------------------------------------------------------- item 5: --data "" refused
+def test_an_empty_data_path_is_refused(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "notes.txt").write_text("not a corpus " * 1000)
+    args = _small(tmp_path, "--max-steps", "1", "--out-dir", str(tmp_path / "run"))
+    args[args.index("--data") + 1] = ""
+    assert main(["train", *args]) == 2
+    _one_line_error(capsys, "--data is empty")
+    assert not (tmp_path / "c").exists()  # nothing was tokenized
+
+
+# ------------------------------------------------- item 10: --eval-every 0 still evaluates
+def test_eval_every_0_evaluates_after_the_last_step(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", *_small(tmp_path, "--max-steps", "3", "--eval-every", "0",
+                                  "--out-dir", str(run))]) == 0
+    out = capsys.readouterr().out
+    assert "nan" not in out
+    evals = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()
+             if '"eval"' in line]
+    assert [row["step"] for row in evals] == [3] and evals[0]["val_loss"] > 0

@@ -497,7 +497,7 @@ class Trainer:
             advice = (f"start again with the same command, --overwrite{flag} (no checkpoint "
                       "was written yet)")
         else:
-            advice = (f"continue with `sophia train --resume {self.run_dir}{flag}` (from step "
+            advice = (f"continue with `sophia train --resume {self.run_dir}{flag}` (step "
                       f"{self.last_saved_step}, the last finite checkpoint)")
         return DivergedError(f"{problem}; {advice}", result=self.result(), problem=problem)
 
