@@ -148,7 +148,8 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         if damaged is not None:
             raise SophiaError(
                 f"checkpoint {str(path)!r} is damaged (record {damaged} does not match its "
-                "CRC-32); point --resume at another checkpoint or start without --resume"
+                "checksum, a CRC-32); point --resume at another checkpoint or start without "
+                "--resume"
             )
         return state
     if isinstance(state, dict) and CHECKSUM not in state and state.get("format") == 1:

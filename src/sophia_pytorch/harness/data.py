@@ -393,7 +393,7 @@ def _make_cache_dir(cache_dir: Path) -> None:
         cache_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise SophiaError(
-            f"cannot make the token cache folder {str(cache_dir)!r} ({exc.strerror or exc}); "
+            f"cannot write the token cache folder {str(cache_dir)!r} ({exc.strerror or exc}); "
             "point --cache-dir (or $SOPHIA_CACHE) at a folder you can write"
         ) from None
 

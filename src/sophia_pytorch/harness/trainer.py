@@ -493,12 +493,13 @@ class Trainer:
         continues from the last finite checkpoint with half the lr (or starts again)."""
         lr, min_lr = self.config.optimizer.lr, self.config.optimizer.min_lr
         flag = f" --lr {lr / 2:.3g} --min-lr {(min_lr or 0) / 2:.3g}" if lower_lr and lr else ""
+        lower = "lower --lr and " if flag else ""
         if self.last_saved_step is None:
-            advice = (f"start again with the same command, --overwrite{flag} (no checkpoint "
-                      "was written yet)")
+            advice = (f"{lower}start again: the same command with --overwrite{flag} (no "
+                      "checkpoint was written yet)")
         else:
-            advice = (f"continue with `sophia train --resume {self.run_dir}{flag}` (step "
-                      f"{self.last_saved_step}, the last finite checkpoint)")
+            advice = (f"{lower}continue from the last finite checkpoint: `sophia train --resume "
+                      f"{self.run_dir}{flag}` (step {self.last_saved_step})")
         return DivergedError(f"{problem}; {advice}", result=self.result(), problem=problem)
 
     def _resume(self, resume: str | Path) -> None:
