@@ -343,3 +343,81 @@ def test_eval_every_0_evaluates_after_the_last_step(tmp_path, capsys):
     evals = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()
              if '"eval"' in line]
     assert [row["step"] for row in evals] == [3] and evals[0]["val_loss"] > 0
+
+
+# ------------------------------------------ item 7: the package's version and commit, not cwd's
+def _provenance(cwd: Path, package_root: Path) -> dict:
+    code = ("import json; from sophia_pytorch.harness.compare.report import package_provenance;"
+            " print(json.dumps(package_provenance()))")
+    return json.loads(subprocess.check_output(
+        [sys.executable, "-c", code], cwd=cwd, text=True,
+        env={**os.environ, "PYTHONPATH": str(package_root)}))
+
+
+def _git(*args: str, cwd: Path) -> str:
+    return subprocess.check_output(["git", *args], cwd=cwd, text=True).strip()
+
+
+@pytest.fixture
+def other_repository(tmp_path) -> Path:
+    """The current folder of a run: some other git repository, with a commit of its own."""
+    folder = tmp_path / "elsewhere"
+    folder.mkdir()
+    _git("init", "-q", cwd=folder)
+    (folder / "a.txt").write_text("a")
+    _git("add", "a.txt", cwd=folder)
+    _git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "x", cwd=folder)
+    return folder
+
+
+@pytest.mark.slow  # a fresh interpreter imports torch
+def test_the_report_records_the_package_commit_not_the_current_folders(other_repository):
+    found = _provenance(other_repository, ROOT / "src")
+    ours = _git("rev-parse", "--short", "HEAD", cwd=ROOT)
+    assert found["commit"].removesuffix("+dirty") == ours
+    assert found["commit"] != _git("rev-parse", "--short", "HEAD", cwd=other_repository)
+    assert found["version"] != "unknown"
+
+
+@pytest.mark.slow
+def test_a_package_outside_a_checkout_has_an_unknown_commit(tmp_path, other_repository):
+    import shutil
+
+    copy = other_repository / "site-packages"  # inside a repository that does not track it
+    shutil.copytree(ROOT / "src" / "sophia_pytorch", copy / "sophia_pytorch")
+    assert _provenance(tmp_path, copy)["commit"] == "unknown"
+
+
+# ------------------------------------------------------------------------------ item 13
+def test_a_seed_count_past_the_limit_is_refused_before_the_list_is_built(tmp_path, capsys):
+    assert main(["compare", "--seeds", "10000000000",
+                 *_small(tmp_path, "--max-steps", "1", "--out", str(tmp_path / "cmp"))]) == 2
+    _one_line_error(capsys, "--seeds 10000000000", "1 to 1000")
+    assert not (tmp_path / "cmp").exists()
+
+
+@pytest.mark.parametrize("grid", [(0.1234567, 0.1234568), (1.0, 1.0000001), (1e-7, 1.00001e-7)])
+def test_lr_grid_points_never_share_a_run_folder(tmp_path, grid):
+    from sophia_pytorch.harness.compare.runner import _Runs, multiplier_name
+
+    runs = _Runs(None, {}, tmp_path, overwrite=False)  # type: ignore[arg-type]
+    folders = {runs.folder("adamw", m, 0) for m in grid}
+    assert len(folders) == len(grid)
+    assert [float(multiplier_name(m)) for m in grid] == list(grid)  # the name is exact
+
+
+def test_the_usual_multipliers_keep_their_short_folder_names(tmp_path):
+    from sophia_pytorch.harness.compare.runner import multiplier_name
+
+    assert [multiplier_name(m) for m in (1.0, 0.5, 2.0, 0.25, 1e-3)] == \
+        ["1", "0.5", "2", "0.25", "0.001"]
+
+
+def test_resuming_a_plain_pickle_is_one_line_without_torchs_warning(tmp_path, capsys, recwarn):
+    import pickle
+
+    path = tmp_path / "plain.pt"
+    path.write_bytes(pickle.dumps({"model": [1, 2, 3]}))
+    assert main(["train", "--resume", str(path), "--no-progress"]) == 2
+    _one_line_error(capsys, "cannot read checkpoint", "--resume")
+    assert [str(w.message) for w in recwarn] == []

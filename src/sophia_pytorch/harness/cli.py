@@ -33,6 +33,7 @@ from .errors import Interrupted, SophiaError, os_error_message
 __all__ = ["main"]
 
 _COMPARE_OWN = ("optimizer", "lr", "seed", "out_dir")
+_MAX_SEEDS = 1000
 _TOML_HELP = "TOML settings: [model], [data], [optimizer], [run] tables, or flat key = value"
 
 
@@ -186,12 +187,16 @@ def _run_compare(args: argparse.Namespace) -> int:
     optimizers = _parse_list(args.optimizers, str, "--optimizers")
     base = make_config(overrides.pop("preset", "tiny"), overrides)
     out = Path(args.out) if args.out else default_out_dir(base.preset)
+    num_seeds = _parse_list(args.seeds, int, "--seeds")[0]
+    if not 1 <= num_seeds <= _MAX_SEEDS:  # checked before the list is built
+        raise SophiaError(f"--seeds {num_seeds}: a comparison trains one run per seed; give "
+                          f"1 to {_MAX_SEEDS}")
+    first_seed = _parse_list(args.seed, int, "--seed")[0]
     try:
         summary = compare(
             base, optimizers=optimizers,
             lr_multipliers=_parse_list(args.lr_grid, float, "--lr-grid"),
-            seeds=[int(_parse_list(args.seed, int, "--seed")[0]) + i
-                   for i in range(_parse_list(args.seeds, int, "--seeds")[0])],
+            seeds=[first_seed + i for i in range(num_seeds)],
             out_dir=out, overrides=overrides, overwrite=args.overwrite,
         )
     except (Interrupted, KeyboardInterrupt) as exc:

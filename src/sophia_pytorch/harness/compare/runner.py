@@ -64,6 +64,14 @@ def _run_config(base: Config, overrides: dict[str, Any], optimizer: str, multipl
     return make_config(base.preset, values)
 
 
+def multiplier_name(multiplier: float) -> str:
+    """``multiplier`` as a run folder names it: ``:g`` (``1``, ``0.5``) where that is exact,
+    else the shortest repr that is (``0.1234567``), so two grid points never share a
+    folder."""
+    short = f"{multiplier:g}"
+    return short if float(short) == multiplier else repr(float(multiplier))
+
+
 def _final(record: RunRecord) -> float:
     return record.final_val_loss if math.isfinite(record.final_val_loss) else math.inf
 
@@ -82,7 +90,7 @@ class _Runs:
         self.records: dict[tuple[str, float, int], RunRecord] = {}
 
     def folder(self, optimizer: str, multiplier: float, seed: int) -> Path:
-        return self.out / "runs" / f"{optimizer}-x{multiplier:g}-seed{seed}"
+        return self.out / "runs" / f"{optimizer}-x{multiplier_name(multiplier)}-seed{seed}"
 
     def config(self, optimizer: str, multiplier: float, seed: int) -> Config:
         return _run_config(self.base, self.overrides, optimizer, multiplier, seed,
