@@ -421,3 +421,57 @@ def test_resuming_a_plain_pickle_is_one_line_without_torchs_warning(tmp_path, ca
     assert main(["train", "--resume", str(path), "--no-progress"]) == 2
     _one_line_error(capsys, "cannot read checkpoint", "--resume")
     assert [str(w.message) for w in recwarn] == []
+
+
+# ------------------------------- item 3, in this process: a real signal raised during a step
+def _signal_at(step: int, signum: int = signal.SIGINT):
+    def on_step(record: dict) -> None:
+        if record["step"] == step:
+            signal.raise_signal(signum)
+
+    return on_step
+
+
+def test_sigint_in_process_saves_with_checkpoint_every_0_and_resume_matches(tmp_path, capsys,
+                                                                            monkeypatch):
+    from sophia_pytorch.harness import trainer
+
+    whole = tmp_path / "whole"
+    assert main(["train", *_small(tmp_path, "--max-steps", "5", "--out-dir", str(whole))]) == 0
+    run = tmp_path / "run"
+    real = trainer.Trainer.__init__
+
+    def with_signal(self, config, **kwargs):
+        real(self, config, **{**kwargs, "on_step": _signal_at(3)})
+
+    monkeypatch.setattr(trainer.Trainer, "__init__", with_signal)
+    capsys.readouterr()
+    assert main(["train", *_small(tmp_path, "--max-steps", "5", "--out-dir", str(run))]) == 130
+    err = capsys.readouterr().err
+    assert err == f"interrupted: SIGINT at step 3 (saved); continue with `sophia train " \
+                  f"--resume {run}`\n"
+    monkeypatch.setattr(trainer.Trainer, "__init__", real)
+    assert main(["train", "--resume", str(run), "--no-progress"]) == 0
+    assert [r["loss"] for r in _steps(run)] == [r["loss"] for r in _steps(whole)]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+
+
+def test_a_signal_under_compare_says_to_rerun_the_compare_which_continues(tmp_path, capsys,
+                                                                         monkeypatch):
+    from sophia_pytorch.harness.compare import runner
+
+    out = tmp_path / "cmp"
+    args = ["compare", "--optimizers", "adamw",
+            *_small(tmp_path, "--max-steps", "4", "--out", str(out))]
+    real = runner.train
+    monkeypatch.setattr(runner, "train", lambda config, resume=None: real(
+        config, resume=resume, on_step=_signal_at(2, signal.SIGTERM)))
+    assert main(args) == 128 + signal.SIGTERM
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert "sophia compare" in err and f"--out {out}" in err and "--resume" not in err, err
+    resumed = []
+    monkeypatch.setattr(runner, "train", lambda config, resume=None: resumed.append(resume)
+                        or real(config, resume=resume))
+    assert main(args) == 0
+    assert resumed == [out / "runs" / "adamw-x1-seed0"]  # continued from its checkpoint
+    assert (out / "report.md").exists()
