@@ -7,6 +7,7 @@ import json
 import os
 import resource
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -475,3 +476,40 @@ def test_a_signal_under_compare_says_to_rerun_the_compare_which_continues(tmp_pa
     assert main(args) == 0
     assert resumed == [out / "runs" / "adamw-x1-seed0"]  # continued from its checkpoint
     assert (out / "report.md").exists()
+
+
+# ----------------------------------------- design: the checkpoint check by the records' CRC-32
+def test_a_flipped_byte_in_any_record_is_found_as_zipfile_finds_it(tmp_path):
+    import zipfile
+
+    import torch
+
+    from sophia_pytorch.harness.checkpoint import save_checkpoint, verify_records
+
+    path = tmp_path / "checkpoint.pt"
+    save_checkpoint({"model": {"w": torch.arange(4096.0)}, "step": 3}, path)
+    assert verify_records(path) is None
+    whole = path.read_bytes()
+    with zipfile.ZipFile(path) as archive:  # a record's bytes follow its local header
+        records = [(info.filename, info.header_offset + 30 + sum(struct.unpack(
+                    "<HH", whole[info.header_offset + 26:info.header_offset + 30])),
+                    info.file_size) for info in archive.infolist()]
+    for name, start, size in records:
+        if not size:
+            continue
+        damaged = bytearray(whole)
+        damaged[start + size // 2] ^= 0x10
+        path.write_bytes(damaged)
+        with zipfile.ZipFile(path) as archive:
+            assert archive.testzip() == name  # the reference: Python's own zip reader
+        assert verify_records(path) == name
+
+
+def test_a_checkpoint_cut_short_is_one_line(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", *_small(tmp_path, "--max-steps", "1", "--out-dir", str(run))]) == 0
+    whole = (run / "checkpoint.pt").read_bytes()
+    (run / "checkpoint.pt").write_bytes(whole[:len(whole) // 2])
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), "--max-steps", "2", "--no-progress"]) == 2
+    _one_line_error(capsys, "checkpoint", "--resume")
