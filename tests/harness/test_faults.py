@@ -513,3 +513,14 @@ def test_a_checkpoint_cut_short_is_one_line(tmp_path, capsys):
     capsys.readouterr()
     assert main(["train", "--resume", str(run), "--max-steps", "2", "--no-progress"]) == 2
     _one_line_error(capsys, "checkpoint", "--resume")
+
+
+def test_a_signal_after_the_last_step_lets_the_run_finish(tmp_path, monkeypatch):
+    from sophia_pytorch.harness import trainer
+
+    real = trainer.Trainer.__init__
+    monkeypatch.setattr(trainer.Trainer, "__init__", lambda self, config, **kwargs: real(
+        self, config, **{**kwargs, "on_step": _signal_at(3)}))
+    run = tmp_path / "run"
+    assert main(["train", *_small(tmp_path, "--max-steps", "3", "--out-dir", str(run))]) == 0
+    assert [row["step"] for row in _steps(run)] == [1, 2, 3]

@@ -300,7 +300,7 @@ class Trainer:
                     self.evaluate()
                 while state.step < run.max_steps:
                     self._step_with_schedule(bar)
-                    if self._stop_requested():
+                    if state.step < run.max_steps and self._stop_requested():  # else: done
                         raise self._interrupted()
             finally:
                 if bar is not None:
