@@ -524,3 +524,12 @@ def test_a_signal_after_the_last_step_lets_the_run_finish(tmp_path, monkeypatch)
     run = tmp_path / "run"
     assert main(["train", *_small(tmp_path, "--max-steps", "3", "--out-dir", str(run))]) == 0
     assert [row["step"] for row in _steps(run)] == [1, 2, 3]
+
+
+def test_compare_with_eval_every_0_reports_finite_final_losses(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    assert main(["compare", "--optimizers", "adamw,lion",
+                 *_small(tmp_path, "--max-steps", "2", "--eval-every", "0",
+                         "--out", str(out))]) == 0
+    runs = json.loads((out / "results.json").read_text())["runs"]
+    assert len(runs) == 2 and all(run["final_val_loss"] > 0 for run in runs)
