@@ -4,9 +4,15 @@ A checkpoint is written to a temporary file in the same folder, flushed and fsyn
 renamed over the old one with ``os.replace`` (atomic on POSIX and Windows), and the folder is
 fsynced so the rename itself survives a power cut. A process killed at any point leaves
 either the previous checkpoint or the new one, never a torn file. Checkpoints hold only
-tensors and plain Python values, so they load with ``torch.load(weights_only=True)``, and a
-SHA-256 of their payload, checked on load: torch stores tensors uncompressed and unchecked,
-so flipped bytes inside one would otherwise load and train to garbage.
+tensors and plain Python values, so they load with ``torch.load(weights_only=True)``.
+
+Every record of the file (each tensor's bytes, the pickle) carries the CRC-32 that
+``torch.save`` computes as it writes the zip; ``torch.load`` does not check it, so
+:func:`load_checkpoint` does, streaming the file once before unpickling: flipped bytes inside
+a tensor would otherwise load and train to garbage. The check costs the save nothing (a
+separate SHA-256 over every tensor cost a full extra pass, see
+``benchmarks/checkpoint_checksum.py``). Checkpoints written with that SHA-256
+(``payload_sha256``) still load and are checked against it.
 """
 
 from __future__ import annotations
@@ -14,7 +20,10 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import struct
 import tempfile
+import zipfile
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -25,22 +34,37 @@ from .errors import SophiaError
 from .jsonio import umasked
 
 __all__ = ["load_checkpoint", "payload_checksum", "rng_state", "save_checkpoint",
-           "set_rng_state"]
+           "set_rng_state", "verify_records"]
 
-CHECKSUM = "payload_sha256"
+CHECKSUM = "payload_sha256"  # checkpoints before the zip's CRC-32 was checked
+RECORD_CHECK = "record_crc32"  # the marker of a checkpoint checked by its records' CRC-32
+_READ_BYTES = 1 << 22
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
     """Write ``state`` (tensors, numbers, strings, lists, dicts) to ``path`` atomically,
-    with a checksum of its payload; temp files an earlier, killed save left are removed."""
+    each record with its CRC-32; temp files an earlier, killed save left are removed.
+
+    Raises:
+        OSError: the disk refused a write (with its errno, e.g. ENOSPC: ``torch.save`` turns
+            it into a RuntimeError without one); the previous checkpoint is kept.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     for stale in path.parent.glob(f".{path.name}.*.tmp"):
         stale.unlink(missing_ok=True)
     handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    crc32 = torch.serialization.get_crc32_options()
     try:
         with os.fdopen(handle, "wb") as file:
-            torch.save({**state, CHECKSUM: payload_checksum(state)}, file)
+            sink = _Sink(file)
+            torch.serialization.set_crc32_options(True)
+            try:
+                torch.save({**state, RECORD_CHECK: True}, sink)
+            except RuntimeError:
+                if sink.error is not None:  # the disk's error, not torch's rewording of it
+                    raise sink.error from None
+                raise
             file.flush()
             os.fsync(file.fileno())
         os.chmod(temp_name, umasked())
@@ -48,7 +72,74 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
     except BaseException:
         Path(temp_name).unlink(missing_ok=True)
         raise
+    finally:
+        torch.serialization.set_crc32_options(crc32)
     _fsync_folder(path.parent)
+
+
+class _Sink:
+    """A file for ``torch.save`` that keeps the OSError a write raised (torch reports it as
+    a RuntimeError that has lost its errno)."""
+
+    def __init__(self, file: Any) -> None:
+        self.file = file
+        self.error: OSError | None = None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
+def verify_records(path: str | Path) -> str | None:
+    """Read every record of the zip ``path`` once, checking its CRC-32; the name of the
+    first record that does not match (or cannot be read), or None when all match.
+
+    Stored (uncompressed) records, all that ``torch.save`` writes, are read straight into
+    one reused buffer and fed to ``zlib.crc32``; others go through ``zipfile``.
+    """
+    with zipfile.ZipFile(path) as archive:
+        infos = archive.infolist()
+        buffer = memoryview(bytearray(_READ_BYTES))
+        with open(path, "rb", buffering=0) as file:
+            for info in infos:
+                try:
+                    if info.compress_type == zipfile.ZIP_STORED:
+                        crc = _stored_crc32(file, info, buffer)
+                    else:
+                        with archive.open(info) as record:
+                            while record.read(_READ_BYTES):
+                                pass
+                        crc = info.CRC
+                except (zipfile.BadZipFile, OSError, struct.error):
+                    return info.filename
+                if crc != info.CRC:
+                    return info.filename
+    return None
+
+
+def _stored_crc32(file: Any, info: zipfile.ZipInfo, buffer: memoryview) -> int | None:
+    """The CRC-32 of the bytes of stored record ``info``, read from ``file``; None when its
+    local header is not where the central directory says."""
+    file.seek(info.header_offset)
+    header = file.read(30)
+    if header[:4] != b"PK\x03\x04":
+        return None
+    name_length, extra_length = struct.unpack("<HH", header[26:30])
+    file.seek(info.header_offset + 30 + name_length + extra_length)
+    crc, remaining = 0, info.file_size
+    while remaining:
+        count = file.readinto(buffer[:min(remaining, len(buffer))])
+        if not count:
+            return None  # the file ends inside the record
+        crc = zlib.crc32(buffer[:count], crc)
+        remaining -= count
+    return crc
 
 
 def _fsync_folder(folder: Path) -> None:
@@ -75,6 +166,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
             "of an earlier run to --resume"
         )
     try:
+        damaged = verify_records(path)
         state = torch.load(path, map_location="cpu", weights_only=True)
     except MemoryError:
         raise
@@ -86,11 +178,19 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
             f"cannot read checkpoint {str(path)!r} ({first_line}); it is damaged or not a "
             "sophia checkpoint: point --resume at another one or start without --resume"
         ) from None
+    if isinstance(state, dict) and state.pop(RECORD_CHECK, False) is True:
+        if damaged is not None:
+            raise SophiaError(
+                f"checkpoint {str(path)!r} is damaged (record {damaged} does not match its "
+                "checksum, a CRC-32); point --resume at another checkpoint or start without "
+                "--resume"
+            )
+        return state
     if isinstance(state, dict) and CHECKSUM not in state and state.get("format") == 1:
         return state  # written before checksums (sophia 0.1 runs): nothing to check against
     if not isinstance(state, dict) or CHECKSUM not in state:
         raise SophiaError(
-            f"{str(path)!r} is not a sophia checkpoint (it has no payload checksum); point "
+            f"{str(path)!r} is not a sophia checkpoint (it has no checksum); point "
             "--resume at a checkpoint.pt written by `sophia train`"
         )
     if state.pop(CHECKSUM) != payload_checksum(state):
@@ -103,7 +203,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 
 def payload_checksum(state: Any) -> str:
     """SHA-256 over every tensor's bytes, dtype and shape and every other value's repr, in
-    order: a flipped byte anywhere in the payload changes it."""
+    order: the check of checkpoints written before their records' CRC-32 was checked."""
     digest = hashlib.sha256()
     _feed(digest, state)
     return digest.hexdigest()

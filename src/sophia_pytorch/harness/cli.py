@@ -9,6 +9,7 @@ User errors print one line, ``error: <problem>; <fix>``, and exit with status 2.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -28,12 +29,13 @@ from .config import (
     optimizer_names,
     to_dict,
 )
-from .errors import SophiaError, os_error_message
+from .errors import Interrupted, SophiaError, os_error_message
 
 __all__ = ["main"]
 
 # compare sets these itself: each optimizer its own preset row, the seeds, the folders.
 _COMPARE_OWN = ("optimizer", *ROW_FIELDS, "seed", "out_dir")
+_MAX_SEEDS = 1000
 _TOML_HELP = "TOML settings: [model], [data], [optimizer], [run] tables, or flat key = value"
 
 
@@ -190,18 +192,31 @@ def _run_train(args: argparse.Namespace) -> int:
 
 
 def _run_compare(args: argparse.Namespace) -> int:
-    from .compare.runner import compare
+    from .compare.runner import compare, default_out_dir
 
     overrides = _overrides(args)
     optimizers = _parse_list(args.optimizers, str, "--optimizers")
     base = make_config(overrides.pop("preset", "tiny"), overrides)
-    summary = compare(
-        base, optimizers=optimizers,
-        lr_multipliers=_parse_list(args.lr_grid, float, "--lr-grid"),
-        seeds=[int(_parse_list(args.seed, int, "--seed")[0]) + i
-               for i in range(_parse_list(args.seeds, int, "--seeds")[0])],
-        out_dir=args.out, overrides=overrides, overwrite=args.overwrite,
-    )
+    out = Path(args.out) if args.out else default_out_dir(base.preset)
+    num_seeds = _parse_list(args.seeds, int, "--seeds")[0]
+    if not 1 <= num_seeds <= _MAX_SEEDS:  # checked before the list is built
+        raise SophiaError(f"--seeds {num_seeds}: a comparison trains one run per seed; give "
+                          f"1 to {_MAX_SEEDS}")
+    first_seed = _parse_list(args.seed, int, "--seed")[0]
+    try:
+        summary = compare(
+            base, optimizers=optimizers,
+            lr_multipliers=_parse_list(args.lr_grid, float, "--lr-grid"),
+            seeds=[first_seed + i for i in range(num_seeds)],
+            out_dir=out, overrides=overrides, overwrite=args.overwrite,
+        )
+    except (Interrupted, KeyboardInterrupt) as exc:
+        # A run's own advice (`sophia train --resume`) would leave the comparison unfinished.
+        signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
+        raise Interrupted(
+            f"{signal.Signals(signum).name}: comparison stopped; finished runs and the "
+            f"interrupted run's last checkpoint are kept: run the same `sophia compare` "
+            f"command with --out {out} to continue", signum) from None
     print(summary.headline)
     print(f"report: {summary.report_path}")
     print(f"plots:  {', '.join(str(p) for p in summary.plot_paths)}")
@@ -230,6 +245,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "compare":
             return _run_compare(args)
         return _run_presets()
+    except Interrupted as exc:
+        print(f"interrupted: {exc}", file=sys.stderr)
+        return 128 + exc.signum
     except SophiaError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -239,9 +257,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {message}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted; continue a run with `sophia train --resume <run folder>`",
-              file=sys.stderr)
+    except KeyboardInterrupt:  # before training began (or after it ended): nothing to save
+        print("interrupted before training; nothing of this run was saved: run the same "
+              "command again", file=sys.stderr)
         return 130
 
 

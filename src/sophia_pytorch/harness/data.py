@@ -152,7 +152,16 @@ def _parse_hf(source: str) -> tuple[str, str, str]:
     return name, split, column
 
 
+def _check_source(source: str) -> None:
+    if not source.strip():  # Path("") is the current folder: every text file under it
+        raise SophiaError(
+            "--data is empty (an unset shell variable?); pass a text file or folder, or one "
+            "of default, shakespeare, bible, hf:NAME"
+        )
+
+
 def _source_fingerprint(source: str) -> object:
+    _check_source(source)
     if source == "default":
         return [_source_fingerprint("shakespeare"), _source_fingerprint("bible")]
     if source == "shakespeare":
@@ -167,6 +176,7 @@ def _source_fingerprint(source: str) -> object:
 
 def iter_documents(source: str) -> Iterator[str]:
     """The documents of ``source`` (see the module docstring), in a fixed order."""
+    _check_source(source)
     if source == "default":
         yield from iter_documents("shakespeare")
         yield from iter_documents("bible")
@@ -295,10 +305,11 @@ def _write_split(documents: Iterable[str], tokenizer, folder: Path, dtype: type,
                  val_fraction: float) -> dict[str, int]:
     separator = tokenizer.encode("\n\n")
     stream_path = folder / "all.bin"
+    # file.write, not ndarray.tofile: tofile's OSError on a full disk has no errno.
     with stream_path.open("wb") as stream:
         for document in documents:
-            tokenizer.encode(document).astype(dtype).tofile(stream)
-            separator.astype(dtype).tofile(stream)
+            stream.write(tokenizer.encode(document).astype(dtype).tobytes())
+            stream.write(separator.astype(dtype).tobytes())
     tokens = np.memmap(stream_path, dtype=dtype, mode="r") if stream_path.stat().st_size \
         else np.zeros(0, dtype=dtype)
     chunk = _chunk_tokens(len(tokens))
@@ -307,7 +318,7 @@ def _write_split(documents: Iterable[str], tokenizer, folder: Path, dtype: type,
         for index, start in enumerate(range(0, len(tokens), chunk)):
             piece = np.asarray(tokens[start:start + chunk])
             split = "val" if _is_val_chunk(index, val_fraction) else "train"
-            piece.tofile(val if split == "val" else train)
+            (val if split == "val" else train).write(piece.tobytes())
             counts[split] += len(piece)
     del tokens
     stream_path.unlink()
@@ -328,10 +339,18 @@ def prepare_data(source: str = "default", *, tokenizer: str = "byte", bpe_vocab_
                       CHUNK_TOKENS])
     slug = "".join(c if c.isalnum() else "_" for c in Path(source).name or source)[:40]
     folder = cache_dir / f"{slug}-{tokenizer}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
-    if not (folder / "meta.json").exists():
+    meta = _read_meta(folder, tokenizer)
+    if meta is None:
+        _make_cache_dir(cache_dir)
         with writing("--cache-dir (or $SOPHIA_CACHE)", cache_dir):
+            _discard(folder)  # a damaged entry (torn meta.json, a truncated .bin): rebuilt
             _build_cache(source, folder, tokenizer, bpe_vocab_size, val_fraction)
-    meta = json.loads((folder / "meta.json").read_text())
+        meta = _read_meta(folder, tokenizer)
+        if meta is None:
+            raise SophiaError(
+                f"the token cache {str(folder)!r} does not match its meta.json even after "
+                "rebuilding it; remove that folder, or point --cache-dir at another one"
+            )
     if tokenizer == "bpe":
         token_coder: ByteTokenizer | BPETokenizer = BPETokenizer.load(folder / "tokenizer.json")
     else:
@@ -346,6 +365,49 @@ def prepare_data(source: str = "default", *, tokenizer: str = "byte", bpe_vocab_
             )
         arrays[split] = np.memmap(folder / f"{split}.bin", dtype=dtype, mode="r")
     return TokenData(arrays["train"], arrays["val"], meta["vocab_size"], token_coder, folder)
+
+
+def _read_meta(folder: Path, tokenizer: str) -> dict | None:
+    """The cache entry's meta.json, if the entry is whole: the JSON reads, its fields have
+    their types, and train.bin and val.bin hold exactly the tokens it lists. None for a
+    missing or damaged entry."""
+    try:
+        meta = json.loads((folder / "meta.json").read_bytes())
+        dtype = np.dtype(meta["dtype"])
+        counts = [meta["train"], meta["val"], meta["vocab_size"]]
+        if dtype not in (np.uint16, np.uint32) or \
+                not all(type(n) is int and n >= 0 for n in counts):
+            return None
+        sizes = [(folder / f"{split}.bin").stat().st_size for split in ("train", "val")]
+    except (OSError, ValueError, TypeError, KeyError):  # missing, torn, not JSON, bad fields
+        return None
+    if sizes != [meta["train"] * dtype.itemsize, meta["val"] * dtype.itemsize]:
+        return None  # a truncated (or grown) .bin: its tokens are not the ones listed
+    if tokenizer == "bpe" and not (folder / "tokenizer.json").is_file():
+        return None
+    return meta
+
+
+def _make_cache_dir(cache_dir: Path) -> None:
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SophiaError(
+            f"cannot write the token cache folder {str(cache_dir)!r} ({exc.strerror or exc}); "
+            "point --cache-dir (or $SOPHIA_CACHE) at a folder you can write"
+        ) from None
+
+
+def _discard(folder: Path) -> None:
+    """Remove a damaged cache entry: moved aside first, so no reader sees it half-removed."""
+    if not folder.exists():
+        return
+    aside = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.damaged."))
+    try:
+        os.replace(folder, aside / folder.name)
+    except OSError:  # another process removed or replaced it first
+        pass
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def _build_cache(source: str, folder: Path, tokenizer: str, bpe_vocab_size: int,

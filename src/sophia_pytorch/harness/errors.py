@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DivergedError", "SophiaError", "os_error_message", "require", "writing"]
+__all__ = ["DivergedError", "Interrupted", "SophiaError", "os_error_message", "require", "writing"]
 
 
 class SophiaError(Exception):
@@ -25,12 +25,24 @@ class DivergedError(SophiaError):
     """A run whose loss, gradient, weights or validation loss stopped being finite.
 
     ``result`` is the run's :class:`~.trainer.TrainResult` up to that point (its evaluations
-    so far), so a comparison can record the run as diverged and go on.
+    so far), so a comparison can record the run as diverged and go on; ``problem`` is the
+    message without its advice (a comparison gives its own).
     """
 
-    def __init__(self, message: str, result: Any = None) -> None:
+    def __init__(self, message: str, result: Any = None, problem: str | None = None) -> None:
         super().__init__(message)
         self.result = result
+        self.problem = problem or message
+
+
+class Interrupted(SophiaError):
+    """A run stopped by SIGINT (Ctrl-C) or SIGTERM; the message says what was saved and the
+    command that continues it. ``signum`` is the signal's number (the CLI exits with
+    128 + it, as a shell does)."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.signum = signum
 
 
 _FIXES = {
@@ -43,6 +55,7 @@ _FIXES = {
     errno.EEXIST: "a file is in the way",
     errno.EISDIR: "a folder is in the way",
     errno.ENAMETOOLONG: "shorten the path",
+    errno.EFBIG: "the file is larger than this file system or limit allows",
 }
 
 

@@ -1,7 +1,10 @@
 """The run folder: where it is, who may write it, and its ``log.jsonl``.
 
-A run folder holds one run. A new run into a folder that holds one (a checkpoint, log,
-config or record) is refused unless asked to overwrite it; a second process on a folder in
+A run folder holds one run. The files a run writes there are named once, here
+(:data:`RUN_FILES`, :data:`RUN_FOLDERS`, their temporary files and ``.lock``); a folder
+holding a file of that name that a sophia run did not write (a Hugging Face output's
+``config.json``) is refused outright, a sophia run's only unless asked to overwrite it, and
+an overwrite removes the run's own files and nothing else. A second process on a folder in
 use is refused by :class:`RunLock`. Only rank 0 of a data-parallel job writes here
 (:func:`is_main_process`).
 """
@@ -10,19 +13,49 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import tempfile
 import time
+import zipfile
 from pathlib import Path
 from typing import Any
 
 from .distributed import is_main_process
 from .errors import SophiaError, writing
-from .jsonio import dumps
+from .jsonio import dumps, umasked
 
-__all__ = ["RUN_FILES", "RunLock", "RunLog", "holds_run", "is_main_process", "make_run_dir",
-           "prepare_run_dir"]
+__all__ = ["RUN_FILES", "RUN_FOLDERS", "RunLock", "RunLog", "clear_run", "holds_run",
+           "is_main_process", "is_sophia_run", "make_run_dir", "prepare_run_dir", "run_paths",
+           "sharded_folder"]
 
 RUN_FILES = ("checkpoint.pt", "log.jsonl", "config.json", "record.json", "stable.pt")
+"""The files a run writes in its folder; each is written through a temporary file
+``.<name>.<random>.tmp`` beside it and a rename."""
+RUN_FOLDERS = ("tensorboard",)
+"""The folders a run writes, besides the FSDP2 shard folders of :func:`sharded_folder`."""
+_SHARDED = re.compile(r"checkpoint-\d{8}")
+_CONFIG_SECTIONS = {"preset", "model", "data", "optimizer", "run"}
+
+
+def sharded_folder(step: int) -> str:
+    """The name of the FSDP2 shard folder of the checkpoint at ``step``:
+    ``checkpoint-<step, 8 digits>`` (a Hugging Face ``checkpoint-500`` is not one)."""
+    return f"checkpoint-{step:08d}"
+
+
+def run_paths(folder: str | Path) -> list[Path]:
+    """The files and folders in ``folder`` that a run writes, which exist: everything an
+    overwrite removes (the ``.lock`` stays: another process may be taking it)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    temps = {f".{name}." for name in RUN_FILES}
+    return sorted(
+        child for child in folder.iterdir()
+        if child.name in RUN_FILES or child.name in RUN_FOLDERS
+        or _SHARDED.fullmatch(child.name) is not None
+        or (child.name.endswith(".tmp") and any(child.name.startswith(t) for t in temps)))
 
 try:
     import fcntl
@@ -31,8 +64,78 @@ except ImportError:  # Windows: the lock file's PID decides
 
 
 def holds_run(folder: str | Path) -> bool:
-    """Whether ``folder`` holds (part of) a run: a checkpoint, log, config or record."""
+    """Whether ``folder`` holds a file a run would write over: a checkpoint, log, config or
+    record (a sophia run's or not, see :func:`is_sophia_run`)."""
     return any((Path(folder) / name).exists() for name in RUN_FILES)
+
+
+def is_sophia_run(folder: str | Path) -> bool:
+    """Whether every one of :data:`RUN_FILES` in ``folder`` is a sophia run's: a
+    ``config.json`` with its sections, a ``checkpoint.pt`` whose pickle holds a training
+    state, a ``log.jsonl`` of step and eval records, a ``record.json`` of a comparison.
+    Reads only the small parts of each (not the checkpoint's tensors)."""
+    folder = Path(folder)
+    checks = {"config.json": _is_sophia_config, "checkpoint.pt": _is_sophia_checkpoint,
+              "log.jsonl": _is_sophia_log, "record.json": _is_sophia_record}
+    present = [name for name in RUN_FILES if (folder / name).exists()]
+    return bool(present) and all(checks[name](folder / name) for name in present)
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return None
+
+
+def _is_sophia_config(path: Path) -> bool:
+    config = _read_json(path)
+    return isinstance(config, dict) and _CONFIG_SECTIONS <= config.keys()
+
+
+def _is_sophia_record(path: Path) -> bool:
+    saved = _read_json(path)
+    return isinstance(saved, dict) and {"record", "config"} <= saved.keys()
+
+
+def _is_sophia_log(path: Path) -> bool:
+    try:
+        lines = path.read_bytes().splitlines()
+    except OSError:
+        return False
+    records = [_record_of(line) for line in lines]
+    return any(records) or not lines  # an empty log: a run stopped before its first step
+
+
+def _is_sophia_checkpoint(path: Path) -> bool:
+    # torch.save writes a zip; every sophia checkpoint's pickle names "data_position".
+    try:
+        with zipfile.ZipFile(path) as archive:
+            pickles = [n for n in archive.namelist() if n.endswith("/data.pkl")]
+            return bool(pickles) and b"data_position" in archive.read(pickles[0])
+    except (OSError, zipfile.BadZipFile, KeyError):
+        return False
+
+
+def _is_empty_run(folder: Path) -> bool:
+    """A sophia run that got no further than its config: no checkpoint, record or step."""
+    if (folder / "checkpoint.pt").exists() or (folder / "record.json").exists():
+        return False
+    try:
+        lines = (folder / "log.jsonl").read_bytes().splitlines()
+    except FileNotFoundError:
+        lines = []
+    return not any(_record_of(line) for line in lines)
+
+
+def clear_run(folder: str | Path) -> None:
+    """Remove the files and folders a run wrote in ``folder`` (:func:`run_paths`), nothing
+    else."""
+    for path in run_paths(folder):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def make_run_dir(out_dir: str, preset: str, optimizer: str) -> Path:
@@ -48,20 +151,32 @@ def make_run_dir(out_dir: str, preset: str, optimizer: str) -> Path:
 
 
 def prepare_run_dir(folder: Path, *, resuming_here: bool, overwrite: bool) -> None:
-    """Make sure a run may write ``folder``: refuse one that holds another run, unless
-    ``overwrite`` (then clear that run's files) or the run resumes from this very folder."""
+    """Make sure a run may write ``folder``: refuse one that holds files a run would write
+    over but a sophia run did not write; refuse one that holds another sophia run, unless
+    ``overwrite`` (then remove that run's files, :func:`clear_run`) or the run resumes from
+    this very folder."""
     if resuming_here or not holds_run(folder):
         return
-    if not overwrite:
+    if not is_sophia_run(folder):
+        names = ", ".join(name for name in RUN_FILES if (folder / name).exists())
+        raise SophiaError(
+            f"{str(folder)!r} holds {names} that no sophia run wrote; choose another "
+            "--out-dir (--overwrite replaces only a sophia run)"
+        )
+    if overwrite or _is_empty_run(folder):  # an empty one: a run stopped before step 1
+        pass
+    elif (folder / "checkpoint.pt").exists():
         raise SophiaError(
             f"{str(folder)!r} already holds a run; continue it with --resume {folder}, replace "
             "it with --overwrite, or choose another --out-dir"
         )
+    else:
+        raise SophiaError(
+            f"{str(folder)!r} already holds a run without a checkpoint (nothing to resume); "
+            "replace it with --overwrite, or choose another --out-dir"
+        )
     with writing("--out-dir", folder):
-        for name in RUN_FILES:
-            (folder / name).unlink(missing_ok=True)
-        for old in [*folder.glob("checkpoint-*"), folder / "tensorboard"]:
-            shutil.rmtree(old, ignore_errors=True)
+        clear_run(folder)
 
 
 class RunLock:
@@ -138,8 +253,10 @@ class RunLog:
     """``log.jsonl`` (one JSON object a line) and, optionally, TensorBoard scalars.
 
     A new run starts an empty log; a resumed one (``keep_until_step`` set) keeps the lines of
-    steps up to its checkpoint and drops what a crashed run wrote after it (a torn last line
-    included). Non-finite numbers are written as null.
+    steps up to its checkpoint and drops what a crashed run wrote after it, and every damaged
+    line (torn, not UTF-8, not JSON, a non-finite step). That rewrite goes through a temporary
+    file and a rename, so a kill during it leaves the old log or the new one. Non-finite
+    numbers are written as null.
     """
 
     def __init__(self, run_dir: Path, *, keep_until_step: int | None, tensorboard: bool) -> None:
@@ -151,11 +268,12 @@ class RunLog:
         with writing("--out-dir", run_dir):
             run_dir.mkdir(parents=True, exist_ok=True)
             if keep_until_step is not None and self.path.exists():
-                kept = [line for line in self.path.read_text().splitlines()
-                        if _step_of(line) is not None and _step_of(line) <= keep_until_step]
-                self.path.write_text("".join(line + "\n" for line in kept))
+                kept = [line for line in self.path.read_bytes().splitlines()
+                        if (record := _record_of(line)) is not None
+                        and record["step"] <= keep_until_step]
+                _replace(self.path, b"".join(line + b"\n" for line in kept))
             elif keep_until_step is None:
-                self.path.write_text("")
+                _replace(self.path, b"")
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -181,8 +299,33 @@ class RunLog:
             self.writer.close()
 
 
-def _step_of(line: str) -> int | None:
+def _record_of(line: bytes) -> dict[str, Any] | None:
+    """The log record on ``line``, or None for a damaged line: torn, not UTF-8, not standard
+    JSON (``Infinity``), or without a ``kind`` and a whole-number ``step``."""
     try:
-        return int(json.loads(line)["step"])
-    except (ValueError, KeyError, TypeError):
+        record = json.loads(line.decode("utf-8"), parse_constant=_not_json)
+    except ValueError:  # UnicodeDecodeError and JSONDecodeError included
         return None
+    if not isinstance(record, dict) or not isinstance(record.get("kind"), str) \
+            or type(record.get("step")) is not int:
+        return None
+    return record
+
+
+def _not_json(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _replace(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file beside it and a rename."""
+    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        os.chmod(temp, umasked())
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise

@@ -27,7 +27,9 @@ import contextlib
 import json
 import math
 import shutil
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -43,12 +45,12 @@ from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_sta
 from .config import SECTIONS, Config, fixed_on_resume, flat_name, flatten, to_dict
 from .data import BatchSampler, prepare_data
 from .distributed import is_main_process
-from .errors import DivergedError, SophiaError, require, writing
+from .errors import DivergedError, Interrupted, SophiaError, require, writing
 from .jsonio import write_json
 from .memory import check_memory, estimate_memory, memory_errors_are_user_errors
 from .model import GPT, GPTConfig, lm_loss
 from .optimizers import build_optimizer, build_refresh
-from .rundir import RunLock, RunLog, make_run_dir, prepare_run_dir
+from .rundir import RunLock, RunLog, make_run_dir, prepare_run_dir, run_paths, sharded_folder
 from .schedule import LRSchedule
 
 __all__ = ["TrainResult", "TrainState", "Trainer", "build_optimizer", "estimate_memory",
@@ -258,41 +260,102 @@ class Trainer:
 
     # ------------------------------------------------------------------------- the loop
     def fit(self) -> TrainResult:
-        """Train up to ``max_steps``, evaluating and checkpointing on schedule."""
+        """Train up to ``max_steps``, evaluating and checkpointing on schedule, and always
+        evaluating after the last step.
+
+        A SIGINT or SIGTERM stops the run at the next step boundary: it saves a checkpoint
+        there (outside a streak of skipped steps) and raises :class:`~.errors.Interrupted`
+        naming the command that continues it; a second signal stops at once, unsaved.
+        """
         config, run, state = self.config, self.config.run, self.state
-        if state.step == 0 and run.eval_every:
-            self.evaluate()
         bar = None
         if self.tqdm is not None and self.env.is_main:
             bar = self.tqdm(total=run.max_steps, initial=state.step, dynamic_ncols=True,
                             leave=True, desc=config.optimizer.name)
         self.model.train()
-        try:
-            while state.step < run.max_steps:
-                record = self.train_step()
-                self.log.write(record)  # type: ignore[union-attr]
-                if bar is not None:
-                    _show_progress(bar, record)
-                if state.bad_in_row >= run.max_bad_steps:
-                    raise self._diverged(
-                        f"training diverged: {state.bad_in_row} steps in a row (up to step "
-                        f"{state.step}) had a non-finite loss or gradient; lower --lr or raise "
-                        "--warmup-steps")
-                if self.on_step is not None:
-                    self.on_step(record)
-                last = state.step == run.max_steps
-                if run.eval_every and (state.step % run.eval_every == 0 or last):
+        with self._stopping_on_signals():
+            try:
+                if state.step == 0 and run.eval_every:
                     self.evaluate()
-                # No checkpoint inside a bad streak: the last one must predate it.
-                if last or (run.checkpoint_every and state.step % run.checkpoint_every == 0
-                            and not state.bad_in_row):
-                    self.save()
-                if state.step == self.schedule.decay_start() and not last:
-                    self.save(STABLE_CHECKPOINT)  # where a longer run can branch off
-        finally:
-            if bar is not None:
-                bar.close()
+                while state.step < run.max_steps:
+                    self._step_with_schedule(bar)
+                    if state.step < run.max_steps and self._stop_requested():  # else: done
+                        raise self._interrupted()
+            finally:
+                if bar is not None:
+                    bar.close()
         return self.result()
+
+    def _step_with_schedule(self, bar: Any) -> None:
+        """One step, then the evaluation and checkpoint it is due."""
+        run, state = self.config.run, self.state
+        record = self.train_step()
+        self.log.write(record)  # type: ignore[union-attr]
+        if bar is not None:
+            _show_progress(bar, record)
+        if state.bad_in_row >= run.max_bad_steps:
+            raise self._diverged(
+                f"training diverged: {state.bad_in_row} steps in a row (up to step "
+                f"{state.step}) had a non-finite loss or gradient", lower_lr=True)
+        if self.on_step is not None:
+            self.on_step(record)
+        last = state.step == run.max_steps
+        if last or (run.eval_every and state.step % run.eval_every == 0):
+            self.evaluate()
+        # No checkpoint inside a bad streak: the last one must predate it.
+        if last or (run.checkpoint_every and state.step % run.checkpoint_every == 0
+                    and not state.bad_in_row):
+            self.save()
+        if state.step == self.schedule.decay_start() and not last:
+            self.save(STABLE_CHECKPOINT)  # where a longer run can branch off
+
+    # --------------------------------------------------------------- SIGINT, SIGTERM
+    @contextlib.contextmanager
+    def _stopping_on_signals(self) -> Any:
+        """While training, the first SIGINT/SIGTERM asks for a stop at the step boundary
+        (:meth:`fit` saves there); a second one stops at once. Python lets only the main
+        thread set handlers: elsewhere signals keep their handlers."""
+        self._signal: int | None = None
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handle(signum: int, frame: Any) -> None:
+            if self._signal is not None:  # the second: stop now, unsaved
+                raise self._interrupted(signum, saved=False)
+            self._signal = signum
+
+        previous = {signum: signal.signal(signum, handle)
+                    for signum in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+    def _stop_requested(self) -> bool:
+        """Whether a signal asked this run to stop; under torchrun, whether one reached any
+        rank (all ranks then save and stop at the same step)."""
+        asked = float(self._signal is not None)
+        return (distributed.mean_over_ranks(asked) if self.env.world_size > 1 else asked) > 0
+
+    def _interrupted(self, signum: int | None = None, *, saved: bool = True) -> Interrupted:
+        """Save at this step boundary (``saved``, outside a bad streak), then the error
+        saying what was kept and how to continue."""
+        signum = signum or self._signal or signal.SIGINT
+        name = signal.Signals(signum).name
+        state = self.state
+        if saved and not state.bad_in_row and self.last_saved_step != state.step:
+            self.save()
+        if self.last_saved_step is None:
+            return Interrupted(
+                f"{name} at step {state.step}, before any checkpoint; start again with the "
+                f"same command and --overwrite (it replaces {self.run_dir})", signum)
+        kept = "saved" if self.last_saved_step == state.step else "not saved; the last " \
+            f"checkpoint is at step {self.last_saved_step}"
+        return Interrupted(
+            f"{name} at step {state.step} ({kept}); continue with "
+            f"`sophia train --resume {self.run_dir}`", signum)
 
     def train_step(self) -> dict[str, Any]:
         """One optimizer step, and any Hessian refresh it owes; returns its log record."""
@@ -359,8 +422,8 @@ class Trainer:
         state.evals.append(row)
         self.log.write({"kind": "eval", **row})  # type: ignore[union-attr]
         if not math.isfinite(val_loss):
-            raise self._diverged(f"the validation loss at step {state.step} is not finite; "
-                                 "lower --lr or raise --warmup-steps")
+            raise self._diverged(f"the validation loss at step {state.step} is not finite",
+                                 lower_lr=True)
         return val_loss
 
     def save(self, name: str = "checkpoint.pt") -> None:
@@ -372,14 +435,14 @@ class Trainer:
                 the last checkpoint stays the last finite one).
         """
         if not self._finite():
-            raise self._diverged(f"the weights are not finite after step {self.state.step}; "
-                                 "lower --lr (or --weight-decay)")
+            raise self._diverged(f"the weights are not finite after step {self.state.step}",
+                                 lower_lr=True)
         sharded = None
         if name != "checkpoint.pt" and self.config.run.parallel == "fsdp":
             return
         with writing("--out-dir", self.run_dir):
             if self.config.run.parallel == "fsdp":  # every rank writes its shards anew
-                sharded = f"checkpoint-{self.state.step:08d}"
+                sharded = sharded_folder(self.state.step)
                 distributed.save_sharded(self.run_dir / sharded, self.model, self.optimizer)
             if self.env.is_main:
                 save_checkpoint({
@@ -388,8 +451,9 @@ class Trainer:
                     "optimizer": None if sharded else self.optimizer.state_dict(),
                     "train_state": self.state.state_dict(), "rng": rng_state(),
                 }, self.run_dir / name)
-                for folder in self.run_dir.glob("checkpoint-*"):  # the new one is named now
-                    if folder.name != sharded:
+                for folder in run_paths(self.run_dir):  # the new one is named now
+                    if folder.name.startswith("checkpoint-") and folder.is_dir() \
+                            and folder.name != sharded:
                         shutil.rmtree(folder, ignore_errors=True)
         if name == "checkpoint.pt":
             self.last_saved_step = self.state.step
@@ -405,12 +469,19 @@ class Trainer:
         local = float(torch.stack([f.to(self.device) for f in flags]).all()) if flags else 1.0
         return distributed.mean_over_ranks(local) == 1.0
 
-    def _diverged(self, problem: str) -> DivergedError:
+    def _diverged(self, problem: str, *, lower_lr: bool = False) -> DivergedError:
+        """The error for a run that went non-finite: ``problem``, then a command that
+        continues from the last finite checkpoint with half the lr (or starts again)."""
+        lr, min_lr = self.config.optimizer.lr, self.config.optimizer.min_lr
+        flag = f" --lr {lr / 2:.3g} --min-lr {(min_lr or 0) / 2:.3g}" if lower_lr and lr else ""
+        lower = "lower --lr and " if flag else ""
         if self.last_saved_step is None:
-            advice = "start again (no checkpoint was written yet)"
+            advice = (f"{lower}start again: the same command with --overwrite{flag} (no "
+                      "checkpoint was written yet)")
         else:
-            advice = f"--resume {self.run_dir} (step {self.last_saved_step})"
-        return DivergedError(f"{problem}, then {advice}", result=self.result())
+            advice = (f"{lower}continue from the last finite checkpoint: `sophia train --resume "
+                      f"{self.run_dir}{flag}` (step {self.last_saved_step})")
+        return DivergedError(f"{problem}; {advice}", result=self.result(), problem=problem)
 
     def _resume(self, resume: str | Path) -> None:
         """Load a checkpoint; apply the settings this config changes, refuse the rest."""

@@ -10,6 +10,7 @@ spread is over seeds (mean, min-max). "Seconds" count training only, evaluation 
 
 from __future__ import annotations
 
+import importlib.metadata
 import math
 import os
 import platform
@@ -101,16 +102,39 @@ def _fmt(spread: dict[str, float] | None, digits: int = 0, suffix: str = "") -> 
             f"({spread['min']:.{digits}f}-{spread['max']:.{digits}f})")
 
 
-def _machine() -> dict[str, Any]:
+def package_provenance() -> dict[str, str]:
+    """The installed sophia-pytorch's ``version`` and, where it is imported from a git
+    checkout that tracks it, that checkout's ``commit`` (``+dirty`` when the package's files
+    differ from it); "unknown" otherwise. Never the current folder's repository."""
+    import sophia_pytorch
+
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, timeout=5).stdout.strip() or "unknown"
+        version = importlib.metadata.version("sophia-pytorch")
+    except importlib.metadata.PackageNotFoundError:
+        version = getattr(sophia_pytorch, "__version__", "unknown")
+    package = Path(sophia_pytorch.__file__).resolve().parent
+    commit = "unknown"
+    try:
+        git = ["git", "-C", str(package)]
+        tracked = subprocess.run([*git, "ls-files", "--error-unmatch", "__init__.py"],
+                                 capture_output=True, text=True, timeout=5).returncode == 0
+        if tracked:  # not a site-packages copy that merely lies inside some repository
+            head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True,
+                                  text=True, timeout=5).stdout.strip()
+            dirty = subprocess.run([*git, "status", "--porcelain", "--", "."],
+                                   capture_output=True, text=True, timeout=5).stdout.strip()
+            commit = (head + ("+dirty" if dirty else "")) if head else "unknown"
     except (OSError, subprocess.SubprocessError):
-        commit = "unknown"
+        pass
+    return {"version": version, "commit": commit}
+
+
+def _machine() -> dict[str, Any]:
+    provenance = package_provenance()
     return {"platform": platform.platform(), "processor": platform.processor() or "unknown",
             "cpu_count": os.cpu_count(), "torch": torch.__version__,
             "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-            "commit": commit}
+            "sophia_pytorch": provenance["version"], "commit": provenance["commit"]}
 
 
 def _plot(out: Path, records: list[Any], best: dict[str, float], optimizers: list[str],
@@ -186,7 +210,9 @@ def write_report(out: Path, *, records: list[Any], best_multipliers: dict[str, f
         f"lr grid x{lr_multipliers}; {total_seconds / 60:.1f} min in all on "
         f"{results['machine']['cpu_count']} CPUs"
         f"{', ' + results['machine']['cuda'] if results['machine']['cuda'] else ''}, "
-        f"torch {results['machine']['torch']}, commit {results['machine']['commit']}.",
+        f"torch {results['machine']['torch']}, sophia-pytorch "
+        f"{results['machine'].get('sophia_pytorch', 'unknown')} (commit "
+        f"{results['machine']['commit']}).",
         "",
         f"## Steps and time to reach {reference}'s final validation loss",
         "",

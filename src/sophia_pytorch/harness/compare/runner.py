@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import sys
 import time
 from dataclasses import asdict
@@ -40,12 +39,12 @@ from ..config import (
 )
 from ..errors import DivergedError, SophiaError, writing
 from ..jsonio import write_json
-from ..rundir import RunLock
+from ..rundir import RunLock, clear_run, holds_run, is_sophia_run
 from ..trainer import train
 from .records import CompareSummary, RunRecord
 from .report import write_report
 
-__all__ = ["compare"]
+__all__ = ["compare", "default_out_dir"]
 
 RECORD = "record.json"
 
@@ -77,6 +76,14 @@ def refuse_shared_rows(overrides: dict[str, Any], where: str = "the overrides") 
         )
 
 
+def multiplier_name(multiplier: float) -> str:
+    """``multiplier`` as a run folder names it: ``:g`` (``1``, ``0.5``) where that is exact,
+    else the shortest repr that is (``0.1234567``), so two grid points never share a
+    folder."""
+    short = f"{multiplier:g}"
+    return short if float(short) == multiplier else repr(float(multiplier))
+
+
 def _final(record: RunRecord) -> float:
     return record.final_val_loss if math.isfinite(record.final_val_loss) else math.inf
 
@@ -95,7 +102,7 @@ class _Runs:
         self.records: dict[tuple[str, float, int], RunRecord] = {}
 
     def folder(self, optimizer: str, multiplier: float, seed: int) -> Path:
-        return self.out / "runs" / f"{optimizer}-x{multiplier:g}-seed{seed}"
+        return self.out / "runs" / f"{optimizer}-x{multiplier_name(multiplier)}-seed{seed}"
 
     def config(self, optimizer: str, multiplier: float, seed: int) -> Config:
         return _run_config(self.base, self.overrides, optimizer, multiplier, seed,
@@ -128,7 +135,8 @@ class _Runs:
             try:
                 record = RunRecord.from_result(train(config, resume=resume), multiplier)
             except DivergedError as exc:  # a grid point too hot: recorded, not the best
-                print(f"{optimizer} x{multiplier:g} seed={seed}: {exc}", file=sys.stderr)
+                print(f"{optimizer} x{multiplier:g} seed={seed}: {exc.problem}; recorded as "
+                      "diverged (never the tuned lr)", file=sys.stderr)
                 record = RunRecord.from_result(exc.result, multiplier, diverged=True)
             with writing("--out", folder):
                 write_json(folder / RECORD, {"record": asdict(record),
@@ -154,12 +162,12 @@ class _Runs:
         if found is not None and identity(found) == wanted and saved is None:
             return folder  # killed mid-training, after a checkpoint
         if folder.exists():  # a run killed before its first checkpoint, or --overwrite
+            if holds_run(folder) and not is_sophia_run(folder):
+                raise SophiaError(
+                    f"{folder} holds files that no sophia run wrote; compare into another --out"
+                )
             with RunLock(folder), writing("--out", folder):  # not one another process runs
-                for child in folder.iterdir():
-                    if child.is_dir():
-                        shutil.rmtree(child)
-                    elif child.name != ".lock":
-                        child.unlink()
+                clear_run(folder)
         return None
 
 
@@ -169,6 +177,11 @@ def _read_record(path: Path) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return saved if isinstance(saved, dict) and {"record", "config"} <= saved.keys() else None
+
+
+def default_out_dir(preset: str) -> Path:
+    """``runs/compare-<preset>-<time>``: where a comparison goes without ``--out``."""
+    return Path("runs") / f"compare-{preset}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def compare(base: Config, *, optimizers: list[str] | tuple[str, ...] = ("sophiag", "adamw"),
@@ -202,8 +215,7 @@ def compare(base: Config, *, optimizers: list[str] | tuple[str, ...] = ("sophiag
     if any(not 0 < m < math.inf for m in lr_multipliers):
         raise SophiaError(f"lr multipliers must be positive and finite, got "
                           f"{list(lr_multipliers)}; fix --lr-grid")
-    out = Path(out_dir) if out_dir else \
-        Path("runs") / f"compare-{base.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    out = Path(out_dir) if out_dir else default_out_dir(base.preset)
     runs = _Runs(base, overrides or {}, out, overwrite)
     started = time.perf_counter()
     best: dict[str, float] = {}
