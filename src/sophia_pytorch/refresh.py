@@ -81,7 +81,7 @@ def sampled_loss(choice: str | SampledLoss) -> SampledLoss:
     return SAMPLED_LOSSES[choice]
 
 
-_RANK_STRIDE = 2**32
+_RANK_STRIDE = 0x9E3779B1  # 2³²/φ: ranks' seeds lie far apart from each other's keys
 
 
 def refresh_generator(seed: int, key: int, *, rank: int = 0,
@@ -96,10 +96,10 @@ def refresh_generator(seed: int, key: int, *, rank: int = 0,
             agree (Sophia-H's probes, whose per-rank estimates are averaged as one).
         device: the device the draws are made on.
 
-    On rank 0 the seed is ``(seed·1000003 + key) mod 2³²``; rank r adds r·2³², so ranks never
-    share a stream.
+    The seed is ``(seed·1000003 + key + r·2654435761) mod 2³²`` on rank r (CPU generators use
+    32 bits): rank r's stream is another rank's only 2.6·10⁹·r keys later.
     """
-    value = (seed * 1_000_003 + key) % _RANK_STRIDE + rank * _RANK_STRIDE
+    value = (seed * 1_000_003 + key + rank * _RANK_STRIDE) % 2**32
     return torch.Generator(device=device).manual_seed(value)
 
 
