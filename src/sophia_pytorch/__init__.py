@@ -3,7 +3,13 @@
     >>> from sophia_pytorch import SophiaG, sampled_cross_entropy
 """
 
-from .estimators import hutchinson_estimate, rademacher_like, sampled_cross_entropy
+from .estimators import (
+    hutchinson_estimate,
+    rademacher_like,
+    sampled_binary_cross_entropy,
+    sampled_cross_entropy,
+    sampled_gaussian_nll,
+)
 from .optimizer import OFFICIAL_DEFAULTS, SophiaBase, SophiaG, SophiaH
 
 __all__ = [
@@ -12,6 +18,8 @@ __all__ = [
     "SophiaG",
     "SophiaH",
     "sampled_cross_entropy",
+    "sampled_gaussian_nll",
+    "sampled_binary_cross_entropy",
     "hutchinson_estimate",
     "rademacher_like",
 ]

@@ -4,6 +4,11 @@
   the mean cross-entropy on ŷ over its B samples, and take ĥ = B · ĝ ⊙ ĝ. Its expectation is
   the diagonal of the Gauss-Newton matrix of the mean loss. ``sampled_cross_entropy`` gives the
   loss and B; ``SophiaG.update_hessian(scale=B)`` does the rest from ``p.grad``.
+* The same identity for other likelihoods of the exponential family: draw the targets from
+  the distribution the model predicts, and the gradient of the mean sampled loss gives the
+  Gauss-Newton diagonal of that loss by the same ĥ = B · ĝ ⊙ ĝ —
+  ``sampled_gaussian_nll`` for regression (MSE) heads, ŷ ~ N(f, σ²), and
+  ``sampled_binary_cross_entropy`` for binary and multi-label heads, ŷ ~ Bernoulli(sigmoid(f)).
 * Hutchinson (Sophia-H): with u of i.i.d. ±1 entries, ĥ = u ⊙ (∇²L · u) is unbiased for the
   Hessian diagonal. ``hutchinson_estimate`` computes it with one Hessian-vector product.
 """
@@ -18,7 +23,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["sampled_cross_entropy", "rademacher_like", "hutchinson_estimate"]
+__all__ = [
+    "sampled_cross_entropy",
+    "sampled_gaussian_nll",
+    "sampled_binary_cross_entropy",
+    "rademacher_like",
+    "hutchinson_estimate",
+]
 
 
 @overload
@@ -83,30 +94,200 @@ def sampled_cross_entropy(
             f"logits must have a class dimension last, got shape {tuple(logits.shape)}"
         )
     num_classes = logits.shape[-1]
+    if num_classes == 1:
+        raise ValueError(
+            f"sampled_cross_entropy got logits of shape {tuple(logits.shape)}: one class, whose "
+            "softmax is 1 and whose Gauss-Newton estimate is exactly 0. For a regression (MSE) "
+            "head use sampled_gaussian_nll; for a single binary logit, "
+            "sampled_binary_cross_entropy (in the integrations: hessian_loss='gaussian' or "
+            "'bernoulli')"
+        )
     flat_logits = logits.reshape(-1, num_classes)
-    keep = torch.ones(flat_logits.shape[0], dtype=torch.bool, device=logits.device)
-    for name, selector in (("targets", targets), ("mask", mask)):
-        if selector is None:
-            continue
-        if selector.shape != logits.shape[:-1]:
-            raise ValueError(
-                f"{name} must have shape {tuple(logits.shape[:-1])} (logits without the class "
-                f"dimension), got {tuple(selector.shape)}"
-            )
-        selected = selector != ignore_index if name == "targets" else selector.to(torch.bool)
-        keep &= selected.reshape(-1).to(logits.device)
+    keep = _kept_positions(logits, targets=targets, ignore_index=ignore_index, mask=mask)
 
     with torch.no_grad():
         labels = _gumbel_max(flat_logits, generator).masked_fill(~keep, -100)
+    total = F.cross_entropy(flat_logits, labels, ignore_index=-100, reduction="sum")
+    return _mean_over_kept(total, keep, count_as_tensor, "sampled_cross_entropy")
+
+
+def _kept_positions(outputs: Tensor, *, targets: Tensor | None = None, ignore_index: int = -100,
+                    mask: Tensor | None = None) -> Tensor:
+    """``(N,)`` bool: which of the N = ``outputs[..., 0].numel()`` positions enter the mean."""
+    keep = torch.ones(outputs.shape[:-1].numel(), dtype=torch.bool, device=outputs.device)
+    for name, selector in (("targets", targets), ("mask", mask)):
+        if selector is None:
+            continue
+        if selector.shape != outputs.shape[:-1]:
+            raise ValueError(
+                f"{name} must have shape {tuple(outputs.shape[:-1])} (the outputs' shape "
+                f"{tuple(outputs.shape)} without its last dimension), got {tuple(selector.shape)}"
+            )
+        selected = selector != ignore_index if name == "targets" else selector.to(torch.bool)
+        keep &= selected.reshape(-1).to(outputs.device)
+    return keep
+
+
+def _mean_over_kept(total: Tensor, keep: Tensor, count_as_tensor: bool,
+                    name: str) -> tuple[Tensor, int] | tuple[Tensor, Tensor]:
+    """``(total / B, B)`` with B the kept positions: an int (raising when 0), or a tensor."""
+    count = keep.sum()
     if count_as_tensor:
-        count = keep.sum()
-        total = F.cross_entropy(flat_logits, labels, ignore_index=-100, reduction="sum")
         return total / count.clamp(min=1).to(total.dtype), count
-    num_samples = int(keep.sum())
+    num_samples = int(count)
     if num_samples == 0:
-        raise ValueError("sampled_cross_entropy got no position to sample: every one is masked")
-    loss = F.cross_entropy(flat_logits, labels, ignore_index=-100, reduction="mean")
-    return loss, num_samples
+        raise ValueError(f"{name} got no position to sample: every one is masked")
+    return total / num_samples, num_samples
+
+
+def _check_event_dimension(outputs: Tensor, name: str) -> None:
+    if outputs.dim() < 2:
+        raise ValueError(
+            f"{name} reads outputs shaped (..., D), positions first and the D outputs of a "
+            f"position last; got shape {tuple(outputs.shape)}. For N scalar outputs pass "
+            "outputs.unsqueeze(-1), of shape (N, 1)"
+        )
+    if not outputs.is_floating_point():
+        raise ValueError(f"{name} needs floating-point outputs, got {outputs.dtype}")
+
+
+def _noise_dtype(outputs: Tensor) -> torch.dtype:
+    return torch.float64 if outputs.dtype == torch.float64 else torch.float32
+
+
+@overload
+def sampled_gaussian_nll(
+    predictions: Tensor,
+    *,
+    variance: float | Tensor = ...,
+    mask: Tensor | None = ...,
+    generator: torch.Generator | None = ...,
+    count_as_tensor: Literal[False] = ...,
+) -> tuple[Tensor, int]: ...
+
+
+@overload
+def sampled_gaussian_nll(
+    predictions: Tensor,
+    *,
+    variance: float | Tensor = ...,
+    mask: Tensor | None = ...,
+    generator: torch.Generator | None = ...,
+    count_as_tensor: Literal[True],
+) -> tuple[Tensor, Tensor]: ...
+
+
+def sampled_gaussian_nll(
+    predictions: Tensor,
+    *,
+    variance: float | Tensor = 1.0,
+    mask: Tensor | None = None,
+    generator: torch.Generator | None = None,
+    count_as_tensor: bool = False,
+) -> tuple[Tensor, int] | tuple[Tensor, Tensor]:
+    """Mean Gaussian negative log-likelihood ½‖f − ŷ‖²/σ² of targets drawn as ŷ ~ N(f, σ²).
+
+    Sophia-G's estimator for regression (MSE) heads: with B·ĝ⊙ĝ, ĝ the gradient of this loss,
+    its expectation is the diagonal of the Gauss-Newton matrix of the mean of ½‖f − y‖²/σ²
+    over the B positions, (1/B)·Σ_i J_iᵀJ_i/σ², J_i = ∂f_i/∂θ. The mean squared error that a
+    model trains with (``F.mse_loss``, a mean over all B·D outputs) has the same Gauss-Newton
+    matrix up to the constant factor 2σ²/D, which ρ absorbs.
+
+    Args:
+        predictions: ``(..., D)`` model outputs f, any float dtype: positions first, the D
+            outputs of one position last (a regression head with one output: ``(N, 1)``).
+        variance: σ² of the assumed noise, > 0 (default 1.0): a number, or a tensor that
+            broadcasts against ``predictions`` (per-output variances).
+        mask: optional ``(...)`` bool tensor; only positions where it is True enter the mean.
+        generator: the random source of the draw (on ``predictions``' device); default: global.
+            The noise is drawn in float32 (float64 for float64 predictions).
+        count_as_tensor: return B as a 0-dim int64 tensor (no wait for the device), and a loss
+            of 0 when every position is masked, as in :func:`sampled_cross_entropy`.
+
+    Returns:
+        ``(loss, num_samples)`` as :func:`sampled_cross_entropy` gives them: pass B, summed
+        over all data-parallel ranks, as ``SophiaG.update_hessian(scale=B)``.
+    """
+    _check_event_dimension(predictions, "sampled_gaussian_nll")
+    if isinstance(variance, Tensor):
+        if not variance.is_floating_point():
+            raise ValueError(f"variance must be a float tensor, got {variance.dtype}")
+    elif isinstance(variance, bool) or not isinstance(variance, (int, float)) or not (
+            0 < variance < float("inf")):
+        raise ValueError(f"variance must be a finite number > 0 (σ², default 1.0), got "
+                         f"{variance!r}")
+    keep = _kept_positions(predictions, mask=mask)
+    flat = predictions.reshape(-1, predictions.shape[-1])
+    with torch.no_grad():
+        noise = torch.empty(flat.shape, dtype=_noise_dtype(flat), device=flat.device)
+        noise.normal_(generator=generator)
+        std = (variance.detach().expand_as(predictions).reshape(flat.shape).sqrt()
+               if isinstance(variance, Tensor) else variance ** 0.5)
+        targets = flat.detach() + (noise * std).to(flat.dtype)
+    variance_flat = (variance.detach().expand_as(predictions).reshape(flat.shape)
+                     if isinstance(variance, Tensor) else variance)
+    per_position = ((flat - targets).pow(2) / variance_flat).sum(-1) / 2
+    total = per_position.masked_fill(~keep, 0).sum()
+    return _mean_over_kept(total, keep, count_as_tensor, "sampled_gaussian_nll")
+
+
+@overload
+def sampled_binary_cross_entropy(
+    logits: Tensor,
+    *,
+    mask: Tensor | None = ...,
+    generator: torch.Generator | None = ...,
+    count_as_tensor: Literal[False] = ...,
+) -> tuple[Tensor, int]: ...
+
+
+@overload
+def sampled_binary_cross_entropy(
+    logits: Tensor,
+    *,
+    mask: Tensor | None = ...,
+    generator: torch.Generator | None = ...,
+    count_as_tensor: Literal[True],
+) -> tuple[Tensor, Tensor]: ...
+
+
+def sampled_binary_cross_entropy(
+    logits: Tensor,
+    *,
+    mask: Tensor | None = None,
+    generator: torch.Generator | None = None,
+    count_as_tensor: bool = False,
+) -> tuple[Tensor, int] | tuple[Tensor, Tensor]:
+    """Mean binary cross-entropy of ``logits`` against targets drawn as ŷ ~ Bernoulli(σ(f)).
+
+    Sophia-G's estimator for binary and multi-label heads (``BCEWithLogitsLoss``): each of
+    the D logits of a position is an independent Bernoulli, and B·ĝ⊙ĝ has as its mean the
+    Gauss-Newton diagonal of the mean over positions of Σ_d BCE(f_d, y_d),
+    (1/B)·Σ_i J_iᵀ diag(σ(f_i)(1 − σ(f_i))) J_i. A mean over all B·D outputs, as
+    ``BCEWithLogitsLoss`` takes it, differs by the constant factor 1/D, which ρ absorbs.
+
+    The draw is ``u < σ(f)`` with u ~ U(0, 1) in float32 (float64 for float64 logits):
+    elementwise, no host sync, capturable.
+
+    Args:
+        logits: ``(..., D)`` unnormalised scores, any float dtype; a single binary logit per
+            position is ``(N, 1)``.
+        mask: optional ``(...)`` bool tensor; only positions where it is True enter the mean.
+        generator, count_as_tensor: as in :func:`sampled_gaussian_nll`.
+
+    Returns:
+        ``(loss, num_samples)``, as :func:`sampled_cross_entropy` gives them.
+    """
+    _check_event_dimension(logits, "sampled_binary_cross_entropy")
+    keep = _kept_positions(logits, mask=mask)
+    flat = logits.reshape(-1, logits.shape[-1])
+    with torch.no_grad():
+        uniform = torch.empty(flat.shape, dtype=_noise_dtype(flat), device=flat.device)
+        uniform.uniform_(generator=generator)
+        targets = (uniform < torch.sigmoid(flat.to(uniform.dtype))).to(flat.dtype)
+    per_position = F.binary_cross_entropy_with_logits(flat, targets, reduction="none").sum(-1)
+    total = per_position.masked_fill(~keep, 0).sum()
+    return _mean_over_kept(total, keep, count_as_tensor, "sampled_binary_cross_entropy")
 
 
 def _gumbel_max(flat_logits: Tensor, generator: torch.Generator | None) -> Tensor:

@@ -49,7 +49,7 @@ class RefreshSpy:
                 optimizer.steps_taken(),
                 float(scale) if not callable(scale) else float("nan"),
                 None if grad_scale is None else float(grad_scale),
-                folded is not False and folded is not None,
+                bool(folded),
             ))
             return folded
 

@@ -345,3 +345,79 @@ def test_ddp_refresh_scale_is_the_sample_count_over_both_ranks(ddp_runs):
     assert first["calls"] == second["calls"]
     totals = [a + b for a, b in zip(first["local_counts"], second["local_counts"])]
     assert [scale for _, scale in first["calls"]] == totals
+
+
+# ------------------------------------------- manual optimization, other likelihoods
+
+
+class LitTwoStepsPerBatch(LitLM):
+    """Manual optimization: two optimizer steps per batch, on its two halves."""
+
+    def __init__(self, **sophia_kwargs):
+        super().__init__(**sophia_kwargs)
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        optimizer = self.optimizers()
+        inputs, targets = batch
+        for half in (slice(0, len(inputs) // 2), slice(len(inputs) // 2, None)):
+            loss = F.cross_entropy(self(inputs[half]).flatten(0, 1), targets[half].flatten())
+            optimizer.zero_grad()
+            self.manual_backward(loss)
+            optimizer.step()
+            self.losses.append(float(loss.detach()))
+
+
+def test_manual_optimization_with_two_steps_per_batch_gets_every_refresh():
+    """Refresh every step, 3 batches of 2 steps: 6 refreshes, one after each step (the
+    callback used to look only at batch end, and refreshed 3 times)."""
+    module, callback = LitTwoStepsPerBatch(refresh_every=1), SophiaHessianCallback()
+    _fit(module, [callback], max_steps=6, rows=24)
+    assert [call.steps_taken for call in module.spy.calls] == [1, 2, 3, 4, 5, 6]
+    assert callback.refreshes == 6
+
+
+class LitRegression(pl.LightningModule):
+    """A two-output MSE regression on float targets."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(),
+                                       torch.nn.Linear(8, 2))
+
+    def forward(self, inputs):
+        return self.net(inputs)
+
+    def training_step(self, batch, batch_idx):
+        inputs, targets = batch
+        return F.mse_loss(self(inputs), targets)
+
+    def configure_optimizers(self):
+        optimizer = SophiaG(self.parameters(), lr=1e-2, refresh_every=1)
+        self.spy = RefreshSpy.attach(optimizer)
+        return optimizer
+
+
+def _fit_regression(callback, steps=2):
+    generator = torch.Generator().manual_seed(0)
+    inputs = torch.randn(32, 3, generator=generator)
+    data = torch.utils.data.TensorDataset(inputs, inputs[:, :2].sin())
+    module = LitRegression()
+    trainer = pl.Trainer(callbacks=[callback], accelerator="cpu", devices=1, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, max_steps=steps)
+    trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=8))
+    return trainer, module
+
+
+def test_regression_with_hessian_loss_gaussian_gets_a_nonzero_hessian():
+    trainer, module = _fit_regression(SophiaHessianCallback(hessian_loss="gaussian"))
+    assert [(call.steps_taken, call.scale) for call in module.spy.calls] == [(1, 8), (2, 8)]
+    for hessian in hessians_of(_optimizer(trainer)):
+        assert torch.isfinite(hessian).all() and hessian.abs().sum() > 0
+
+
+def test_float_targets_without_hessian_loss_get_an_error_naming_it():
+    with pytest.raises(ValueError, match="hessian_loss='gaussian' or 'bernoulli'"):
+        _fit_regression(SophiaHessianCallback(), steps=1)

@@ -3,13 +3,17 @@
 The loop asks its :class:`HessianRefresh` twice a step, before the step's backward and after
 ``optimizer.step()``; the refresh runs when the optimizer's ``hessian_due()`` says one is owed
 (after steps k, 2k, ...; before the first step too with ``refresh_at_start``). It estimates
-the diagonal Hessian on the first ``refresh_fraction`` of the step's own batch:
+the diagonal Hessian on the first ``refresh_fraction`` of the step's own batch, through the
+library's one refresh (:mod:`sophia_pytorch.refresh`), which these classes only feed:
 
-- :class:`GaussNewtonBartlett` (Sophia-G): labels sampled from the model's softmax
-  (``sampled_cross_entropy``), the mean sampled loss over B positions back-propagated,
-  ``update_hessian(scale=B)``;
-- :class:`Hutchinson` (Sophia-H): ``update_hessian(closure)``, a Hessian-vector product with
-  a random probe, on at most one micro-batch.
+- :class:`GaussNewtonBartlett` (Sophia-G): each micro-batch slice a chunk, forwarded through
+  the training wrapper (DDP under ``no_sync``: the refresh averages over ranks itself, once),
+  labels sampled from the model's softmax;
+- :class:`Hutchinson` (Sophia-H): a Hessian-vector product with a random probe, on at most
+  one micro-batch.
+
+The draws of a refresh are seeded by :func:`sophia_pytorch.refresh.refresh_generator` from
+the run's seed, the step and the rank.
 
 Optimizers without a Hessian (AdamW, Lion, Muon) get the base class, which never refreshes.
 """
@@ -17,12 +21,13 @@ Optimizers without a Hessian (AdamW, Lion, Muon) get the base class, which never
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from . import distributed
+from .. import refresh as sophia_refresh
 from .model import lm_loss
 
 __all__ = ["GaussNewtonBartlett", "HessianRefresh", "Hutchinson"]
@@ -67,12 +72,12 @@ class _SophiaRefresh(HessianRefresh):
     def __call__(self, micro_batches: Sequence[Batch], key: int) -> bool:
         if not self.optimizer.hessian_due():  # type: ignore[attr-defined]
             return False
-        generator = torch.Generator(self.device).manual_seed(
-            ((self.seed * 1_000_003 + key) * self.world_size + self.rank) % 2**32)
-        self.estimate(micro_batches, generator)
-        return True
+        generator = sophia_refresh.refresh_generator(self.seed, key, rank=self.rank,
+                                                     device=self.device)
+        return self.estimate(micro_batches, generator)
 
-    def estimate(self, micro_batches: Sequence[Batch], generator: torch.Generator) -> None:
+    def estimate(self, micro_batches: Sequence[Batch], generator: torch.Generator) -> bool:
+        """One refresh on ``micro_batches``; whether it was folded into h."""
         raise NotImplementedError
 
     def unclipped_fraction(self) -> float | None:
@@ -85,25 +90,32 @@ class GaussNewtonBartlett(_SophiaRefresh):
     Each rank samples its own labels (a different draw per rank averages better).
     """
 
-    def estimate(self, micro_batches: Sequence[Batch], generator: torch.Generator) -> None:
-        import sophia_pytorch
-
-        total_samples = self.rows * micro_batches[0][0].shape[1]
-        remaining = self.rows
+    def estimate(self, micro_batches: Sequence[Batch], generator: torch.Generator) -> bool:
+        chunks, remaining = [], self.rows
         for x, _ in micro_batches:
             if remaining <= 0:
                 break
             take = min(remaining, x.shape[0])
             remaining -= take
-            with self.autocast():
-                logits = self.model(x[:take])
-            loss, num_samples = sophia_pytorch.sampled_cross_entropy(logits, generator=generator)
-            # Weighted so p.grad is the gradient of the mean over all `total_samples` positions.
-            (loss * (num_samples / total_samples)).backward()
-        # Under DDP/FSDP2 p.grad is the mean over the ranks' (equal) means: B counts every rank.
-        self.optimizer.update_hessian(  # type: ignore[attr-defined]
-            scale=distributed.global_num_samples(total_samples))
-        self.optimizer.zero_grad(set_to_none=True)
+            chunks.append(functools.partial(self._forward, x[:take]))
+        return sophia_refresh.gauss_newton_bartlett(
+            self.optimizer, chunks, generator=generator,  # type: ignore[arg-type]
+            synchronize=self.world_size > 1)
+
+    def _forward(self, x: Tensor) -> tuple[Tensor, None]:
+        with _without_ddp_sync(self.model), self.autocast():
+            return self.model(x), None
+
+
+def _without_ddp_sync(model: nn.Module) -> contextlib.AbstractContextManager:
+    """DDP's ``no_sync`` for a DDP-wrapped (maybe compiled) model, else nothing: FSDP2's
+    gradients must still be reduce-scattered into their shards."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    inner = getattr(model, "_orig_mod", model)
+    if isinstance(inner, DistributedDataParallel):
+        return inner.no_sync()
+    return contextlib.nullcontext()
 
 
 class Hutchinson(_SophiaRefresh):
@@ -114,12 +126,13 @@ class Hutchinson(_SophiaRefresh):
 
     same_draws_on_every_rank = True
 
-    def estimate(self, micro_batches: Sequence[Batch], generator: torch.Generator) -> None:
+    def estimate(self, micro_batches: Sequence[Batch], generator: torch.Generator) -> bool:
         x, y = micro_batches[0]
         x, y = x[:self.rows], y[:self.rows]  # one micro-batch at most: double backward
 
-        def closure() -> Tensor:
+        def loss() -> Tensor:
             with self.autocast():
                 return lm_loss(self.model(x), y)
 
-        self.optimizer.update_hessian(closure, generator=generator)  # type: ignore[attr-defined]
+        return sophia_refresh.hutchinson(self.optimizer, loss,  # type: ignore[arg-type]
+                                         generator=generator)

@@ -6,8 +6,10 @@ never loads a framework:
     >>> from sophia_pytorch.integrations.transformers import SophiaTrainer
     >>> from sophia_pytorch.integrations.lightning import SophiaHessianCallback
 
-Both run the same refresh (:mod:`sophia_pytorch.integrations.refresh`): after every optimizer
-step whose count is a multiple of ``refresh_every``, one extra forward and backward on the
-current batch, with labels drawn from the model (Sophia-G) or a Hessian-vector product
-(Sophia-H), gradients averaged over data-parallel ranks, loss scaling undone.
+Both run the library's one refresh (:mod:`sophia_pytorch.refresh`, through the adapters of
+:mod:`sophia_pytorch.integrations.refresh`): after every optimizer step whose count is a
+multiple of ``refresh_every``, one extra forward and backward on the current batch, with
+targets drawn from the model's own likelihood (Sophia-G: softmax, Gaussian or Bernoulli, as
+the model's loss is) or a Hessian-vector product (Sophia-H), gradients averaged over
+data-parallel ranks, loss scaling undone.
 """

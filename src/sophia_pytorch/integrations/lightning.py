@@ -18,12 +18,12 @@ import torch
 from torch import Tensor
 
 from ..optimizer import SophiaG, SophiaH
+from ..refresh import SampledLoss, refresh_generator, sampled_loss
 from .refresh import LogitsAndMask, gauss_newton_refresh
 
 __all__ = ["SophiaHessianCallback"]
 
 _PACKAGES = ("lightning.pytorch", "pytorch_lightning")
-_LABEL_SEED_OFFSET = 1_000_003
 
 
 def _installed() -> dict[str, Any]:
@@ -73,21 +73,28 @@ def _output_logits(output: Any) -> Tensor:
 class SophiaHessianCallback(*(module.Callback for module in _LIGHTNING.values())):
     """Refreshes SophiaG's h after every optimizer step that makes one due.
 
-    After an optimizer step — one per ``accumulate_grad_batches`` micro-batches — when
-    ``optimizer.hessian_due()`` (every ``refresh_every`` steps), it runs on that step's last
-    batch: a forward under the trainer's precision (autocast for ``16-mixed`` and
-    ``bf16-mixed``), labels drawn from the model's softmax where the mask is True, backward
-    (scaled by the GradScaler under ``16-mixed``), gradients averaged over DDP ranks, and
-    ``update_hessian(scale=B)`` with B the positions sampled over all ranks. With
-    ``refresh_at_start=True`` on the optimizer it also refreshes before the first step.
+    Right after each optimizer step (a ``step_post_hook`` on the SophiaG: one per
+    ``accumulate_grad_batches`` micro-batches, and every step of a manual-optimization
+    ``training_step``, however many it takes), when ``optimizer.hessian_due()`` (every
+    ``refresh_every`` steps), it runs on the current batch: a forward under the trainer's
+    precision (autocast for ``16-mixed`` and ``bf16-mixed``), targets drawn from the model's
+    predictive distribution where the mask is True, backward (scaled by the GradScaler under
+    ``16-mixed``), gradients averaged over DDP ranks, and ``update_hessian(scale=B)`` with B
+    the positions sampled over all ranks. With ``refresh_at_start=True`` on the optimizer it
+    also refreshes before the first step.
 
     Args:
         logits_fn: ``logits_fn(pl_module, batch) -> (logits, mask)``, logits ``(..., C)`` and
             mask ``(...)`` bool or None. Default: ``batch`` is ``(inputs, targets)``,
             ``logits = pl_module(inputs)`` and ``mask = targets != ignore_index``.
         ignore_index: the target value of positions to leave out (default -100).
-        seed: seed of the label generator; rank r draws from ``seed`` + a rank offset
-            (default 0).
+        seed: seed of the target draws, with the step and the rank
+            (:func:`sophia_pytorch.refresh.refresh_generator`; default 0).
+        hessian_loss: the likelihood of the model's loss: ``"cross_entropy"`` (softmax),
+            ``"gaussian"`` (MSE, σ² = 1), ``"bernoulli"`` (BCE, multi-label) or a callable
+            (:class:`sophia_pytorch.refresh.SampledLoss`). Default None: cross-entropy for
+            integer targets shaped like the logits without their last dimension (or with
+            ``logits_fn``); float targets must name theirs (MSE and BCE both take them).
 
     The optimizer is the SophiaG among ``configure_optimizers``'s. Strategies: one device
     and DDP (``ddp``, ``ddp_spawn``, ``ddp_fork``). SophiaH needs a closure and a double
@@ -101,17 +108,22 @@ class SophiaHessianCallback(*(module.Callback for module in _LIGHTNING.values())
         *,
         ignore_index: int = -100,
         seed: int = 0,
+        hessian_loss: str | SampledLoss | None = None,
     ) -> None:
+        if hessian_loss is not None:
+            sampled_loss(hessian_loss)  # an unknown name fails here, not at the first refresh
         self.logits_fn = logits_fn
         self.ignore_index = ignore_index
         self.seed = seed
+        self.hessian_loss = hessian_loss
+        self._chosen_loss: str | SampledLoss = hessian_loss or "cross_entropy"
         self.refreshes = 0
         """Refreshes folded into h so far."""
         self.refreshes_skipped = 0
         """Refreshes skipped because a gradient was not finite (16-mixed)."""
-        self._generator: torch.Generator | None = None
-        self._steps_seen = 0
         self._start_tried = False
+        self._batch: Any = None
+        self._hook: Any = None
 
     # -------------------------------------------------------------------------- hooks
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
@@ -125,12 +137,23 @@ class SophiaHessianCallback(*(module.Callback for module in _LIGHTNING.values())
             )
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
-        self._steps_seen = self._sophia(trainer).steps_taken()  # > 0 when resumed
+        """Hook the refresh onto every step of the SophiaG."""
+        self._remove_hook()
+        self._hook = self._sophia(trainer).register_step_post_hook(
+            lambda optimizer, args, kwargs: self._after_step(trainer, pl_module))
+
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        self._remove_hook()
+
+    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        self._remove_hook()
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any,
                              batch_idx: int) -> None:
-        """Before the first step: the refresh that ``refresh_at_start`` makes due (tried once:
-        a later micro-batch holds accumulated gradients that a refresh would clear)."""
+        """Keep the batch for the refreshes after this batch's steps; before the first step,
+        do the refresh that ``refresh_at_start`` makes due (tried once: a later micro-batch
+        holds accumulated gradients that a refresh would clear)."""
+        self._batch = batch
         if self._start_tried:
             return
         self._start_tried = True
@@ -140,16 +163,20 @@ class SophiaHessianCallback(*(module.Callback for module in _LIGHTNING.values())
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        """After a micro-batch: refresh when it ended with an optimizer step and a refresh is
-        due. Only then: mid-window the gradients are being accumulated, and a refresh that was
-        skipped (not finite) stays due until the next step."""
-        sophia = self._sophia(trainer)
-        taken = sophia.steps_taken()
-        if taken == self._steps_seen:
-            return
-        self._steps_seen = taken
-        if sophia.hessian_due():
-            self.refresh(trainer, pl_module, batch)
+        self._batch = None
+
+    def _after_step(self, trainer: Any, pl_module: Any) -> None:
+        """After an optimizer step: refresh when one is due. Once per step: a refresh that was
+        skipped (not finite) stays due, but is not retried until the next step, since
+        mid-window the gradients are being accumulated."""
+        if self._batch is not None and self._sophia(trainer).hessian_due():
+            with torch.enable_grad():
+                self.refresh(trainer, pl_module, self._batch)
+
+    def _remove_hook(self) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
 
     # ------------------------------------------------------------------------ refresh
     def refresh(self, trainer: Any, pl_module: Any, batch: Any) -> bool:
@@ -165,7 +192,9 @@ class SophiaHessianCallback(*(module.Callback for module in _LIGHTNING.values())
                     else contextlib.nullcontext())
         folded = gauss_newton_refresh(
             sophia, lambda: self.logits_and_mask(pl_module, batch),
-            generator=self._generator_for(trainer, pl_module),
+            loss=lambda outputs, **kwargs: sampled_loss(self._chosen_loss)(outputs, **kwargs),
+            generator=refresh_generator(self.seed, sophia.steps_taken(),
+                                        rank=trainer.global_rank, device=pl_module.device),
             scaler=getattr(precision, "scaler", None), autocast=autocast,
             synchronize=trainer.world_size > 1,
         )
@@ -176,7 +205,9 @@ class SophiaHessianCallback(*(module.Callback for module in _LIGHTNING.values())
         return folded
 
     def logits_and_mask(self, pl_module: Any, batch: Any) -> LogitsAndMask:
-        """``logits_fn(pl_module, batch)``, or the default for ``(inputs, targets)`` batches."""
+        """``logits_fn(pl_module, batch)``, or the default for ``(inputs, targets)`` batches;
+        picks the sampled loss (``hessian_loss``) on the way."""
+        self._chosen_loss = self.hessian_loss or "cross_entropy"
         if self.logits_fn is not None:
             return self.logits_fn(pl_module, batch)
         if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
@@ -188,6 +219,14 @@ class SophiaHessianCallback(*(module.Callback for module in _LIGHTNING.values())
             )
         inputs, targets = batch
         logits = _output_logits(pl_module(inputs))
+        if self._chosen_loss in ("gaussian", "bernoulli"):
+            return logits, None  # every row, as the model's MSE or BCE
+        if self.hessian_loss is None and targets.is_floating_point():
+            raise ValueError(
+                f"SophiaHessianCallback got float targets {tuple(targets.shape)}: a regression "
+                "(MSE) or a multi-label (BCE) head? Pass hessian_loss='gaussian' or "
+                "'bernoulli' (or a callable)"
+            )
         if targets.shape != logits.shape[:-1]:
             raise ValueError(
                 f"targets of shape {tuple(targets.shape)} do not line up with logits of shape "
@@ -208,10 +247,3 @@ class SophiaHessianCallback(*(module.Callback for module in _LIGHTNING.values())
                 f"configure_optimizers returns, got {names}"
             )
         return found[0]
-
-    def _generator_for(self, trainer: Any, pl_module: Any) -> torch.Generator:
-        if self._generator is None:
-            generator = torch.Generator(device=pl_module.device)
-            seed = self.seed + _LABEL_SEED_OFFSET * (trainer.global_rank + 1)
-            self._generator = generator.manual_seed(seed)
-        return self._generator

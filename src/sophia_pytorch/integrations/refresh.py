@@ -1,22 +1,16 @@
-"""One Hessian refresh on one batch, framework-free: what the trainer integrations call.
+"""The trainers' side of the Hessian refresh: unwrap the optimizer, read the GradScaler.
 
-A trainer owns the batch, the model, the loss scaler and the data-parallel world; these
-functions own the refresh itself, so that the Hugging Face and Lightning integrations (and a
-hand-written loop) do it the same way:
+The refresh itself — estimate, average over ranks, fold into h — is
+:mod:`sophia_pytorch.refresh`, shared with the harness; these adapters give it what a trainer
+holds:
 
-* Sophia-G (:func:`gauss_newton_refresh`): forward, labels drawn from the model's softmax at
-  the positions the mask keeps, backward of their mean cross-entropy — scaled like the training
-  loss under a GradScaler — gradients averaged over data-parallel ranks, then
-  ``update_hessian(scale=B, grad_scale=…)`` with B the kept positions of *all* ranks. Each
-  rank's loss is weighted by its share of B, so the averaged gradient is that of the mean over
-  the global batch even when padding leaves the ranks unequal counts.
+* Sophia-G (:func:`gauss_newton_refresh`): one chunk, the forward of the *unwrapped* model
+  (never through DistributedDataParallel, so the refresh may happen anywhere: inside
+  ``no_sync``, outside a training step) under the trainer's autocast; targets drawn by the
+  sampled loss the model's task calls for (``loss``), the loss scaled like the training loss
+  under a GradScaler, gradients averaged over ranks with B the kept positions of all ranks.
 * Sophia-H (:func:`hutchinson_refresh`): ``update_hessian(closure)`` with the loss scaled the
   same way; SophiaH averages its estimate over ranks itself.
-
-The forward runs on the *unwrapped* model, never through DistributedDataParallel: the refresh
-may then happen anywhere (inside ``no_sync``, outside a training step) and its gradients are
-averaged here with one bucketed all-reduce. Parameters sharded by FSDP2 (DTensor gradients,
-already reduce-scattered) are left alone.
 """
 
 from __future__ import annotations
@@ -25,18 +19,17 @@ import contextlib
 from collections.abc import Callable
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
-from .._dtensor import all_reduce_mean, is_dtensor
-from ..estimators import sampled_cross_entropy
+from .. import refresh as _refresh
 from ..optimizer import SophiaG, SophiaH
+from ..refresh import SampledLoss
 
 __all__ = ["find_sophia", "gauss_newton_refresh", "hutchinson_refresh", "LogitsAndMask"]
 
 LogitsAndMask = tuple[Tensor, "Tensor | None"]
-"""``(logits, mask)``: ``(..., C)`` scores and an optional ``(...)`` bool tensor of the positions
-to sample (True) — padding and positions without a next token are False."""
+"""``(logits, mask)``: ``(..., C)`` outputs and an optional ``(...)`` bool tensor of the
+positions to sample (True) — padding and positions without a next token are False."""
 
 
 def find_sophia(optimizer: object) -> SophiaG | SophiaH:
@@ -59,26 +52,21 @@ def find_sophia(optimizer: object) -> SophiaG | SophiaH:
     )
 
 
-def _data_parallel_world(synchronize: bool) -> int:
-    if not synchronize or not (dist.is_available() and dist.is_initialized()):
-        return 1
-    return dist.get_world_size()
-
-
-def _zero_grads(optimizer: torch.optim.Optimizer) -> None:
-    optimizer.zero_grad(set_to_none=True)
+def _grad_scale(scaler: torch.amp.GradScaler | None) -> float | None:
+    return scaler.get_scale() if scaler is not None and scaler.is_enabled() else None
 
 
 def gauss_newton_refresh(
     optimizer: SophiaG,
     logits_and_mask: Callable[[], LogitsAndMask],
     *,
+    loss: str | SampledLoss = "cross_entropy",
     generator: torch.Generator | None = None,
     scaler: torch.amp.GradScaler | None = None,
     autocast: contextlib.AbstractContextManager | None = None,
     synchronize: bool = True,
 ) -> bool:
-    """Refresh SophiaG's h from labels sampled from the model, on one batch.
+    """Refresh SophiaG's h from targets sampled from the model, on one batch.
 
     Clears the gradients of ``optimizer``'s parameters before and after (whatever they held —
     the training step has used them — is gone).
@@ -87,7 +75,9 @@ def gauss_newton_refresh(
         optimizer: the SophiaG whose h to refresh.
         logits_and_mask: runs the forward of the unwrapped model on the batch, returns
             ``(logits, mask)`` (see :data:`LogitsAndMask`); called under ``autocast``.
-        generator: random source of the labels, on the logits' device (default: global).
+        loss: the sampled loss of the model's likelihood: ``"cross_entropy"`` (default),
+            ``"gaussian"``, ``"bernoulli"`` or a callable (:mod:`sophia_pytorch.refresh`).
+        generator: random source of the targets, on the logits' device (default: global).
         scaler: the GradScaler of the training step, or None. The loss is multiplied by its
             current scale before backward and ``update_hessian`` unscales; the scaler's own
             state (scale, growth tracker, per-optimizer records) is not touched.
@@ -99,31 +89,13 @@ def gauss_newton_refresh(
         True when the estimate was folded into h; False when it was skipped because a
         gradient was not finite (only under a ``scaler``).
     """
-    world = _data_parallel_world(synchronize)
-    _zero_grads(optimizer)
-    with autocast if autocast is not None else contextlib.nullcontext():
-        logits, mask = logits_and_mask()
-    loss, count = sampled_cross_entropy(
-        logits, mask=mask, generator=generator, count_as_tensor=True
-    )
-    total = count
-    if world > 1:
-        total = count.clone()
-        dist.all_reduce(total, op=dist.ReduceOp.SUM)
-        # the all-reduce below averages per-rank means; weight each by its share of B
-        loss = loss * (count.to(loss.dtype) * world / total.clamp(min=1).to(loss.dtype))
-    grad_scale = None
-    if scaler is not None and scaler.is_enabled():
-        grad_scale = scaler.get_scale()
-        loss = loss * grad_scale
-    loss.backward()
-    if world > 1:
-        grads = [p.grad for group in optimizer.param_groups for p in group["params"]
-                 if p.grad is not None and not is_dtensor(p.grad)]
-        all_reduce_mean(grads)
-    folded = optimizer.update_hessian(scale=total, grad_scale=grad_scale)
-    _zero_grads(optimizer)
-    return folded
+    def chunk() -> LogitsAndMask:
+        with autocast if autocast is not None else contextlib.nullcontext():
+            return logits_and_mask()
+
+    return _refresh.gauss_newton_bartlett(
+        optimizer, [chunk], loss=loss, generator=generator, grad_scale=_grad_scale(scaler),
+        synchronize=synchronize)
 
 
 def hutchinson_refresh(
@@ -148,13 +120,9 @@ def hutchinson_refresh(
         True when the estimate was folded into h; False when skipped (not finite, under a
         ``scaler``).
     """
-    grad_scale = scaler.get_scale() if scaler is not None and scaler.is_enabled() else None
-    context = autocast if autocast is not None else contextlib.nullcontext()
+    def loss_in_autocast() -> Tensor:
+        with autocast if autocast is not None else contextlib.nullcontext():
+            return loss_fn()
 
-    def closure() -> Tensor:
-        with context:
-            loss = loss_fn()
-        return loss * grad_scale if grad_scale is not None else loss
-
-    folded = optimizer.update_hessian(closure, generator=generator, grad_scale=grad_scale)
-    return folded
+    return _refresh.hutchinson(optimizer, loss_in_autocast, generator=generator,
+                               grad_scale=_grad_scale(scaler))

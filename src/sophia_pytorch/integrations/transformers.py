@@ -10,19 +10,44 @@ Needs ``pip install 'sophia-pytorch[transformers]'`` (transformers ≥ 4.46, acc
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 from transformers import Trainer, TrainerCallback
 
 from ..optimizer import SophiaG, SophiaH
+from ..refresh import SampledLoss, refresh_generator, sampled_loss
 from .refresh import LogitsAndMask, find_sophia, gauss_newton_refresh, hutchinson_refresh
 
-__all__ = ["SophiaTrainer"]
+__all__ = ["SophiaTrainer", "head_of"]
 
 _RESERVED = ("lr", "weight_decay")
-_LABEL_SEED_OFFSET = 1_000_003  # label streams of different ranks start far apart
+Head = Literal["causal_lm", "masked_lm", "token_classification", "sequence_classification"]
+_HEAD_MAPPINGS: tuple[tuple[Head, str, tuple[str, ...]], ...] = (
+    ("causal_lm", "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", ("ForCausalLM", "LMHeadModel")),
+    ("masked_lm", "MODEL_FOR_MASKED_LM_MAPPING_NAMES", ("ForMaskedLM",)),
+    ("token_classification", "MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES",
+     ("ForTokenClassification",)),
+    ("sequence_classification", "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES",
+     ("ForSequenceClassification",)),
+)
+_PROBLEM_LOSSES = {"regression": "gaussian", "single_label_classification": "cross_entropy",
+                   "multi_label_classification": "bernoulli"}
+
+
+def head_of(model: nn.Module) -> Head | None:
+    """The task of a Hugging Face model's head, from its class name: ``"causal_lm"`` (labels
+    shifted by the model), ``"masked_lm"``, ``"token_classification"``,
+    ``"sequence_classification"``, or None for a class it does not know."""
+    from transformers.models.auto import modeling_auto
+
+    name = type(model).__name__
+    for head, mapping, suffixes in _HEAD_MAPPINGS:
+        names = getattr(modeling_auto, mapping, {}).values()
+        if name in names or name.endswith(suffixes):
+            return head
+    return None
 
 
 class SophiaTrainer(Trainer):
@@ -31,9 +56,10 @@ class SophiaTrainer(Trainer):
     After every optimizer step whose count is a multiple of ``refresh_every`` (when
     ``optimizer.hessian_due()``), it runs one refresh on the last micro-batch of that step:
 
-    * SophiaG: forward without the labels, labels drawn from the model at the positions whose
-      (shifted) label is not -100, backward, ``update_hessian(scale=B)`` with B the positions
-      sampled over all ranks;
+    * SophiaG: forward without the labels, targets drawn from the model's own predictive
+      distribution — the softmax, a Gaussian or a Bernoulli, as the model's loss is (below) —
+      at the positions whose (shifted) label is not -100, backward, ``update_hessian(scale=B)``
+      with B the positions sampled over all ranks;
     * SophiaH: ``update_hessian(closure)`` with the model's own loss on the batch (a double
       backward, under the math attention backend).
 
@@ -47,10 +73,20 @@ class SophiaTrainer(Trainer):
             norms, as the Trainer does for AdamW) and ``sophia_kwargs``.
         sophia_kwargs: further keywords of the SophiaG it builds (``rho``, ``betas``,
             ``refresh_every``, …); not ``lr`` or ``weight_decay``, which come from ``args``.
-        shift_labels: True (default) for causal LMs, whose label at position t is the token
-            predicted at t − 1: the refresh pairs ``logits[:, :-1]`` with ``labels[:, 1:]``.
-            False for models whose labels line up with the logits (masked LM, token
-            classification).
+        shift_labels: whether the label at position t is the token predicted at t − 1, so
+            that the refresh pairs ``logits[:, :-1]`` with ``labels[:, 1:]``. Only ever
+            applied to token-level logits ``(B, T, V)`` with T > 1, never to ``(B, C)``.
+            Default None: from the model's class (:func:`head_of`) — shifted for
+            ``*ForCausalLM``, not for ``*ForMaskedLM``, ``*ForTokenClassification`` or
+            ``*ForSequenceClassification``; another model with token-level logits must say.
+        hessian_loss: the likelihood whose Gauss-Newton diagonal the refresh estimates:
+            ``"cross_entropy"`` (softmax), ``"gaussian"`` (MSE, σ² = 1), ``"bernoulli"``
+            (BCE, multi-label) or a callable (:class:`sophia_pytorch.refresh.SampledLoss`).
+            Default None: the model's own — ``config.problem_type`` (``regression`` →
+            gaussian, ``single_label_classification`` → cross_entropy,
+            ``multi_label_classification`` → bernoulli; unset, it is inferred as the model
+            does: one label → regression, integer labels → single-label, else multi-label),
+            cross_entropy for language-model and token-classification heads.
 
     How it hooks in: ``training_step`` keeps a reference to its micro-batch, and a
     ``TrainerCallback.on_step_end`` does the refresh. ``on_step_end`` runs once per optimizer
@@ -61,7 +97,9 @@ class SophiaTrainer(Trainer):
     gradients over ranks itself (:mod:`sophia_pytorch.integrations.refresh`), so DDP's reducer
     plays no part. A step that the GradScaler skipped does not advance the optimizer's count,
     so it triggers no second refresh. The label generator is seeded with ``args.seed`` and the
-    rank, the probe generator with ``args.seed`` (the same probes on every rank).
+    rank, the probe generator with ``args.seed`` (the same probes on every rank), both keyed by
+    the optimizer step (:func:`sophia_pytorch.refresh.refresh_generator`), so a resumed run
+    draws what an unbroken one would.
 
     Supported: one process, DDP (``torchrun``), fp32, fp16 with accelerate's GradScaler, bf16.
     Not supported: DeepSpeed, FSDP (the refresh would bypass their gradient handling).
@@ -71,7 +109,8 @@ class SophiaTrainer(Trainer):
         self,
         *args: Any,
         sophia_kwargs: Mapping[str, Any] | None = None,
-        shift_labels: bool = True,
+        shift_labels: bool | None = None,
+        hessian_loss: str | SampledLoss | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
@@ -92,14 +131,17 @@ class SophiaTrainer(Trainer):
                 "SophiaTrainer supports one process and DDP; DeepSpeed and FSDP manage gradients "
                 "themselves and the Hessian refresh would bypass them"
             )
+        if hessian_loss is not None:
+            sampled_loss(hessian_loss)  # an unknown name fails here, not at the first refresh
         self.shift_labels = shift_labels
+        self.hessian_loss = hessian_loss
+        self._chosen_loss: str | SampledLoss = hessian_loss or "cross_entropy"
         self.hessian_refreshes = 0
         """Refreshes folded into h so far (not counting skipped ones)."""
         self.hessian_refreshes_skipped = 0
         """Refreshes skipped because a gradient was not finite (fp16)."""
         self._refresh_batch: dict[str, Any] | None = None
         self._start_refresh_tried = False
-        self._generators: dict[str, torch.Generator] = {}
         self.add_callback(_RefreshAfterStep(self))
 
     # ------------------------------------------------------------------ the optimizer
@@ -143,19 +185,20 @@ class SophiaTrainer(Trainer):
 
     # --------------------------------------------------------------------- the refresh
     def hessian_logits_and_mask(self, model: nn.Module, inputs: dict[str, Any]) -> LogitsAndMask:
-        """``(logits, mask)`` of the Sophia-G refresh: the model's logits without the labels
-        and the positions whose label is not -100, shifted by one for causal LMs.
+        """``(logits, mask)`` of the Sophia-G refresh: what the model's own loss sees.
 
+        The model's outputs without the labels; token-level LM logits shifted by one for
+        causal LMs; the positions whose label is not -100 (for a softmax; every row for a
+        Gaussian or Bernoulli head). Also picks the sampled loss (``hessian_loss``).
         Override it for a model whose outputs or batches look different.
 
         Args:
             model: the unwrapped model (accelerate has wrapped its forward in autocast under
                 fp16/bf16).
-            inputs: the micro-batch, on the device, with ``labels`` ``(B, T)``.
+            inputs: the micro-batch, on the device, with ``labels``.
 
         Returns:
-            ``(B, T', V)`` logits and a ``(B, T')`` bool mask (T' = T − 1 with
-            ``shift_labels``, else T).
+            ``(..., C)`` logits and a bool mask of their leading shape, or None.
         """
         label_keys = set(self.label_names) | {"labels", "shift_labels"}
         outputs = model(**{k: v for k, v in inputs.items() if k not in label_keys})
@@ -166,13 +209,18 @@ class SophiaTrainer(Trainer):
                 f"*ForCausalLM or *ForMaskedLM model), got {type(outputs).__name__}; override "
                 "SophiaTrainer.hessian_logits_and_mask(model, inputs) for other models"
             )
-        if "shift_labels" in inputs:  # labels shifted already (context parallelism)
-            labels = inputs["shift_labels"]
-        elif "labels" in inputs:
-            labels = inputs["labels"]
-            if self.shift_labels:
-                logits, labels = logits[..., :-1, :], labels[..., 1:]
-        else:
+        head = head_of(model)
+        token_level = logits.dim() == 3 and logits.shape[1] > 1
+        labels = inputs.get("shift_labels", inputs.get("labels"))
+        self._chosen_loss = self._loss_for(model, head, labels)
+        if "shift_labels" not in inputs and labels is not None and token_level and self._shifts(
+                head, logits, labels):
+            logits, labels = logits[..., :-1, :], labels[..., 1:]
+        if self._chosen_loss != "cross_entropy" and not callable(self._chosen_loss):
+            return logits, None  # Gaussian, Bernoulli: every row, as the model's loss
+        if labels is None:
+            if head == "sequence_classification":
+                return logits, None
             raise ValueError(
                 "SophiaTrainer's Hessian refresh masks padding with the batch's `labels` "
                 f"(-100 = leave out), but the batch has only {sorted(inputs)}; use a collator "
@@ -181,10 +229,52 @@ class SophiaTrainer(Trainer):
         if labels.shape != logits.shape[:-1]:
             raise ValueError(
                 f"labels of shape {tuple(labels.shape)} do not line up with logits of shape "
-                f"{tuple(logits.shape)} (shift_labels={self.shift_labels}); pass "
-                "shift_labels=False for models whose labels are not shifted"
+                f"{tuple(logits.shape)} (model head {head or type(model).__name__!r}, "
+                f"shift_labels={self.shift_labels}); pass shift_labels= or hessian_loss= to "
+                "SophiaTrainer, or override hessian_logits_and_mask"
             )
         return logits, labels.to(logits.device) != -100
+
+    def _shifts(self, head: Head | None, logits: Tensor, labels: Tensor) -> bool:
+        """Whether token-level ``logits`` pair with labels one position later."""
+        if self.shift_labels is not None:
+            return self.shift_labels
+        if head is not None:
+            return head == "causal_lm"
+        raise ValueError(
+            f"SophiaTrainer cannot tell whether the labels of a {type(self.model).__name__} "
+            f"(logits {tuple(logits.shape)}) are shifted: pass shift_labels=True for a causal "
+            "LM (label t is predicted at t − 1) or shift_labels=False"
+        )
+
+    def _loss_for(self, model: nn.Module, head: Head | None,
+                  labels: Tensor | None) -> str | SampledLoss:
+        """The sampled loss of the model's likelihood (see ``hessian_loss``)."""
+        if self.hessian_loss is not None:
+            return self.hessian_loss
+        if head in ("causal_lm", "masked_lm", "token_classification"):
+            return "cross_entropy"
+        config = getattr(model, "config", None)
+        problem = getattr(config, "problem_type", None)
+        if problem is None and head == "sequence_classification":
+            if getattr(config, "num_labels", None) == 1:
+                problem = "regression"
+            elif labels is not None and not labels.is_floating_point():
+                problem = "single_label_classification"
+            elif labels is not None:
+                problem = "multi_label_classification"
+        if problem is None and head is None:
+            return "cross_entropy"
+        if problem not in _PROBLEM_LOSSES:
+            raise ValueError(
+                f"SophiaTrainer cannot tell the likelihood of a {type(model).__name__} "
+                f"(problem_type={problem!r}); pass hessian_loss='cross_entropy', 'gaussian', "
+                "'bernoulli' or a callable"
+            )
+        return _PROBLEM_LOSSES[problem]
+
+    def _sampled_loss(self, outputs: Tensor, **kwargs: Any) -> tuple[Tensor, Tensor]:
+        return sampled_loss(self._chosen_loss)(outputs, **kwargs)
 
     def refresh_hessian(self, inputs: dict[str, Any]) -> bool:
         """One refresh of the optimizer's h on the micro-batch ``inputs``.
@@ -200,13 +290,13 @@ class SophiaTrainer(Trainer):
         if isinstance(sophia, SophiaH):
             def loss_fn() -> Tensor:
                 return self.compute_loss(model, inputs)
-            folded = hutchinson_refresh(sophia, loss_fn, generator=self._generator("probes"),
+            folded = hutchinson_refresh(sophia, loss_fn, generator=self._generator(sophia, 0),
                                         scaler=scaler)
         else:
             folded = gauss_newton_refresh(
                 sophia, lambda: self.hessian_logits_and_mask(model, inputs),
-                generator=self._generator("labels"), scaler=scaler,
-                synchronize=self.args.world_size > 1,
+                loss=self._sampled_loss, scaler=scaler, synchronize=self.args.world_size > 1,
+                generator=self._generator(sophia, self.args.process_index),
             )
         model.zero_grad(set_to_none=True)
         if folded:
@@ -215,15 +305,11 @@ class SophiaTrainer(Trainer):
             self.hessian_refreshes_skipped += 1
         return folded
 
-    def _generator(self, purpose: str) -> torch.Generator:
-        """The refresh's own random stream: labels differ across ranks, probes do not."""
-        if purpose not in self._generators:
-            seed = self.args.seed
-            if purpose == "labels":
-                seed += _LABEL_SEED_OFFSET * (self.args.process_index + 1)
-            generator = torch.Generator(device=self.args.device)
-            self._generators[purpose] = generator.manual_seed(seed)
-        return self._generators[purpose]
+    def _generator(self, sophia: SophiaG | SophiaH, rank: int) -> torch.Generator:
+        """This refresh's random stream: keyed by the step; labels differ across ranks (the
+        rank given), probes do not (rank 0)."""
+        return refresh_generator(self.args.seed, sophia.steps_taken(), rank=rank,
+                                 device=self.args.device)
 
     def _refresh_if_due(self) -> None:
         if self._refresh_batch is not None and self._sophia().hessian_due():
