@@ -332,6 +332,10 @@ def refresh(optimizer: BatchedOptimizer, problem: Problem, x: Tensor, batch: obj
         optimizer.fold_hessian(estimate)
 
 
+def epsilons_of(variant: str, args: argparse.Namespace) -> list[float]:
+    return args.epsilons if variant == "full" else args.noisy_epsilons
+
+
 def tune(problem: Problem, name: str, args: argparse.Namespace) -> dict:
     """Run every configuration of ``name``'s grid side by side; for each ε, the fewest steps
     t with f(x_t) − f* ≤ ε and the configuration that took them (None: not within the cap).
@@ -348,7 +352,8 @@ def tune(problem: Problem, name: str, args: argparse.Namespace) -> dict:
     generator = torch.Generator().manual_seed(args.seed + 7)
     probe_generator = torch.Generator().manual_seed(args.seed + 8)
     alive = torch.ones(count, dtype=torch.bool)
-    best: dict[float, tuple[int, dict] | None] = {e: None for e in args.epsilons}
+    epsilons = epsilons_of(problem.variant, args)
+    best: dict[float, tuple[int, dict] | None] = {e: None for e in epsilons}
     initial_gap = None
     for step in range(args.cap + 1):
         with torch.no_grad():
@@ -362,7 +367,7 @@ def tune(problem: Problem, name: str, args: argparse.Namespace) -> dict:
             x = torch.where(alive.reshape(view), x, start)  # keep the dropped ones finite
             optimizer.exp_avg.mul_(alive.reshape(view))
             optimizer.second.mul_(alive.reshape(view))
-        for eps in args.epsilons:
+        for eps in epsilons:
             hits = (alive & (gap <= eps)).nonzero()
             if best[eps] is None and len(hits):
                 best[eps] = (step, configs[int(hits[0])])
@@ -393,7 +398,7 @@ def table(results: list[dict], args: argparse.Namespace) -> str:
     by_key = {(r["family"], r["variant"], r["kappa"], r["optimizer"]): r for r in results}
     for family in args.families:
         for variant in args.variants:
-            for eps in args.epsilons:
+            for eps in epsilons_of(variant, args):
                 for name in OPTIMIZERS:
                     cells = []
                     for kappa in kappas:
@@ -413,8 +418,9 @@ def plot(results: list[dict], args: argparse.Namespace, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [(f, v, e) for f in args.families for v in args.variants for e in args.epsilons]
-    columns = len(args.variants) * len(args.epsilons)
+    panels = [(f, v, e) for f in args.families for v in args.variants
+              for e in epsilons_of(v, args)]
+    columns = sum(len(epsilons_of(v, args)) for v in args.variants)
     rows = len(args.families)
     fig, axes = plt.subplots(rows, columns, figsize=(3.6 * columns, 3.0 * rows), squeeze=False,
                              sharex=True, sharey=True)
@@ -470,9 +476,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     parser.add_argument("--optimizers", nargs="+", choices=OPTIMIZERS, default=list(OPTIMIZERS))
     parser.add_argument("--epsilons", type=float, nargs="+", default=None,
-                        help="gaps f − f* to reach (default 1e-4 1e-8; --quick: 1e-3)")
+                        help="gaps f − f* to reach, full batch (default 1e-4 1e-8; --quick: 1e-2)")
+    parser.add_argument("--noisy-epsilons", type=float, nargs="+", default=None,
+                        help="gaps to reach in the noisy variant, above its noise floor at a "
+                        "constant lr (default 1e-2 1e-3; --quick: 1e-1)")
     parser.add_argument("--cap", type=int, default=None,
-                        help="most steps per run (default 2000; --quick: 300)")
+                        help="most steps per run (default 2000; --quick: 1000)")
     parser.add_argument("--d", type=int, default=16, help="coordinates / features")
     parser.add_argument("--n", type=int, default=256, help="softmax examples")
     parser.add_argument("--classes", type=int, default=4)
@@ -488,10 +497,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.kappas is None:
         args.kappas = [1e1, 1e4] if args.quick else [10.0 ** i for i in range(1, 7)]
     if args.epsilons is None:
-        args.epsilons = [1e-3] if args.quick else [1e-4, 1e-8]
+        args.epsilons = [1e-2] if args.quick else [1e-4, 1e-8]
+    if args.noisy_epsilons is None:
+        args.noisy_epsilons = [1e-1] if args.quick else [1e-2, 1e-3]
     if args.cap is None:
-        args.cap = 300 if args.quick else 2000
+        args.cap = 1000 if args.quick else 2000
     return args
+
+
+def _options(args: argparse.Namespace) -> dict:
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+            if k != "merge"}
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict]:
@@ -505,7 +521,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         results = [r for run in runs for r in run["results"]]
         args.families = [f for f in FAMILIES if any(r["family"] == f for r in results)]
         args.kappas = sorted({r["kappa"] for r in results})
-        for key in ("variants", "epsilons", "cap"):
+        args.variants = [v for v in VARIANTS if any(r["variant"] == v for r in results)]
+        for key in ("epsilons", "noisy_epsilons", "cap"):
             setattr(args, key, runs[0]["args"][key])
         print("merged runs of " + ", ".join(f"{run['seconds']:.0f} s" for run in runs))
     for family in args.families if not args.merge else ():
@@ -524,12 +541,14 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
                                             for e, b in best.items())
                         print(f"[{time.perf_counter() - started:7.1f}s] {family}/{variant} "
                               f"κ={kappa:.0e} {name}: {summary}", flush=True)
+                    partial = dict(args=_options(args), seconds=None, results=results)
+                    (args.out / "results.json").write_text(json.dumps(partial, indent=1))
     elapsed = time.perf_counter() - started
     text = table(results, args)
     (args.out / "table.md").write_text(text + "\n")
-    options = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    (args.out / "results.json").write_text(json.dumps(
-        dict(args=options, seconds=round(elapsed, 1), results=results), indent=1))
+    if not args.merge:
+        (args.out / "results.json").write_text(json.dumps(
+            dict(args=_options(args), seconds=round(elapsed, 1), results=results), indent=1))
     plot(results, args, args.out / "curvature_map.png")
     print(text)
     print(f"\n{elapsed:.0f} s wall, one thread; outputs in {args.out}")
