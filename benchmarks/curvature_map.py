@@ -257,15 +257,17 @@ class BatchedOptimizer:
     the torch/sophia_pytorch optimizer class it stands for, configuration by configuration.
     """
 
-    BETAS = dict(momentum=0.9, adamw=(0.9, 0.999), lion=(0.9, 0.99), sophia=(0.965, 0.99))
+    BETAS = dict(momentum=0.9, adamw=(0.9, 0.999), lion=(0.9, 0.99), sophia=(None, 0.99))
 
-    def __init__(self, name: str, configs: list[dict], x: Tensor, *, refresh_every: int) -> None:
+    def __init__(self, name: str, configs: list[dict], x: Tensor, *, refresh_every: int,
+                 beta1: float = 0.965) -> None:
         self.name = name
         shape = (len(configs),) + (1,) * (x.dim() - 1)
         self.lr = torch.tensor([c["lr"] for c in configs], dtype=x.dtype).reshape(shape)
         if name.startswith("Sophia"):
             self.rho = torch.tensor([c["rho"] for c in configs], dtype=x.dtype).reshape(shape)
         self.refresh_every = refresh_every
+        self.beta1 = beta1
         self.steps = 0
         self.refreshes = 0
         self.exp_avg = torch.zeros_like(x)
@@ -307,7 +309,7 @@ class BatchedOptimizer:
             m.lerp_(grad, 1 - beta2)
         else:
             functional.sophia_update([x], [grad], [m], [self.second], lr=self.lr,
-                                     beta1=self.BETAS["sophia"][0], rho=self.rho,
+                                     beta1=self.beta1, rho=self.rho,
                                      weight_decay=0.0, eps=1e-15, foreach=False, fused=False)
 
 
@@ -348,7 +350,8 @@ def tune(problem: Problem, name: str, args: argparse.Namespace) -> dict:
     count = len(configs)
     start = problem.start.expand(count, *problem.start.shape)
     x = start.clone()
-    optimizer = BatchedOptimizer(name, configs, x, refresh_every=args.refresh_every)
+    optimizer = BatchedOptimizer(name, configs, x, refresh_every=args.refresh_every,
+                                 beta1=args.sophia_beta1)
     generator = torch.Generator().manual_seed(args.seed + 7)
     probe_generator = torch.Generator().manual_seed(args.seed + 8)
     alive = torch.ones(count, dtype=torch.bool)
@@ -489,6 +492,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--noise", type=float, default=0.1,
                         help="gradient noise of the noisy separable problem, natural units")
     parser.add_argument("--refresh-every", type=int, default=10, help="Sophia's k")
+    parser.add_argument("--sophia-beta1", type=float, default=0.965, help="Sophia's β1")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--merge", type=Path, nargs="+", default=None, metavar="JSON",
                         help="run nothing: table and plot from these results.json files "
