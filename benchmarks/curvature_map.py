@@ -407,7 +407,8 @@ def table(results: list[dict], args: argparse.Namespace) -> str:
                     for kappa in kappas:
                         r = by_key.get((family, variant, kappa, name))
                         cells.append("n/a" if r is None or r["best"] is None
-                                     else _cell(r["best"][str(eps)]["steps"], args.cap))
+                                     else _cell(r["best"][str(eps)]["steps"],
+                                                r.get("cap", args.cap)))
                     if all(c == "n/a" for c in cells):
                         continue
                     lines.append(f"| {family} | {variant} | {eps:g} | {name} | "
@@ -429,6 +430,8 @@ def plot(results: list[dict], args: argparse.Namespace, path: Path) -> None:
                              sharex=True, sharey=True)
     markers = dict(zip(OPTIMIZERS, "osD^vP"))
     for ax, (family, variant, eps) in zip(axes.flat, panels):
+        cap = max([r.get("cap", args.cap) for r in results
+                   if (r["family"], r["variant"]) == (family, variant)], default=args.cap)
         for name in OPTIMIZERS:
             points = sorted((r["kappa"], r["best"][str(eps)]["steps"]) for r in results
                             if r["family"] == family and r["variant"] == variant
@@ -436,13 +439,13 @@ def plot(results: list[dict], args: argparse.Namespace, path: Path) -> None:
             if not points:
                 continue
             kappas = [k for k, _ in points]
-            steps = [args.cap * 1.25 if s is None else s for _, s in points]
+            steps = [cap * 1.25 if s is None else s for _, s in points]
             line, = ax.plot(kappas, steps, marker=markers[name], label=name, ms=4)
-            capped = [(k, s) for k, s in zip(kappas, steps) if s > args.cap]
+            capped = [(k, s) for k, s in zip(kappas, steps) if s > cap]
             if capped:
                 ax.plot(*zip(*capped), ls="none", marker=markers[name], ms=7, mfc="white",
                         color=line.get_color())
-        ax.axhline(args.cap, color="grey", lw=0.8, ls=":")
+        ax.axhline(cap, color="grey", lw=0.8, ls=":")
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_title(f"{family}, {variant}, ε={eps:g}", fontsize=9)
@@ -458,8 +461,9 @@ def plot(results: list[dict], args: argparse.Namespace, path: Path) -> None:
             handles, labels = h, lab
     fig.legend(handles, labels, loc="upper center", ncol=len(labels), fontsize=9,
                bbox_to_anchor=(0.5, 1.0))
-    fig.text(0.5, -0.01, f"best of each optimizer's lr (and ρ) grid per point; open markers at "
-             f"the dotted line: not reached in {args.cap} steps", ha="center", fontsize=8)
+    fig.text(0.5, -0.01, "best of each optimizer's lr (and ρ) grid per point; open markers "
+             "above the dotted line: not reached within the cap (the dotted line)",
+             ha="center", fontsize=8)
     fig.tight_layout(rect=(0, 0, 1, 0.95))
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
@@ -538,6 +542,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
                     best = tune(problem, name, args) if applies(name, problem) else None
                     results.append(dict(family=family, variant=variant, kappa=kappa,
                                         optimizer=name, best=best, f_star=problem.f_star,
+                                        cap=args.cap,
                                         info=problem.info,
                                         seconds=round(time.perf_counter() - t0, 2)))
                     if best is not None:
