@@ -526,7 +526,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     results = []
     if args.merge:
         runs = [json.loads(path.read_text()) for path in args.merge]
-        results = [r for run in runs for r in run["results"]]
+        results = [{"cap": run["args"]["cap"], **r} for run in runs for r in run["results"]]
         args.families = [f for f in FAMILIES if any(r["family"] == f for r in results)]
         args.kappas = sorted({r["kappa"] for r in results})
         args.variants = [v for v in VARIANTS if any(r["variant"] == v for r in results)]
