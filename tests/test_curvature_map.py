@@ -88,21 +88,20 @@ def test_batched_rule_follows_the_optimizer_class(curvature_map, name):
 
 
 def test_f_star_is_the_minimum(curvature_map):
-    """f* of a softmax problem: no random perturbation of x* does better, and the gradient is
-    zero there (checked by autograd, not the closed form)."""
+    """f* of a rotated softmax problem: the Newton run's gradient norm is ~0, and 200 steps of
+    gradient descent from the start stay above it."""
     problem = curvature_map.softmax_problem(1e4, rotated=True, noisy=False, n=64, d=4,
                                             classes=3, batch=64, seed=0)
     assert problem.info["f_star_grad_norm"] < 1e-10
     assert problem.f_star > 0
-    generator = torch.Generator().manual_seed(0)
     # A long plain run from the start cannot go below f*.
     x = problem.start[None].clone()
     for _ in range(200):
         x -= 1e-4 * problem.gradient(x, None)
     assert float(problem.objective(x)[0]) >= problem.f_star - 1e-12
-    del generator
 
 
+@pytest.mark.slow  # ~20 s of CPU; minutes of wall time on a loaded 2-core machine
 def test_quick_map(curvature_map, tmp_path):
     """The quick map has every optimizer, and on the separable family gradient descent needs
     more steps at κ = 10⁴ than at κ = 10 (a capped run counts as more than the cap)."""
