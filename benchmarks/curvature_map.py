@@ -396,7 +396,8 @@ def _cell(steps: int | None, cap: int) -> str:
 
 
 def table(results: list[dict], args: argparse.Namespace) -> str:
-    """Markdown: one row per (family, variant, ε, optimizer), one column per κ."""
+    """Markdown: one row per (family, variant, ε, optimizer), one column per κ; "n/a": the
+    optimizer does not apply (Sophia-G without a softmax), "—": κ not run."""
     kappas = sorted({r["kappa"] for r in results})
     head = "| family | variant | ε | optimizer | " + " | ".join(
         f"κ=1e{round(math.log10(k))}" for k in kappas) + " |"
@@ -409,10 +410,10 @@ def table(results: list[dict], args: argparse.Namespace) -> str:
                     cells = []
                     for kappa in kappas:
                         r = by_key.get((family, variant, kappa, name))
-                        cells.append("n/a" if r is None or r["best"] is None
+                        cells.append("—" if r is None else "n/a" if r["best"] is None
                                      else _cell(r["best"][str(eps)]["steps"],
                                                 r.get("cap", args.cap)))
-                    if all(c == "n/a" for c in cells):
+                    if all(c in ("n/a", "—") for c in cells):
                         continue
                     lines.append(f"| {family} | {variant} | {eps:g} | {name} | "
                                  + " | ".join(cells) + " |")
@@ -432,6 +433,7 @@ def plot(results: list[dict], args: argparse.Namespace, path: Path) -> None:
     fig, axes = plt.subplots(rows, columns, figsize=(3.6 * columns, 3.0 * rows), squeeze=False,
                              sharex=True, sharey=True)
     markers = dict(zip(OPTIMIZERS, "osD^vP"))
+    colors = dict(zip(OPTIMIZERS, plt.get_cmap("tab10").colors))  # fixed even where one is n/a
     for ax, (family, variant, eps) in zip(axes.flat, panels):
         cap = max([r.get("cap", args.cap) for r in results
                    if (r["family"], r["variant"]) == (family, variant)], default=args.cap)
@@ -443,7 +445,8 @@ def plot(results: list[dict], args: argparse.Namespace, path: Path) -> None:
                 continue
             kappas = [k for k, _ in points]
             steps = [cap * 1.25 if s is None else s for _, s in points]
-            line, = ax.plot(kappas, steps, marker=markers[name], label=name, ms=4)
+            line, = ax.plot(kappas, steps, marker=markers[name], label=name, ms=4,
+                            color=colors[name])
             capped = [(k, s) for k, s in zip(kappas, steps) if s > cap]
             if capped:
                 ax.plot(*zip(*capped), ls="none", marker=markers[name], ms=7, mfc="white",
