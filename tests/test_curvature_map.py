@@ -101,7 +101,7 @@ def test_f_star_is_the_minimum(curvature_map):
     assert float(problem.objective(x)[0]) >= problem.f_star - 1e-12
 
 
-@pytest.mark.slow  # ~20 s of CPU; minutes of wall time on a loaded 2-core machine
+@pytest.mark.slow  # 17 s at load 5 on the 2-core VM; minutes when it is loaded
 def test_quick_map(curvature_map, tmp_path):
     """The quick map has every optimizer, and on the separable family gradient descent needs
     more steps at κ = 10⁴ than at κ = 10 (a capped run counts as more than the cap)."""
