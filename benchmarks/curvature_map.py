@@ -26,12 +26,14 @@ Hessian unchanged). Progress is always measured on the exact f.
 
 Every optimizer's lr (and Sophia's ρ) is tuned per problem on a log grid; the score is the
 fewest steps to the first t with f(x_t) − f* ≤ ε, over the grid, capped at ``--cap`` ("> cap"
-when no grid point got there). One run of a configuration records its steps for every ε at
-once; it stops when it has reached every ε, when it can no longer beat the best configuration
-so far for any ε it has not reached, or when it diverges. Sophia runs with the package's
-SophiaG/SophiaH, weight_decay 0, betas (0.965, 0.99), Hessian refresh every ``--refresh-every``
-steps with ``refresh_at_start`` and ``bias_correction`` (so that ρ means the same early and
-late). Everything is float64 on the CPU with one thread.
+when no grid point got there). A grid's configurations run side by side, stacked along a
+leading dimension (one Python step for all of them); the run records every ε at once and ends
+when each ε has been reached by some configuration, at the cap, or when all have diverged.
+Sophia is the package's own update and refresh functions (``sophia_update``, the EMA updates,
+``sampled_cross_entropy``, ``hutchinson_estimate``), which the tests check step by step against
+SophiaG/SophiaH: weight_decay 0, betas (0.965, 0.99) (``--sophia-beta1``), a Hessian refresh
+every ``--refresh-every`` steps with ``refresh_at_start`` and ``bias_correction`` (so that ρ
+means the same early and late). Everything is float64 on the CPU with one thread.
 
 Usage::
 
