@@ -11,10 +11,9 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
+import tomllib
 from pathlib import Path
 from typing import Any
-
-import tomllib
 
 from .config import (
     FLAT,

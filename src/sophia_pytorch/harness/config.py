@@ -26,13 +26,12 @@ import json
 import math
 import operator
 import os
+import tomllib
 import types
 import typing
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, ClassVar
-
-import tomllib
 
 from .errors import SophiaError
 from .registry import OPTIMIZERS, RESERVED_OPTIONS
