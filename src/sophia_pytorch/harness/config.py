@@ -121,13 +121,14 @@ def _rule(bounds: dict[str, float | None]) -> str:
     def text(value: float) -> str:
         return str(value) if isinstance(value, int) else f"{value:g}"  # ints exact
 
-    low = ("[", bounds["ge"]) if bounds["ge"] is not None else ("(", bounds["gt"])
-    high = ("]", bounds["le"]) if bounds["le"] is not None else (")", bounds["lt"])
-    if low[1] is not None and high[1] is not None:
-        return f"in {low[0]}{text(low[1])}, {text(high[1])}{high[0]}"
-    if low[1] is not None:
-        return f"{'at least' if low[0] == '[' else 'above'} {text(low[1])}"
-    return f"{'at most' if high[0] == ']' else 'below'} {text(high[1])}"
+    low_bracket, low = ("[", bounds["ge"]) if bounds["ge"] is not None else ("(", bounds["gt"])
+    high_bracket, high = ("]", bounds["le"]) if bounds["le"] is not None else (")", bounds["lt"])
+    if low is not None and high is not None:
+        return f"in {low_bracket}{text(low)}, {text(high)}{high_bracket}"
+    if low is not None:
+        return f"{'at least' if low_bracket == '[' else 'above'} {text(low)}"
+    assert high is not None  # called only for a value that broke a bound
+    return f"{'at most' if high_bracket == ']' else 'below'} {text(high)}"
 
 
 def check_field(f: dataclasses.Field, value: Any) -> None:
@@ -286,8 +287,8 @@ class Config:
         return self.run.batch_size * self.run.grad_accum * self.model.block_size
 
 
-SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig,
-                             "optimizer": OptimizerConfig, "run": RunConfig}
+SECTIONS: dict[str, type[ModelConfig | DataConfig | OptimizerConfig | RunConfig]] = {
+    "model": ModelConfig, "data": DataConfig, "optimizer": OptimizerConfig, "run": RunConfig}
 
 
 def flat_name(f: dataclasses.Field) -> str:
@@ -460,7 +461,8 @@ def flatten(values: dict[str, Any]) -> dict[str, Any]:
         if key in SECTIONS and isinstance(value, dict):
             by_name = {f.name: flat_name(f) for f in fields(SECTIONS[key])}
             for inner, inner_value in value.items():
-                inner = _RENAMED.get(inner.replace("-", "_"), inner.replace("-", "_"))
+                spelled: str = inner.replace("-", "_")
+                inner = _RENAMED.get(spelled, spelled)
                 if inner not in by_name and inner not in by_name.values():
                     raise _unknown(inner, f" in [{key}]")
                 flat[by_name.get(inner, inner)] = inner_value
@@ -518,8 +520,8 @@ def resolve(config: Config) -> Config:
             f"choose one of {', '.join(OPTIMIZERS)}"
         )
     row = PRESETS[config.preset].optimizers[base_optimizer(name)]
-    filled = dict(lr=row.lr, min_lr=row.min_lr, beta1=row.betas[0], beta2=row.betas[1],
-                  weight_decay=row.weight_decay, rho=row.rho)
+    filled: dict[str, Any] = dict(lr=row.lr, min_lr=row.min_lr, beta1=row.betas[0],
+                                  beta2=row.betas[1], weight_decay=row.weight_decay, rho=row.rho)
     optimizer = replace(config.optimizer, **{
         k: v for k, v in filled.items() if getattr(config.optimizer, k) is None})
     config = replace(config, optimizer=optimizer)

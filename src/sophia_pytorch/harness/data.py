@@ -416,9 +416,9 @@ def _build_cache(source: str, folder: Path, tokenizer: str, bpe_vocab_size: int,
     temp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
     try:
         if tokenizer == "bpe":
-            token_coder: ByteTokenizer | BPETokenizer = BPETokenizer.train(
-                iter_documents(source), bpe_vocab_size)
-            token_coder.save(temp / "tokenizer.json")
+            bpe = BPETokenizer.train(iter_documents(source), bpe_vocab_size)
+            bpe.save(temp / "tokenizer.json")
+            token_coder: ByteTokenizer | BPETokenizer = bpe
         else:
             token_coder = ByteTokenizer()
         dtype = np.uint16 if token_coder.vocab_size <= 2**16 else np.uint32
@@ -473,10 +473,10 @@ class BatchSampler:
         mixed = hashlib.blake2b(f"{self.seed}:{index}".encode(), digest_size=4).digest()
         generator = torch.Generator().manual_seed(int.from_bytes(mixed, "little"))
         high = len(self.tokens) - self.block_size
-        starts = torch.randint(high, (self.world_size * self.batch_size,), generator=generator)
-        starts = starts[self.rank * self.batch_size:(self.rank + 1) * self.batch_size].numpy()
-        windows = self.tokens[starts[:, None] + np.arange(self.block_size + 1)]
-        windows = torch.from_numpy(windows.astype(np.int64))
+        drawn = torch.randint(high, (self.world_size * self.batch_size,), generator=generator)
+        starts = drawn[self.rank * self.batch_size:(self.rank + 1) * self.batch_size].numpy()
+        rows = self.tokens[starts[:, None] + np.arange(self.block_size + 1)]
+        windows = torch.from_numpy(rows.astype(np.int64))
         if self.device.type == "cuda":
             windows = windows.pin_memory().to(self.device, non_blocking=True)
         return windows[:, :-1], windows[:, 1:]

@@ -125,7 +125,11 @@ def wrap_model(model: nn.Module, config: Config, device: torch.device | None = N
     """The one place the model is wrapped for training: DDP or FSDP2, then torch.compile."""
     model = distributed.wrap_model(model, config.run.parallel,  # type: ignore[arg-type]
                                    device=device, shard_units=getattr(model, "blocks", ()))
-    return torch.compile(model) if config.run.compile else model
+    if not config.run.compile:
+        return model
+    compiled = torch.compile(model)
+    assert isinstance(compiled, nn.Module)  # an OptimizedModule; torch's stubs say Callable
+    return compiled
 
 
 @torch.no_grad()
