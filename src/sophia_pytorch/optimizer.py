@@ -163,7 +163,13 @@ class SophiaBase(Optimizer):
         self.register_load_state_dict_post_hook(SophiaBase._restore_state_dtypes)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a group, as torch.optim does, after checking its own hyperparameters."""
+        """Add a group, as torch.optim does, after checking its own hyperparameters.
+
+        Args:
+            param_group: ``{"params": ..., **hyperparameters}``; keys it leaves out take the
+                optimizer's defaults. An invalid hyperparameter raises ValueError and leaves
+                the optimizer's groups as they were.
+        """
         super().add_param_group(param_group)
         try:
             _validate_hyperparameters(self.param_groups[-1])
@@ -661,15 +667,20 @@ class SophiaH(SophiaBase):
 
     Args:
         params: iterable of parameters or of dicts defining parameter groups.
-        lr: learning rate (default 1e-4).
+        lr: learning rate (default 1e-4); a float or a 0-dim tensor.
         betas: (β1, β2) (default (0.965, 0.99)).
         rho: γ (default 0.04). Our choice, not the paper's tuning: the same as SophiaG,
             since both estimators target the diagonal of the mean loss's curvature.
         weight_decay: decoupled weight decay (default 0.1).
         eps: floor of ρh (default 1e-15). A negative ĥ can make h negative; the floor turns
             such a coordinate's update into a full sign step, never a reversed one.
-        maximize, foreach, fused, refresh_every, bias_correction, refresh_at_start,
-        unclipped_band: as in :class:`SophiaG`.
+        maximize: as in :class:`SophiaG` (default False).
+        foreach: as in :class:`SophiaG` (default None).
+        fused: as in :class:`SophiaG` (default None).
+        refresh_every: as in :class:`SophiaG` (default 10).
+        bias_correction: as in :class:`SophiaG` (default False).
+        refresh_at_start: as in :class:`SophiaG` (default False).
+        unclipped_band: as in :class:`SophiaG` (default None).
     """
 
     def update_hessian(
@@ -689,7 +700,8 @@ class SophiaH(SophiaBase):
             math_attention: evaluate the closure under the math attention backend, which
                 has the double backward that fused attention kernels lack (default True).
             grad_scale: the scale the closure's loss carries (``scaler.scale(loss)`` under a
-                GradScaler); ĥ is divided by it, and a non-finite ĥ skips the refresh.
+                GradScaler), a finite number > 0 or a 0-dim tensor; ĥ is divided by it, and
+                a non-finite ĥ skips the refresh (default None: no scale).
 
         Returns:
             True when the estimate was folded in; False when skipped (non-finite estimate

@@ -492,9 +492,16 @@ def load_toml(path: str | Path) -> dict[str, Any]:
 def make_config(preset: str = "tiny", overrides: dict[str, Any] | None = None) -> Config:
     """A validated, resolved Config: ``preset``'s values updated by ``overrides``.
 
-    ``overrides`` maps flat setting names (or section tables, see :func:`flatten`) to
-    values (strings are converted); ``None`` values are ignored, so an argparse namespace
-    with unset flags can be passed through unchanged.
+    Args:
+        preset: a key of ``PRESETS`` (default ``"tiny"``); a ``"preset"`` key in
+            ``overrides`` takes precedence.
+        overrides: flat setting names (or section tables, see :func:`flatten`) mapped to
+            values (strings are converted); ``None`` values are ignored, so an argparse
+            namespace with unset flags can be passed through unchanged (default None:
+            the preset as it is).
+
+    Raises:
+        SophiaError: an unknown preset or setting, or a value that breaks its rule.
     """
     overrides = {k: v for k, v in flatten(overrides or {}).items() if v is not None}
     preset = overrides.pop("preset", preset)

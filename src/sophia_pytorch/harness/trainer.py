@@ -243,8 +243,12 @@ class Trainer:
                 write_json(self.run_dir / "config.json", to_dict(config))
 
     def close(self, *, remove_if_empty: bool = False) -> None:
-        """Close the log and let go of the run folder (removing it if this run made it and
-        left nothing in it but its lock file)."""
+        """Close the log and let go of the run folder.
+
+        Args:
+            remove_if_empty: also remove the run folder if this run made it and left nothing
+                in it but its lock file (default False).
+        """
         if self.log is not None:
             self.log.close()
         if self.lock is None:
@@ -433,6 +437,10 @@ class Trainer:
     def save(self, name: str = "checkpoint.pt") -> None:
         """Write checkpoint ``name`` atomically (rank 0); FSDP2 shards go to their own folder
         (a ``stable.pt`` is not written under FSDP2: the shards are the latest save's).
+
+        Args:
+            name: the checkpoint's file name in the run folder (default ``"checkpoint.pt"``,
+                the one a resume reads; the loop also writes ``stable.pt``).
 
         Raises:
             DivergedError: the weights or optimizer state are not finite (nothing is written:
