@@ -35,6 +35,7 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -233,9 +234,10 @@ class ByteTokenizer:
 class BPETokenizer:
     """Byte-level BPE trained on the corpus with Hugging Face ``tokenizers`` (optional)."""
 
-    def __init__(self, tokenizer: object) -> None:
+    def __init__(self, tokenizer: Any) -> None:
+        # a tokenizers.Tokenizer; Any because the package is an optional extra
         self._tokenizer = tokenizer
-        self.vocab_size: int = tokenizer.get_vocab_size()  # type: ignore[attr-defined]
+        self.vocab_size: int = tokenizer.get_vocab_size()
 
     @staticmethod
     def _module():
@@ -267,13 +269,14 @@ class BPETokenizer:
         return cls(cls._module().Tokenizer.from_file(str(path)))
 
     def save(self, path: Path) -> None:
-        self._tokenizer.save(str(path))  # type: ignore[attr-defined]
+        self._tokenizer.save(str(path))
 
     def encode(self, text: str) -> np.ndarray:
-        return np.asarray(self._tokenizer.encode(text).ids, dtype=np.uint32)  # type: ignore
+        return np.asarray(self._tokenizer.encode(text).ids, dtype=np.uint32)
 
     def decode(self, ids: Iterable[int]) -> str:
-        return self._tokenizer.decode([int(i) for i in ids])  # type: ignore[attr-defined]
+        decoded: str = self._tokenizer.decode([int(i) for i in ids])
+        return decoded
 
 
 # ---------------------------------------------------------------------------------------------

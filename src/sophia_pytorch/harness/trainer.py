@@ -298,7 +298,8 @@ class Trainer:
         """One step, then the evaluation and checkpoint it is due."""
         run, state = self.config.run, self.state
         record = self.train_step()
-        self.log.write(record)  # type: ignore[union-attr]
+        assert self.log is not None  # set at the end of __init__
+        self.log.write(record)
         if bar is not None:
             _show_progress(bar, record)
         if state.bad_in_row >= run.max_bad_steps:
@@ -428,7 +429,8 @@ class Trainer:
         row = {"step": state.step, "val_loss": val_loss, "seconds": state.train_seconds,
                "tokens": state.tokens}
         state.evals.append(row)
-        self.log.write({"kind": "eval", **row})  # type: ignore[union-attr]
+        assert self.log is not None  # set at the end of __init__
+        self.log.write({"kind": "eval", **row})
         if not math.isfinite(val_loss):
             raise self._diverged(f"the validation loss at step {state.step} is not finite",
                                  lower_lr=True)
