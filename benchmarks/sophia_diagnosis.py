@@ -28,8 +28,8 @@ from __future__ import annotations
 import argparse
 import math
 import time
-
 import tomllib
+
 import torch
 import torch.nn.functional as F
 

@@ -48,13 +48,9 @@ FRAMEWORK_HOOKS = {
 # Docstrings that fail the checks below on the current tree; listed for the lead, who fixes
 # them after merging the parallel branches (each entry names what is missing).
 DOCSTRING_FIXES_PENDING = {
-    "sophia_pytorch.SophiaBase.add_param_group": "Args: param_group",
     "sophia_pytorch.rademacher_like": "Args: tensor, generator",
     "sophia_pytorch.sampled_cross_entropy": "default of ignore_index not stated",
     "sophia_pytorch.hutchinson_estimate": "defaults of math_attention not stated",
-    "sophia_pytorch.SophiaH": "Args: 'maximize, foreach, ...' is not one name per entry",
-    "sophia_pytorch.SophiaG.update_hessian": "grad_scale: the shape of a Tensor grad_scale",
-    "sophia_pytorch.SophiaH.update_hessian": "grad_scale: the shape of a Tensor grad_scale",
     "sophia_pytorch.integrations.transformers.SophiaTrainer": (
         "Args: '*args, **kwargs' as one entry (griffe cannot parse it)"),
     "sophia_pytorch.integrations.transformers.SophiaTrainer.refresh_hessian": "Args: inputs",
@@ -66,8 +62,6 @@ DOCSTRING_FIXES_PENDING = {
     "sophia_pytorch.integrations.refresh.find_sophia": "Args: optimizer",
     "sophia_pytorch.integrations.refresh.hutchinson_refresh": (
         "Args: 'scaler, autocast' is not one name per entry"),
-    "sophia_pytorch.harness.config.make_config": "Args: preset, overrides",
-    "sophia_pytorch.harness.trainer.Trainer.close": "Args: remove_if_empty",
 }
 
 

@@ -99,3 +99,35 @@ def test_importing_the_library_loads_no_harness_dependency():
     harness = [m for m in added if m.startswith("sophia_pytorch.harness")]
     third_party = [m for m in added if m.split(".")[0] in HARNESS_ONLY]
     assert not harness and not third_party, (harness, third_party)
+
+
+# Standard-library modules newer than Python 3.10, with the version that added them.
+_STDLIB_ADDED = {"tomllib": (3, 11)}
+
+
+def _floor(spec: str) -> tuple[int, int]:
+    major, minor = spec.removeprefix(">=").split(".")[:2]
+    return int(major), int(minor)
+
+
+def test_the_declared_python_floor_has_every_stdlib_module_the_package_imports():
+    """requires-python is at least the version that added each standard-library module the
+    source imports (the harness reads TOML with tomllib, new in 3.11), and ruff and mypy
+    check against that same floor."""
+    import tomllib
+
+    pyproject = tomllib.loads((PACKAGE.parents[1] / "pyproject.toml").read_text())
+    floor = _floor(pyproject["project"]["requires-python"])
+    needed = {}
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = ([alias.name for alias in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            for name in names:
+                top = name.partition(".")[0]
+                if top in _STDLIB_ADDED:
+                    needed[top] = _STDLIB_ADDED[top]
+    too_new = {name: version for name, version in needed.items() if version > floor}
+    assert not too_new, f"requires-python {floor} lacks {too_new}; raise the floor"
+    assert pyproject["tool"]["ruff"]["target-version"] == f"py{floor[0]}{floor[1]}"
+    assert _floor(pyproject["tool"]["mypy"]["python_version"]) == floor

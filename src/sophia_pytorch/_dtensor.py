@@ -12,26 +12,40 @@ itself (see ``benchmarks/dtensor_step.py``) — and sum diagnostics over shards
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Iterable
+from types import ModuleType
+from typing import TYPE_CHECKING, TypeGuard
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-try:
-    from torch.distributed.tensor import DTensor, Partial, Replicate
-except ImportError:  # torch built without distributed support, or older than 2.5
-    try:
-        from torch.distributed._tensor import DTensor, Partial, Replicate
-    except ImportError:
-        DTensor = Partial = Replicate = None
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.tensor import DTensor, Placement
 
 __all__ = ["all_reduce_mean", "is_dtensor", "local_shards", "sum_over_shards"]
 
 
-def is_dtensor(tensor: object) -> bool:
+def _import_dtensor() -> ModuleType | None:
+    """torch's DTensor module (public since torch 2.5, private in 2.4); None without it."""
+    for name in ("torch.distributed.tensor", "torch.distributed._tensor"):
+        try:
+            return importlib.import_module(name)
+        except ImportError:
+            continue
+    return None
+
+
+_DTENSOR_MODULE = _import_dtensor()
+_DTENSOR_TYPE: type[DTensor] | None = (
+    None if _DTENSOR_MODULE is None else _DTENSOR_MODULE.DTensor)
+
+
+def is_dtensor(tensor: object) -> TypeGuard[DTensor]:
     """True for a DTensor (FSDP2 or tensor-parallel parameter, gradient or state)."""
-    return DTensor is not None and isinstance(tensor, DTensor)
+    return _DTENSOR_TYPE is not None and isinstance(tensor, _DTENSOR_TYPE)
 
 
 def _local(tensor: Tensor) -> Tensor:
@@ -70,7 +84,7 @@ def sum_over_shards(counts: Iterable[tuple[Tensor, int, int]]) -> tuple[int, int
         is a DTensor: every rank of its mesh must call it, with its tensors in the same order.
     """
     total_a = total_b = 0
-    by_layout: dict[tuple, list[int]] = {}
+    by_layout: dict[tuple[DeviceMesh, tuple[Placement, ...]], list[int]] = {}
     for tensor, a, b in counts:
         if is_dtensor(tensor):
             key = (tensor.device_mesh, tuple(tensor.placements))
@@ -81,9 +95,11 @@ def sum_over_shards(counts: Iterable[tuple[Tensor, int, int]]) -> tuple[int, int
             total_a += a
             total_b += b
     for (mesh, placements), sums in by_layout.items():
+        assert _DTENSOR_MODULE is not None  # by_layout holds DTensors' layouts only
         local = torch.tensor(sums, dtype=torch.int64, device=mesh.device_type)
-        layout = [Partial() if placement.is_shard() else Replicate() for placement in placements]
-        a, b = DTensor.from_local(local, mesh, layout).full_tensor().tolist()
+        layout = [_DTENSOR_MODULE.Partial() if placement.is_shard()
+                  else _DTENSOR_MODULE.Replicate() for placement in placements]
+        a, b = _DTENSOR_MODULE.DTensor.from_local(local, mesh, layout).full_tensor().tolist()
         total_a += a
         total_b += b
     return total_a, total_b
@@ -131,5 +147,6 @@ def all_reduce_mean(tensors: list[Tensor], group: dist.ProcessGroup | None = Non
         flat = torch.cat([tensor.reshape(-1) for tensor in bucket])
         dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
         flat.div_(world_size)
-        for tensor, part in zip(bucket, flat.split([t.numel() for t in bucket]), strict=True):
+        parts = torch.split(flat, [t.numel() for t in bucket])
+        for tensor, part in zip(bucket, parts, strict=True):
             tensor.copy_(part.view_as(tensor))

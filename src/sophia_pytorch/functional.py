@@ -92,13 +92,13 @@ def _multi_tensor_sophia(
 ) -> None:
     if not params:
         return
-    groups: dict[tuple, list[int]] = {}
+    groups: dict[tuple[torch.device, torch.dtype, torch.dtype], list[int]] = {}
     for index, (param, exp_avg) in enumerate(zip(params, exp_avgs)):
         groups.setdefault((param.device, param.dtype, exp_avg.dtype), []).append(index)
 
     for (_, param_dtype, state_dtype), indices in groups.items():
         group_params = _as_real(*[params[i] for i in indices])
-        group_grads = _as_real(*[grads[i] for i in indices])
+        group_grads: list[Tensor] | tuple[Tensor, ...] = _as_real(*[grads[i] for i in indices])
         group_exp_avgs = _as_real(*[exp_avgs[i] for i in indices])
         group_hessians = _as_real(*[hessians[i] for i in indices])
 
@@ -113,7 +113,8 @@ def _multi_tensor_sophia(
 
         denominators = torch._foreach_mul(group_hessians, rho)
         torch._foreach_clamp_min_(denominators, eps)
-        ratios = torch._foreach_div(group_exp_avgs, denominators)
+        ratios: list[Tensor] | tuple[Tensor, ...] = torch._foreach_div(group_exp_avgs,
+                                                                        denominators)
         del denominators
         torch._foreach_clamp_min_(ratios, -1.0)
         torch._foreach_clamp_max_(ratios, 1.0)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, overload
 
 import torch
 from torch import Tensor
@@ -115,6 +115,9 @@ class SophiaBase(Optimizer):
     The keywords are those of :class:`SophiaG`, which documents them.
     """
 
+    # set by the load_state_dict pre-hook, popped by the post-hook: (states by id, group ids)
+    _saved_state_for_load: tuple[dict[int, dict[str, Tensor]], list[list[int]]]
+
     def __init__(
         self,
         params: Iterable[Tensor] | Iterable[dict[str, Any]],
@@ -160,7 +163,13 @@ class SophiaBase(Optimizer):
         self.register_load_state_dict_post_hook(SophiaBase._restore_state_dtypes)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a group, as torch.optim does, after checking its own hyperparameters."""
+        """Add a group, as torch.optim does, after checking its own hyperparameters.
+
+        Args:
+            param_group: ``{"params": ..., **hyperparameters}``; keys it leaves out take the
+                optimizer's defaults. An invalid hyperparameter raises ValueError and leaves
+                the optimizer's groups as they were.
+        """
         super().add_param_group(param_group)
         try:
             _validate_hyperparameters(self.param_groups[-1])
@@ -208,7 +217,7 @@ class SophiaBase(Optimizer):
         m and h are float32 for float16/bfloat16 parameters (they hold small, slowly moving
         averages that bf16's 8-bit mantissa would round away), else the parameter's dtype.
         """
-        state = self.state[param]
+        state: dict[str, Tensor] = self.state[param]
         if len(state) == 0:
             dtype = torch.float32 if param.dtype in _LOW_PRECISION else param.dtype
             for key in _COUNT_KEYS:
@@ -246,19 +255,32 @@ class SophiaBase(Optimizer):
             hessians.append(hessian)
             steps.append(state["step"])
 
+    # torch's stubs type a closure as returning a float; closures return the loss Tensor.
+    @overload
+    def step(self, closure: None = None) -> None: ...
+    @overload
+    def step(self, closure: Callable[[], float]) -> float: ...
+    @overload
+    def step(self, closure: Callable[[], Tensor]) -> Tensor: ...
+
     @torch.no_grad()
-    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
+    def step(self, closure: Callable[[], Tensor | float] | None = None) -> Tensor | float | None:
         """Perform one update of every parameter that has a gradient.
 
         Args:
-            closure: optional; re-evaluates the model, calls backward and returns the loss.
+            closure: optional; re-evaluates the model, calls backward and returns the loss,
+                which ``step`` returns (None without a closure).
         """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            params, grads, exp_avgs, hessians, steps = [], [], [], [], []
+            params: list[Tensor] = []
+            grads: list[Tensor] = []
+            exp_avgs: list[Tensor] = []
+            hessians: list[Tensor] = []
+            steps: list[Tensor] = []
             self._init_group(group, params, grads, exp_avgs, hessians, steps)
             if not params:
                 continue
@@ -316,10 +338,12 @@ class SophiaBase(Optimizer):
         Reads CPU counters only: no device sync.
         """
         first = self.param_groups[0]
+        refresh_at_start: bool = first["refresh_at_start"]
+        refresh_every: int = first["refresh_every"]
         taken, refreshes, last = self._largest_counts(_COUNT_KEYS)
         if not refreshes:
-            return first["refresh_at_start"] or taken >= first["refresh_every"]
-        return taken >= last + first["refresh_every"]
+            return refresh_at_start or taken >= refresh_every
+        return taken >= last + refresh_every
 
     # ---------------------------------------------------------------------- diagnostics
     @torch.no_grad()
@@ -337,7 +361,9 @@ class SophiaBase(Optimizer):
     def _unclipped_fraction(self, groups: list[dict[str, Any]],
                             rho: float | None = None) -> float:
         """``unclipped_fraction`` over ``groups``, each at its own ρ or at ``rho``."""
-        states, counts, sizes = [], [], []
+        states: list[Tensor] = []
+        counts: list[Tensor] = []
+        sizes: list[int] = []
         for group in groups:
             for param in group["params"]:
                 state = self.state.get(param)
@@ -351,9 +377,10 @@ class SophiaBase(Optimizer):
                 states.append(state["exp_avg"])
                 counts.append(count)
                 sizes.append(size)
-        if counts:  # one device-to-host read for all parameters, not one each
-            counts = torch.stack([c.to(counts[0].device) for c in counts]).tolist()
-        unclipped, total = sum_over_shards(zip(states, counts, sizes))
+        # one device-to-host read for all parameters, not one each
+        values: list[int] = (torch.stack([c.to(counts[0].device) for c in counts]).tolist()
+                             if counts else [])
+        unclipped, total = sum_over_shards(zip(states, values, sizes))
         return unclipped / total if total else 0.0
 
     # ------------------------------------------------------------ after a Hessian refresh
@@ -462,7 +489,8 @@ class SophiaBase(Optimizer):
     # That would round the float32 m and h of bf16 parameters to bf16, and the refresh count
     # too (bf16 counts exactly only to 256); these hooks put the saved tensors back.
     @staticmethod
-    def _remember_state_dtypes(optimizer: SophiaBase, state_dict: dict[str, Any]) -> None:
+    def _remember_state_dtypes(optimizer: Optimizer, state_dict: dict[str, Any]) -> None:
+        assert isinstance(optimizer, SophiaBase)  # registered on SophiaBase instances only
         saved: dict[int, dict[str, Tensor]] = {}
         for param_id, param_state in state_dict["state"].items():
             missing = [key for key in _REQUIRED_KEYS if key not in param_state]
@@ -478,7 +506,8 @@ class SophiaBase(Optimizer):
         optimizer._saved_state_for_load = (saved, [g["params"] for g in state_dict["param_groups"]])
 
     @staticmethod
-    def _restore_state_dtypes(optimizer: SophiaBase) -> None:
+    def _restore_state_dtypes(optimizer: Optimizer) -> None:
+        assert isinstance(optimizer, SophiaBase)  # registered on SophiaBase instances only
         saved, saved_ids = optimizer.__dict__.pop("_saved_state_for_load", ({}, []))
         for ids, group in zip(saved_ids, optimizer.param_groups):
             for param_id, param in zip(ids, group["params"]):
@@ -638,15 +667,20 @@ class SophiaH(SophiaBase):
 
     Args:
         params: iterable of parameters or of dicts defining parameter groups.
-        lr: learning rate (default 1e-4).
+        lr: learning rate (default 1e-4); a float or a 0-dim tensor.
         betas: (β1, β2) (default (0.965, 0.99)).
         rho: γ (default 0.04). Our choice, not the paper's tuning: the same as SophiaG,
             since both estimators target the diagonal of the mean loss's curvature.
         weight_decay: decoupled weight decay (default 0.1).
         eps: floor of ρh (default 1e-15). A negative ĥ can make h negative; the floor turns
             such a coordinate's update into a full sign step, never a reversed one.
-        maximize, foreach, fused, refresh_every, bias_correction, refresh_at_start,
-        unclipped_band: as in :class:`SophiaG`.
+        maximize: as in :class:`SophiaG` (default False).
+        foreach: as in :class:`SophiaG` (default None).
+        fused: as in :class:`SophiaG` (default None).
+        refresh_every: as in :class:`SophiaG` (default 10).
+        bias_correction: as in :class:`SophiaG` (default False).
+        refresh_at_start: as in :class:`SophiaG` (default False).
+        unclipped_band: as in :class:`SophiaG` (default None).
     """
 
     def update_hessian(
@@ -666,7 +700,8 @@ class SophiaH(SophiaBase):
             math_attention: evaluate the closure under the math attention backend, which
                 has the double backward that fused attention kernels lack (default True).
             grad_scale: the scale the closure's loss carries (``scaler.scale(loss)`` under a
-                GradScaler); ĥ is divided by it, and a non-finite ĥ skips the refresh.
+                GradScaler), a finite number > 0 or a 0-dim tensor; ĥ is divided by it, and
+                a non-finite ĥ skips the refresh (default None: no scale).
 
         Returns:
             True when the estimate was folded in; False when skipped (non-finite estimate

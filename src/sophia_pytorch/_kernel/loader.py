@@ -68,7 +68,8 @@ class BuildInfo:
 
 
 _lock = threading.Lock()
-_op = None
+# torch.ops.sophia_fused.step once loaded and checked; the kernel returns the skipped indices
+_op: Callable[..., list[int]] | None = None
 _build: BuildInfo | None = None
 _failure: str | None = None
 _tried = False
@@ -115,7 +116,8 @@ def _load(reference: Callable[..., None]) -> None:
         cached = library.exists()
         if cached:
             try:  # the name carries the source hash: an existing library is up to date
-                torch.ops.load_library(str(library))
+                # torch leaves _Ops.load_library unannotated (torch 2.13)
+                torch.ops.load_library(str(library))  # type: ignore[no-untyped-call]
             except OSError:  # a build cut short; let the extension machinery redo it
                 cached = False
         if not cached:
@@ -193,7 +195,7 @@ def _remove_stale_lock(lock: Path, *, older_than_s: float = 600.0) -> None:
         pass
 
 
-def _rounds_as_torch_does(op, reference: Callable[..., None]) -> bool:
+def _rounds_as_torch_does(op: Callable[..., object], reference: Callable[..., None]) -> bool:
     """Whether the kernel is bitwise equal to ``reference`` (the for-loop) on a small probe.
 
     The kernel mirrors the fused multiply-adds of torch's vectorised CPU kernels; a torch

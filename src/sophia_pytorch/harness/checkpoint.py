@@ -60,7 +60,9 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
             sink = _Sink(file)
             torch.serialization.set_crc32_options(True)
             try:
-                torch.save({**state, RECORD_CHECK: True}, sink)
+                # torch.save needs only write (and flush), as its docstring says; its stubs
+                # ask for a whole IO[bytes] (torch 2.13)
+                torch.save({**state, RECORD_CHECK: True}, sink)  # type: ignore[arg-type]
             except RuntimeError:
                 if sink.error is not None:  # the disk's error, not torch's rewording of it
                     raise sink.error from None
@@ -231,7 +233,9 @@ def _feed(digest: Any, value: Any) -> None:
 def rng_state() -> dict[str, Any]:
     """Every RNG the loop may touch: torch CPU (and CUDA), Python ``random`` and NumPy."""
     version, mt_state, gauss = random.getstate()
-    np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    np_state = np.random.get_state(legacy=True)
+    assert isinstance(np_state, tuple)  # the global RandomState is an MT19937
+    np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np_state
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
         "python": [version, list(mt_state), gauss],

@@ -11,10 +11,9 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
-from pathlib import Path
-from typing import Any
-
 import tomllib
+from pathlib import Path
+from typing import Any, NoReturn
 
 from .config import (
     FLAT,
@@ -47,7 +46,7 @@ class _Parser(argparse.ArgumentParser):
         kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
 
-    def error(self, message: str) -> None:  # type: ignore[override]
+    def error(self, message: str) -> NoReturn:
         raise SophiaError(f"{message}; see `{self.prog} --help`")
 
 

@@ -26,13 +26,12 @@ import json
 import math
 import operator
 import os
+import tomllib
 import types
 import typing
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, ClassVar
-
-import tomllib
 
 from .errors import SophiaError
 from .registry import OPTIMIZERS, RESERVED_OPTIONS
@@ -122,13 +121,14 @@ def _rule(bounds: dict[str, float | None]) -> str:
     def text(value: float) -> str:
         return str(value) if isinstance(value, int) else f"{value:g}"  # ints exact
 
-    low = ("[", bounds["ge"]) if bounds["ge"] is not None else ("(", bounds["gt"])
-    high = ("]", bounds["le"]) if bounds["le"] is not None else (")", bounds["lt"])
-    if low[1] is not None and high[1] is not None:
-        return f"in {low[0]}{text(low[1])}, {text(high[1])}{high[0]}"
-    if low[1] is not None:
-        return f"{'at least' if low[0] == '[' else 'above'} {text(low[1])}"
-    return f"{'at most' if high[0] == ']' else 'below'} {text(high[1])}"
+    low_bracket, low = ("[", bounds["ge"]) if bounds["ge"] is not None else ("(", bounds["gt"])
+    high_bracket, high = ("]", bounds["le"]) if bounds["le"] is not None else (")", bounds["lt"])
+    if low is not None and high is not None:
+        return f"in {low_bracket}{text(low)}, {text(high)}{high_bracket}"
+    if low is not None:
+        return f"{'at least' if low_bracket == '[' else 'above'} {text(low)}"
+    assert high is not None  # called only for a value that broke a bound
+    return f"{'at most' if high_bracket == ']' else 'below'} {text(high)}"
 
 
 def check_field(f: dataclasses.Field, value: Any) -> None:
@@ -287,8 +287,8 @@ class Config:
         return self.run.batch_size * self.run.grad_accum * self.model.block_size
 
 
-SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig,
-                             "optimizer": OptimizerConfig, "run": RunConfig}
+SECTIONS: dict[str, type[ModelConfig | DataConfig | OptimizerConfig | RunConfig]] = {
+    "model": ModelConfig, "data": DataConfig, "optimizer": OptimizerConfig, "run": RunConfig}
 
 
 def flat_name(f: dataclasses.Field) -> str:
@@ -461,7 +461,8 @@ def flatten(values: dict[str, Any]) -> dict[str, Any]:
         if key in SECTIONS and isinstance(value, dict):
             by_name = {f.name: flat_name(f) for f in fields(SECTIONS[key])}
             for inner, inner_value in value.items():
-                inner = _RENAMED.get(inner.replace("-", "_"), inner.replace("-", "_"))
+                spelled: str = inner.replace("-", "_")
+                inner = _RENAMED.get(spelled, spelled)
                 if inner not in by_name and inner not in by_name.values():
                     raise _unknown(inner, f" in [{key}]")
                 flat[by_name.get(inner, inner)] = inner_value
@@ -491,9 +492,16 @@ def load_toml(path: str | Path) -> dict[str, Any]:
 def make_config(preset: str = "tiny", overrides: dict[str, Any] | None = None) -> Config:
     """A validated, resolved Config: ``preset``'s values updated by ``overrides``.
 
-    ``overrides`` maps flat setting names (or section tables, see :func:`flatten`) to
-    values (strings are converted); ``None`` values are ignored, so an argparse namespace
-    with unset flags can be passed through unchanged.
+    Args:
+        preset: a key of ``PRESETS`` (default ``"tiny"``); a ``"preset"`` key in
+            ``overrides`` takes precedence.
+        overrides: flat setting names (or section tables, see :func:`flatten`) mapped to
+            values (strings are converted); ``None`` values are ignored, so an argparse
+            namespace with unset flags can be passed through unchanged (default None:
+            the preset as it is).
+
+    Raises:
+        SophiaError: an unknown preset or setting, or a value that breaks its rule.
     """
     overrides = {k: v for k, v in flatten(overrides or {}).items() if v is not None}
     preset = overrides.pop("preset", preset)
@@ -519,8 +527,8 @@ def resolve(config: Config) -> Config:
             f"choose one of {', '.join(OPTIMIZERS)}"
         )
     row = PRESETS[config.preset].optimizers[base_optimizer(name)]
-    filled = dict(lr=row.lr, min_lr=row.min_lr, beta1=row.betas[0], beta2=row.betas[1],
-                  weight_decay=row.weight_decay, rho=row.rho)
+    filled: dict[str, Any] = dict(lr=row.lr, min_lr=row.min_lr, beta1=row.betas[0],
+                                  beta2=row.betas[1], weight_decay=row.weight_decay, rho=row.rho)
     optimizer = replace(config.optimizer, **{
         k: v for k, v in filled.items() if getattr(config.optimizer, k) is None})
     config = replace(config, optimizer=optimizer)

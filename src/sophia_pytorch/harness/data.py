@@ -35,6 +35,7 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -233,9 +234,10 @@ class ByteTokenizer:
 class BPETokenizer:
     """Byte-level BPE trained on the corpus with Hugging Face ``tokenizers`` (optional)."""
 
-    def __init__(self, tokenizer: object) -> None:
+    def __init__(self, tokenizer: Any) -> None:
+        # a tokenizers.Tokenizer; Any because the package is an optional extra
         self._tokenizer = tokenizer
-        self.vocab_size: int = tokenizer.get_vocab_size()  # type: ignore[attr-defined]
+        self.vocab_size: int = tokenizer.get_vocab_size()
 
     @staticmethod
     def _module():
@@ -267,13 +269,14 @@ class BPETokenizer:
         return cls(cls._module().Tokenizer.from_file(str(path)))
 
     def save(self, path: Path) -> None:
-        self._tokenizer.save(str(path))  # type: ignore[attr-defined]
+        self._tokenizer.save(str(path))
 
     def encode(self, text: str) -> np.ndarray:
-        return np.asarray(self._tokenizer.encode(text).ids, dtype=np.uint32)  # type: ignore
+        return np.asarray(self._tokenizer.encode(text).ids, dtype=np.uint32)
 
     def decode(self, ids: Iterable[int]) -> str:
-        return self._tokenizer.decode([int(i) for i in ids])  # type: ignore[attr-defined]
+        decoded: str = self._tokenizer.decode([int(i) for i in ids])
+        return decoded
 
 
 # ---------------------------------------------------------------------------------------------
@@ -416,9 +419,9 @@ def _build_cache(source: str, folder: Path, tokenizer: str, bpe_vocab_size: int,
     temp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
     try:
         if tokenizer == "bpe":
-            token_coder: ByteTokenizer | BPETokenizer = BPETokenizer.train(
-                iter_documents(source), bpe_vocab_size)
-            token_coder.save(temp / "tokenizer.json")
+            bpe = BPETokenizer.train(iter_documents(source), bpe_vocab_size)
+            bpe.save(temp / "tokenizer.json")
+            token_coder: ByteTokenizer | BPETokenizer = bpe
         else:
             token_coder = ByteTokenizer()
         dtype = np.uint16 if token_coder.vocab_size <= 2**16 else np.uint32
@@ -473,10 +476,10 @@ class BatchSampler:
         mixed = hashlib.blake2b(f"{self.seed}:{index}".encode(), digest_size=4).digest()
         generator = torch.Generator().manual_seed(int.from_bytes(mixed, "little"))
         high = len(self.tokens) - self.block_size
-        starts = torch.randint(high, (self.world_size * self.batch_size,), generator=generator)
-        starts = starts[self.rank * self.batch_size:(self.rank + 1) * self.batch_size].numpy()
-        windows = self.tokens[starts[:, None] + np.arange(self.block_size + 1)]
-        windows = torch.from_numpy(windows.astype(np.int64))
+        drawn = torch.randint(high, (self.world_size * self.batch_size,), generator=generator)
+        starts = drawn[self.rank * self.batch_size:(self.rank + 1) * self.batch_size].numpy()
+        rows = self.tokens[starts[:, None] + np.arange(self.block_size + 1)]
+        windows = torch.from_numpy(rows.astype(np.int64))
         if self.device.type == "cuda":
             windows = windows.pin_memory().to(self.device, non_blocking=True)
         return windows[:, :-1], windows[:, 1:]

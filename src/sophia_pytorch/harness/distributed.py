@@ -317,13 +317,13 @@ def save_sharded(folder: str | Path, model: nn.Module, optimizer: torch.optim.Op
     checkpoint is not atomic); rank 0 writes the metadata last. Meant for FSDP2 runs; a DDP
     or single-process model works too. Pair it with :func:`load_sharded`.
     """
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
+    from torch.distributed.checkpoint.state_dict_saver import save
 
     model_state, optimizer_state = get_state_dict(_unwrapped(model), optimizer)
     with warnings.catch_warnings():  # saving from one process is what no_dist asks for
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.save({"model": model_state, "optimizer": optimizer_state},
+        save({"model": model_state, "optimizer": optimizer_state},
                  checkpoint_id=str(folder), no_dist=not is_initialized())
 
 
@@ -334,15 +334,15 @@ def load_sharded(folder: str | Path, model: nn.Module, optimizer: torch.optim.Op
     reshards DTensor state to the layout of ``model``'s parameters (FSDP2 on any number of
     ranks, or plain tensors in one process).
     """
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.checkpoint.state_dict_loader import load
 
     model = _unwrapped(model)
     model_state, optimizer_state = get_state_dict(model, optimizer)
-    state = {"model": model_state, "optimizer": optimizer_state}
+    state: dict[str, Any] = {"model": model_state, "optimizer": optimizer_state}
     with warnings.catch_warnings():  # loading in one process is what no_dist asks for
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load(state, checkpoint_id=str(folder), no_dist=not is_initialized())
+        load(state, checkpoint_id=str(folder), no_dist=not is_initialized())
     set_state_dict(
         model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"]
     )

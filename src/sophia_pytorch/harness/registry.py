@@ -117,7 +117,7 @@ def _muon(settings: OptimizerConfig, model: nn.Module, rows: Mapping[str, Optimi
     matrices = hidden_matrices(model)
     chosen = {id(p) for p in matrices}
     rest = [p for p in _trainable(model) if id(p) not in chosen]
-    adamw, scale = rows["adamw"], settings.lr / rows["muon"].lr  # type: ignore[operator]
+    adamw, scale = rows["adamw"], settings.lr / rows["muon"].lr
     return MuonWithAdamW(matrices, decay_groups(rest, adamw.weight_decay), lr=settings.lr,
                          momentum=settings.beta1, weight_decay=settings.weight_decay,
                          adamw_lr=adamw.lr * scale, adamw_betas=adamw.betas,

@@ -71,12 +71,13 @@ def holds_run(folder: str | Path) -> bool:
 
 def is_sophia_run(folder: str | Path) -> bool:
     """Whether every one of :data:`RUN_FILES` in ``folder`` is a sophia run's: a
-    ``config.json`` with its sections, a ``checkpoint.pt`` whose pickle holds a training
-    state, a ``log.jsonl`` of step and eval records, a ``record.json`` of a comparison.
-    Reads only the small parts of each (not the checkpoint's tensors)."""
+    ``config.json`` with its sections, a ``checkpoint.pt`` or ``stable.pt`` whose pickle
+    holds a training state, a ``log.jsonl`` of step and eval records, a ``record.json`` of a
+    comparison. Reads only the small parts of each (not the checkpoint's tensors)."""
     folder = Path(folder)
     checks = {"config.json": _is_sophia_config, "checkpoint.pt": _is_sophia_checkpoint,
-              "log.jsonl": _is_sophia_log, "record.json": _is_sophia_record}
+              "stable.pt": _is_sophia_checkpoint, "log.jsonl": _is_sophia_log,
+              "record.json": _is_sophia_record}
     present = [name for name in RUN_FILES if (folder / name).exists()]
     return bool(present) and all(checks[name](folder / name) for name in present)
 

@@ -100,11 +100,13 @@ class LRSchedule:
 
     def lr(self, step: int, base_lr: float) -> float:
         """The lr at optimizer step ``step`` (0-based) of a group built with ``base_lr``."""
-        shape = dict(lr=base_lr, min_lr=base_lr * self.min_lr_ratio,
-                     warmup_steps=self.warmup_steps, max_steps=self.max_steps)
+        min_lr = base_lr * self.min_lr_ratio
         if self.kind == "wsd":
-            return warmup_stable_decay(step, **shape, decay_fraction=self.decay_fraction)
-        return warmup_cosine(step, **shape)
+            return warmup_stable_decay(step, lr=base_lr, min_lr=min_lr,
+                                       warmup_steps=self.warmup_steps, max_steps=self.max_steps,
+                                       decay_fraction=self.decay_fraction)
+        return warmup_cosine(step, lr=base_lr, min_lr=min_lr, warmup_steps=self.warmup_steps,
+                             max_steps=self.max_steps)
 
     def apply(self, optimizer: Optimizer, step: int, base_lrs: Sequence[float]) -> None:
         """Set each group's lr for step ``step``; ``base_lrs``: the groups' built lrs."""

@@ -125,7 +125,11 @@ def wrap_model(model: nn.Module, config: Config, device: torch.device | None = N
     """The one place the model is wrapped for training: DDP or FSDP2, then torch.compile."""
     model = distributed.wrap_model(model, config.run.parallel,  # type: ignore[arg-type]
                                    device=device, shard_units=getattr(model, "blocks", ()))
-    return torch.compile(model) if config.run.compile else model
+    if not config.run.compile:
+        return model
+    compiled = torch.compile(model)
+    assert isinstance(compiled, nn.Module)  # an OptimizedModule; torch's stubs say Callable
+    return compiled
 
 
 @torch.no_grad()
@@ -239,8 +243,12 @@ class Trainer:
                 write_json(self.run_dir / "config.json", to_dict(config))
 
     def close(self, *, remove_if_empty: bool = False) -> None:
-        """Close the log and let go of the run folder (removing it if this run made it and
-        left nothing in it but its lock file)."""
+        """Close the log and let go of the run folder.
+
+        Args:
+            remove_if_empty: also remove the run folder if this run made it and left nothing
+                in it but its lock file (default False).
+        """
         if self.log is not None:
             self.log.close()
         if self.lock is None:
@@ -290,7 +298,8 @@ class Trainer:
         """One step, then the evaluation and checkpoint it is due."""
         run, state = self.config.run, self.state
         record = self.train_step()
-        self.log.write(record)  # type: ignore[union-attr]
+        assert self.log is not None  # set at the end of __init__
+        self.log.write(record)
         if bar is not None:
             _show_progress(bar, record)
         if state.bad_in_row >= run.max_bad_steps:
@@ -420,7 +429,8 @@ class Trainer:
         row = {"step": state.step, "val_loss": val_loss, "seconds": state.train_seconds,
                "tokens": state.tokens}
         state.evals.append(row)
-        self.log.write({"kind": "eval", **row})  # type: ignore[union-attr]
+        assert self.log is not None  # set at the end of __init__
+        self.log.write({"kind": "eval", **row})
         if not math.isfinite(val_loss):
             raise self._diverged(f"the validation loss at step {state.step} is not finite",
                                  lower_lr=True)
@@ -429,6 +439,10 @@ class Trainer:
     def save(self, name: str = "checkpoint.pt") -> None:
         """Write checkpoint ``name`` atomically (rank 0); FSDP2 shards go to their own folder
         (a ``stable.pt`` is not written under FSDP2: the shards are the latest save's).
+
+        Args:
+            name: the checkpoint's file name in the run folder (default ``"checkpoint.pt"``,
+                the one a resume reads; the loop also writes ``stable.pt``).
 
         Raises:
             DivergedError: the weights or optimizer state are not finite (nothing is written:

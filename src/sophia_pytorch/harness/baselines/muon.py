@@ -11,7 +11,7 @@ group dicts, so an lr scheduler that writes ``group["lr"]`` drives both, and its
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from typing import Any, overload
 
 import torch
 from torch import Tensor, nn
@@ -72,8 +72,16 @@ class MuonWithAdamW(Optimizer):
         self.param_groups = self._groups()
         self.state = _States(self.muon.state, self.adamw.state)  # type: ignore[assignment]
 
+    # torch's stubs type a closure as returning a float; closures return the loss Tensor.
+    @overload
+    def step(self, closure: None = None) -> None: ...
+    @overload
+    def step(self, closure: Callable[[], float]) -> float: ...
+    @overload
+    def step(self, closure: Callable[[], Tensor]) -> Tensor: ...
+
     @torch.no_grad()
-    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
+    def step(self, closure: Callable[[], Tensor | float] | None = None) -> Tensor | float | None:
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -82,10 +90,10 @@ class MuonWithAdamW(Optimizer):
         self.adamw.step()
         return loss
 
-    def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
+    def state_dict(self) -> dict[str, Any]:
         return {"muon": self.muon.state_dict(), "adamw": self.adamw.state_dict()}
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.muon.load_state_dict(state_dict["muon"])
         self.adamw.load_state_dict(state_dict["adamw"])
         self._share_groups()  # loading replaced the two optimizers' group dicts

@@ -254,10 +254,10 @@ def write_report(out: Path, *, records: list[Any], best_multipliers: dict[str, f
         ratio = f"{row['step_ratio']['mean']:.2f}" if row["step_ratio"] else "-"
         seconds_ratio = f"{row['seconds_ratio']['mean']:.2f}" if row["seconds_ratio"] else "-"
         steps = f"{row['step']['mean']:.0f}" if row["step"] else "not reached"
-        final = row["final_val_loss"]["mean"] if row["final_val_loss"] else math.nan
+        final_loss = row["final_val_loss"]["mean"] if row["final_val_loss"] else math.nan
         backwards = row["reference_steps_to_final"]
         backwards = f"{backwards['mean']:.0f}" if backwards else "not reached"
-        text.append(f"{optimizer:10s} {row['lr']:9.3g} {final:10.4f} {steps:>16s} "
+        text.append(f"{optimizer:10s} {row['lr']:9.3g} {final_loss:10.4f} {steps:>16s} "
                     f"{ratio:>8s} {seconds_ratio:>9s} {backwards:>26s}")
     return CompareSummary(out_dir=out, report_path=report_path, results_path=results_path,
                           plot_paths=plot_paths, headline="\n".join(text), results=results)
