@@ -5,7 +5,7 @@
 # from 32 up is evaluated on the same 8x32 validation rows; batch 8 evaluates 32 batches of 8
 # (also 256 rows). One thread per compare; run two queues side by side.
 #
-#   benchmarks/batch_map.sh QUEUE        # QUEUE: a | b | c | d (see below)
+#   benchmarks/batch_map.sh QUEUE        # QUEUE: a | b | c | d | e (see below)
 #   python benchmarks/batch_map_table.py runs/map   # the table and the plot
 #
 # compare reuses finished runs, so a killed queue continues where it stopped (losing only the
@@ -26,9 +26,10 @@ one() {  # one BATCH STEPS [extra flags]
       --out "$OUT/b$batch-s$steps" "$@"
   done
 }
-case "${1:?queue a, b, c or d}" in
+case "${1:?queue a, b, c, d or e}" in
   a) one 256 200 ;;                                  # equal steps, the longest
   b) one 8 200; one 32 200; one 128 200 ;;           # equal steps
   c) one 8 800; one 32 800 ;;                        # equal tokens: b8x800 = b32x200, b32x800 = b128x200
+  e) one 128 200 ;;                                  # equal steps, on its own (a third queue)
   d) one 32 1600 ;;                                  # equal tokens: b32x1600 = b256x200
 esac
