@@ -324,7 +324,7 @@ _NO_DOUBLE_BACKWARD_HINT = (
 )
 
 
-def _math_attention() -> contextlib.AbstractContextManager:
+def _math_attention() -> contextlib.AbstractContextManager[None]:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     return sdpa_kernel([SDPBackend.MATH])

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -44,6 +44,13 @@ def _installed() -> dict[str, Any]:
 
 
 _LIGHTNING = _installed()
+if TYPE_CHECKING:
+    from lightning.pytorch import Callback as _Callback
+else:
+    # Subclass every installed ``Callback``, so one callback serves lightning and
+    # pytorch_lightning alike; mypy checks against lightning.pytorch's.
+    _CALLBACKS = tuple(module.Callback for module in _LIGHTNING.values())
+    _Callback = _CALLBACKS[0] if len(_CALLBACKS) == 1 else type("_Callback", _CALLBACKS, {})
 _SOPHIA_H_RECIPE = (
     "SophiaHessianCallback refreshes SophiaG; for SophiaH use manual optimization and call "
     "optimizer.update_hessian(closure) in training_step (recipe: docs/INTEGRATIONS.md)"
@@ -70,7 +77,7 @@ def _output_logits(output: Any) -> Tensor:
     return logits
 
 
-class SophiaHessianCallback(*(module.Callback for module in _LIGHTNING.values())):
+class SophiaHessianCallback(_Callback):
     """Refreshes SophiaG's h after every optimizer step that makes one due.
 
     Right after each optimizer step (a ``step_post_hook`` on the SophiaG: one per
@@ -237,9 +244,9 @@ class SophiaHessianCallback(*(module.Callback for module in _LIGHTNING.values())
 
     # ------------------------------------------------------------------------ helpers
     def _sophia(self, trainer: Any) -> SophiaG:
-        found = [o for o in trainer.optimizers if isinstance(o, (SophiaG, SophiaH))]
-        if any(isinstance(o, SophiaH) for o in found):
+        if any(isinstance(o, SophiaH) for o in trainer.optimizers):
             raise TypeError(_SOPHIA_H_RECIPE)
+        found = [o for o in trainer.optimizers if isinstance(o, SophiaG)]
         if len(found) != 1:
             names = [type(o).__name__ for o in trainer.optimizers]
             raise TypeError(

@@ -63,7 +63,7 @@ def gauss_newton_refresh(
     loss: str | SampledLoss = "cross_entropy",
     generator: torch.Generator | None = None,
     scaler: torch.amp.GradScaler | None = None,
-    autocast: contextlib.AbstractContextManager | None = None,
+    autocast: contextlib.AbstractContextManager[object] | None = None,
     synchronize: bool = True,
 ) -> bool:
     """Refresh SophiaG's h from targets sampled from the model, on one batch.
@@ -104,7 +104,7 @@ def hutchinson_refresh(
     *,
     generator: torch.Generator | None = None,
     scaler: torch.amp.GradScaler | None = None,
-    autocast: contextlib.AbstractContextManager | None = None,
+    autocast: contextlib.AbstractContextManager[object] | None = None,
 ) -> bool:
     """Refresh SophiaH's h with one Hutchinson estimate on one batch.
 

@@ -148,7 +148,7 @@ class SophiaTrainer(Trainer):
     def create_optimizer(self, *args: Any, **kwargs: Any) -> torch.optim.Optimizer:
         """Build SophiaG from ``args`` and ``sophia_kwargs`` unless an optimizer was passed."""
         if self.optimizer is None:
-            model = self.model
+            model = self._the_model()
             decay = set(self.get_decay_parameter_names(model))
             named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
             groups = [
@@ -286,10 +286,12 @@ class SophiaTrainer(Trainer):
         inputs = self._prepare_inputs(inputs)
         scaler = getattr(self.accelerator, "scaler", None)
         # No autocast here: accelerate has wrapped the model's own forward in it (fp16/bf16).
-        model = self.model
+        model = self._the_model()
         if isinstance(sophia, SophiaH):
             def loss_fn() -> Tensor:
-                return self.compute_loss(model, inputs)
+                # transformers annotates compute_loss without an overload on return_outputs:
+                # with return_outputs=False (the default) it returns the loss tensor alone.
+                return self.compute_loss(model, inputs)  # type: ignore[return-value]
             folded = hutchinson_refresh(sophia, loss_fn, generator=self._generator(sophia, 0),
                                         scaler=scaler)
         else:
@@ -304,6 +306,16 @@ class SophiaTrainer(Trainer):
         else:
             self.hessian_refreshes_skipped += 1
         return folded
+
+    def _the_model(self) -> torch.nn.Module:
+        """``self.model``, which transformers types as optional (a ``model_init`` trainer sets
+        it when training starts)."""
+        if self.model is None:
+            raise RuntimeError(
+                "SophiaTrainer has no model yet: pass model= (or model_init=, which sets it when "
+                "train() starts) before creating the optimizer or refreshing the Hessian"
+            )
+        return self.model
 
     def _generator(self, sophia: SophiaG | SophiaH, rank: int) -> torch.Generator:
         """This refresh's random stream: keyed by the step; labels differ across ranks (the
