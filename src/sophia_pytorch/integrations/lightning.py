@@ -144,15 +144,33 @@ class SophiaHessianCallback(_Callback):
             )
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
-        """Hook the refresh onto every step of the SophiaG."""
+        """Hook the refresh onto every step of the SophiaG.
+
+        Args:
+            trainer: the Lightning ``Trainer``; its optimizers hold exactly one SophiaG.
+            pl_module: the ``LightningModule`` being trained.
+        """
         self._remove_hook()
         self._hook = self._sophia(trainer).register_step_post_hook(
             lambda optimizer, args, kwargs: self._after_step(trainer, pl_module))
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        """Unhook the refresh from the SophiaG.
+
+        Args:
+            trainer: the Lightning ``Trainer``.
+            pl_module: the ``LightningModule`` that was trained.
+        """
         self._remove_hook()
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        """Unhook the refresh from the SophiaG (when training ended early, too).
+
+        Args:
+            trainer: the Lightning ``Trainer``.
+            pl_module: the ``LightningModule``.
+            stage: Lightning's stage being torn down (``"fit"``, ``"validate"``, …).
+        """
         self._remove_hook()
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any,
@@ -170,6 +188,7 @@ class SophiaHessianCallback(_Callback):
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
+        """Forget the batch kept by :meth:`on_train_batch_start`: its steps are done."""
         self._batch = None
 
     def _after_step(self, trainer: Any, pl_module: Any) -> None:
@@ -188,6 +207,12 @@ class SophiaHessianCallback(_Callback):
     # ------------------------------------------------------------------------ refresh
     def refresh(self, trainer: Any, pl_module: Any, batch: Any) -> bool:
         """One refresh of h on ``batch``.
+
+        Args:
+            trainer: the Lightning ``Trainer``, for its SophiaG, precision plugin and rank.
+            pl_module: the ``LightningModule``, whose forward gives the logits.
+            batch: the training batch, as ``training_step`` gets it; read by
+                :meth:`logits_and_mask`.
 
         Returns:
             True when the estimate was folded in, False when it was skipped (a gradient not
@@ -213,7 +238,17 @@ class SophiaHessianCallback(_Callback):
 
     def logits_and_mask(self, pl_module: Any, batch: Any) -> LogitsAndMask:
         """``logits_fn(pl_module, batch)``, or the default for ``(inputs, targets)`` batches;
-        picks the sampled loss (``hessian_loss``) on the way."""
+        picks the sampled loss (``hessian_loss``) on the way.
+
+        Args:
+            pl_module: the ``LightningModule``; the default calls ``pl_module(inputs)``.
+            batch: the training batch; the default reads ``(inputs, targets)``, targets shaped
+                like the logits without their last dimension, ``(...)``.
+
+        Returns:
+            ``(logits, mask)``: logits of shape ``(..., C)`` and a ``(...)`` bool mask (or
+            None) of the positions to sample.
+        """
         self._chosen_loss = self.hessian_loss or "cross_entropy"
         if self.logits_fn is not None:
             return self.logits_fn(pl_module, batch)

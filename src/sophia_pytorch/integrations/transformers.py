@@ -39,7 +39,12 @@ _PROBLEM_LOSSES = {"regression": "gaussian", "single_label_classification": "cro
 def head_of(model: nn.Module) -> Head | None:
     """The task of a Hugging Face model's head, from its class name: ``"causal_lm"`` (labels
     shifted by the model), ``"masked_lm"``, ``"token_classification"``,
-    ``"sequence_classification"``, or None for a class it does not know."""
+    ``"sequence_classification"``, or None for a class it does not know.
+
+    Args:
+        model: the Hugging Face model (its class is read, against transformers' auto
+            mappings, then by its name's suffix).
+    """
     from transformers.models.auto import modeling_auto
 
     name = type(model).__name__
@@ -67,12 +72,10 @@ class SophiaTrainer(Trainer):
     micro-batch, before the first step.
 
     Args:
-        *args, **kwargs: those of ``transformers.Trainer``. Pass ``optimizers=(SophiaG(...),
-            scheduler or None)`` — or SophiaH — or no optimizer: then a SophiaG is built with
-            ``lr=args.learning_rate``, ``weight_decay=args.weight_decay`` (0 for biases and
-            norms, as the Trainer does for AdamW) and ``sophia_kwargs``.
+        *args: the positional arguments of ``transformers.Trainer`` (``model``, ``args``, …).
         sophia_kwargs: further keywords of the SophiaG it builds (``rho``, ``betas``,
             ``refresh_every``, …); not ``lr`` or ``weight_decay``, which come from ``args``.
+            Default None: SophiaG's own defaults.
         shift_labels: whether the label at position t is the token predicted at t − 1, so
             that the refresh pairs ``logits[:, :-1]`` with ``labels[:, 1:]``. Only ever
             applied to token-level logits ``(B, T, V)`` with T > 1, never to ``(B, C)``.
@@ -87,6 +90,11 @@ class SophiaTrainer(Trainer):
             ``multi_label_classification`` → bernoulli; unset, it is inferred as the model
             does: one label → regression, integer labels → single-label, else multi-label),
             cross_entropy for language-model and token-classification heads.
+        **kwargs: the keyword arguments of ``transformers.Trainer``. Pass
+            ``optimizers=(SophiaG(...), scheduler or None)`` — or SophiaH — or no optimizer:
+            then a SophiaG is built with ``lr=args.learning_rate``,
+            ``weight_decay=args.weight_decay`` (0 for biases and norms, as the Trainer does for
+            AdamW) and ``sophia_kwargs``.
 
     How it hooks in: ``training_step`` keeps a reference to its micro-batch, and a
     ``TrainerCallback.on_step_end`` does the refresh. ``on_step_end`` runs once per optimizer
@@ -278,6 +286,11 @@ class SophiaTrainer(Trainer):
 
     def refresh_hessian(self, inputs: dict[str, Any]) -> bool:
         """One refresh of the optimizer's h on the micro-batch ``inputs``.
+
+        Args:
+            inputs: a micro-batch as the Trainer's data collator gives it to ``training_step``
+                (``input_ids`` ``(B, T)``, ``attention_mask``, ``labels`` of shape ``(B, T)``
+                or ``(B,)``, …); moved to the device here.
 
         Returns:
             True when the estimate was folded in, False when skipped (not finite under fp16).
