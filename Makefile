@@ -26,6 +26,7 @@ install: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks examples
+	$(PY) -m mypy
 	$(VENV)/bin/mkdocs build --strict --quiet --site-dir $$(mktemp -d)
 	$(PY) -m pytest -q
 

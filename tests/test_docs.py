@@ -47,22 +47,7 @@ FRAMEWORK_HOOKS = {
 }
 # Docstrings that fail the checks below on the current tree; listed for the lead, who fixes
 # them after merging the parallel branches (each entry names what is missing).
-DOCSTRING_FIXES_PENDING = {
-    "sophia_pytorch.rademacher_like": "Args: tensor, generator",
-    "sophia_pytorch.sampled_cross_entropy": "default of ignore_index not stated",
-    "sophia_pytorch.hutchinson_estimate": "defaults of math_attention not stated",
-    "sophia_pytorch.integrations.transformers.SophiaTrainer": (
-        "Args: '*args, **kwargs' as one entry (griffe cannot parse it)"),
-    "sophia_pytorch.integrations.transformers.SophiaTrainer.refresh_hessian": "Args: inputs",
-    "sophia_pytorch.integrations.lightning.SophiaHessianCallback.on_train_start": "no docstring",
-    "sophia_pytorch.integrations.lightning.SophiaHessianCallback.refresh": (
-        "Args: trainer, pl_module, batch"),
-    "sophia_pytorch.integrations.lightning.SophiaHessianCallback.logits_and_mask": (
-        "Args: pl_module, batch"),
-    "sophia_pytorch.integrations.refresh.find_sophia": "Args: optimizer",
-    "sophia_pytorch.integrations.refresh.hutchinson_refresh": (
-        "Args: 'scaler, autocast' is not one name per entry"),
-}
+DOCSTRING_FIXES_PENDING: dict[str, str] = {}
 
 
 @cache

@@ -76,8 +76,10 @@ def sampled_cross_entropy(
         logits: ``(..., C)`` unnormalised scores, any float dtype; classes last.
         targets: optional ``(...)`` integer tensor shaped like ``logits[..., 0]``; positions
             equal to ``ignore_index`` (padding) are left out of the mean.
-        ignore_index: the value of ``targets`` that marks a position to leave out.
-        mask: optional ``(...)`` bool tensor; only positions where it is True enter the mean.
+        ignore_index: the value of ``targets`` that marks a position to leave out (default
+            -100, as ``torch.nn.functional.cross_entropy``).
+        mask: optional ``(...)`` bool tensor shaped like ``logits[..., 0]``; only positions
+            where it is True enter the mean.
         generator: the random source of the draw (on ``logits``' device); default: global.
         count_as_tensor: return B as a 0-dim int64 tensor on ``logits``' device instead of a
             Python int, so that nothing waits for the device (default False). Then a draw with
@@ -196,13 +198,16 @@ def sampled_gaussian_nll(
     Args:
         predictions: ``(..., D)`` model outputs f, any float dtype: positions first, the D
             outputs of one position last (a regression head with one output: ``(N, 1)``).
-        variance: σ² of the assumed noise, > 0 (default 1.0): a number, or a tensor that
-            broadcasts against ``predictions`` (per-output variances).
-        mask: optional ``(...)`` bool tensor; only positions where it is True enter the mean.
+        variance: σ² of the assumed noise, > 0 (default 1.0): a number, or a float tensor
+            whose shape broadcasts against ``predictions``' ``(..., D)`` (e.g. ``(D,)``:
+            per-output variances).
+        mask: optional ``(...)`` bool tensor shaped like ``predictions[..., 0]``; only
+            positions where it is True enter the mean.
         generator: the random source of the draw (on ``predictions``' device); default: global.
             The noise is drawn in float32 (float64 for float64 predictions).
         count_as_tensor: return B as a 0-dim int64 tensor (no wait for the device), and a loss
-            of 0 when every position is masked, as in :func:`sampled_cross_entropy`.
+            of 0 when every position is masked, as in :func:`sampled_cross_entropy` (default
+            False: B as a Python int).
 
     Returns:
         ``(loss, num_samples)`` as :func:`sampled_cross_entropy` gives them: pass B, summed
@@ -272,8 +277,13 @@ def sampled_binary_cross_entropy(
     Args:
         logits: ``(..., D)`` unnormalised scores, any float dtype; a single binary logit per
             position is ``(N, 1)``.
-        mask: optional ``(...)`` bool tensor; only positions where it is True enter the mean.
-        generator, count_as_tensor: as in :func:`sampled_gaussian_nll`.
+        mask: optional ``(...)`` bool tensor shaped like ``logits[..., 0]``; only positions
+            where it is True enter the mean.
+        generator: the random source of the draw (on ``logits``' device); default: global.
+            The uniforms are drawn in float32 (float64 for float64 logits).
+        count_as_tensor: return B as a 0-dim int64 tensor (no wait for the device), and a loss
+            of 0 when every position is masked, as in :func:`sampled_cross_entropy` (default
+            False: B as a Python int).
 
     Returns:
         ``(loss, num_samples)``, as :func:`sampled_cross_entropy` gives them.
@@ -309,7 +319,15 @@ def _gumbel_max(flat_logits: Tensor, generator: torch.Generator | None) -> Tenso
 def rademacher_like(tensor: Tensor, generator: torch.Generator | None = None) -> Tensor:
     """A tensor shaped and typed like ``tensor`` with i.i.d. entries ±1 (probability ½ each).
 
-    Drawn on the generator's device (CPU by default) and moved to ``tensor``'s.
+    Drawn on the generator's device (``tensor``'s when there is no generator) and moved to
+    ``tensor``'s.
+
+    Args:
+        tensor: a tensor of any shape and dtype; only its shape, dtype and device are read.
+        generator: the random source of the signs (default None: torch's global generator).
+
+    Returns:
+        a tensor like ``tensor`` (same shape, dtype and device) holding -1 and +1.
     """
     device = generator.device if generator is not None else tensor.device
     bits = torch.randint(0, 2, tensor.shape, generator=generator, device=device)
@@ -324,7 +342,7 @@ _NO_DOUBLE_BACKWARD_HINT = (
 )
 
 
-def _math_attention() -> contextlib.AbstractContextManager:
+def _math_attention() -> contextlib.AbstractContextManager[None]:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     return sdpa_kernel([SDPBackend.MATH])
@@ -341,11 +359,14 @@ def hutchinson_estimate(
 
     Args:
         closure: recomputes and returns the scalar loss L (without calling backward).
-        params: the tensors to differentiate against; ``p.grad`` is left untouched.
+        params: the tensors to differentiate against, each of any shape (the probe u of
+            each is shaped like it); ``p.grad`` is left untouched.
         generator: random source of the probes u (one probe per parameter, always drawn,
-            so the generator advances the same whatever the loss uses).
+            so the generator advances the same whatever the loss uses); default None:
+            torch's global generator.
         math_attention: run the closure under the math SDPA backend, the only one with a
-            double backward on every device. Costs speed on that one forward, only.
+            double backward on every device (default True). Costs speed on that one
+            forward, only.
 
     Returns:
         a list of tensors shaped like ``params`` (zeros where L does not depend on p).

@@ -51,7 +51,7 @@ class SampledLoss(Protocol):
     mean over the kept positions of a loss on targets drawn from the model's own predictive
     distribution, and the number of those positions as a 0-dim tensor."""
 
-    def __call__(self, outputs: Tensor, *, mask: Tensor | None,
+    def __call__(self, outputs: Tensor, /, *, mask: Tensor | None,
                  generator: torch.Generator | None,
                  count_as_tensor: Literal[True]) -> tuple[Tensor, Tensor]: ...
 
@@ -175,7 +175,8 @@ def gauss_newton_bartlett(
         scaled = chunk_sum * (world / normaliser.clamp(min=1).to(chunk_sum.dtype))
         if grad_scale is not None:
             scaled = scaled * grad_scale
-        scaled.backward()
+        scaled.backward()  # type: ignore[no-untyped-call]  # torch leaves Tensor.backward unannotated
+    assert normaliser is not None  # set by the first chunk; chunks is not empty
     if len(chunks) > 1:
         total = _sum_over_ranks(total, world)
     if world > 1:

@@ -17,7 +17,7 @@ from torch import nn
 
 from .config import PRESETS, Config
 from .errors import SophiaError
-from .refresh import HessianRefresh
+from .refresh import HessianRefresh, SophiaRefresh
 from .registry import OPTIMIZERS, decay_groups
 
 __all__ = ["build_optimizer", "build_refresh", "decay_groups"]
@@ -54,7 +54,8 @@ def build_refresh(config: Config, optimizer: torch.optim.Optimizer, model: nn.Mo
     refresh = OPTIMIZERS[config.optimizer.name].refresh
     if refresh is None:
         return HessianRefresh()
+    assert issubclass(refresh, SophiaRefresh), refresh  # the registry's refreshes are Sophia's
     run = config.run
     rows = max(1, round(config.optimizer.refresh_fraction * run.batch_size * run.grad_accum))
-    return refresh(optimizer, model, rows=rows, autocast=autocast,  # type: ignore[call-arg]
+    return refresh(optimizer, model, rows=rows, autocast=autocast,
                    seed=run.seed, rank=rank, world_size=world_size, device=device)

@@ -23,17 +23,20 @@ from __future__ import annotations
 import contextlib
 import functools
 from collections.abc import Callable, Sequence
+from typing import Generic, TypeVar
 
 import torch
 from torch import Tensor, nn
 
 from .. import refresh as sophia_refresh
+from ..optimizer import SophiaBase, SophiaG, SophiaH
 from .model import lm_loss
 
-__all__ = ["GaussNewtonBartlett", "HessianRefresh", "Hutchinson"]
+__all__ = ["GaussNewtonBartlett", "HessianRefresh", "Hutchinson", "SophiaRefresh"]
 
 Batch = tuple[Tensor, Tensor]
 Autocast = Callable[[], contextlib.AbstractContextManager]
+_Sophia = TypeVar("_Sophia", bound=SophiaBase)
 
 
 class HessianRefresh:
@@ -52,15 +55,26 @@ class HessianRefresh:
         return None
 
 
-class _SophiaRefresh(HessianRefresh):
-    """Asks the optimizer whether a refresh is owed and seeds its random draws."""
+class SophiaRefresh(HessianRefresh, Generic[_Sophia]):
+    """Asks the optimizer whether a refresh is owed and seeds its random draws.
+
+    Raises:
+        TypeError: when ``optimizer`` is not the Sophia the subclass refreshes.
+    """
 
     same_draws_on_every_rank = False
+    sophia_class: type[_Sophia]
+    """The optimizer the subclass refreshes."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, model: nn.Module, *, rows: int,
                  autocast: Autocast, seed: int, rank: int, world_size: int,
                  device: torch.device) -> None:
-        self.optimizer = optimizer
+        if not isinstance(optimizer, self.sophia_class):
+            raise TypeError(
+                f"{type(self).__name__} refreshes a sophia_pytorch "
+                f"{self.sophia_class.__name__}, got {type(optimizer).__name__}"
+            )
+        self.optimizer: _Sophia = optimizer
         self.model = model
         self.rows = rows
         self.autocast = autocast
@@ -70,7 +84,7 @@ class _SophiaRefresh(HessianRefresh):
         self.device = device
 
     def __call__(self, micro_batches: Sequence[Batch], key: int) -> bool:
-        if not self.optimizer.hessian_due():  # type: ignore[attr-defined]
+        if not self.optimizer.hessian_due():
             return False
         generator = sophia_refresh.refresh_generator(self.seed, key, rank=self.rank,
                                                      device=self.device)
@@ -81,14 +95,16 @@ class _SophiaRefresh(HessianRefresh):
         raise NotImplementedError
 
     def unclipped_fraction(self) -> float | None:
-        return self.optimizer.unclipped_fraction()  # type: ignore[attr-defined]
+        return self.optimizer.unclipped_fraction()
 
 
-class GaussNewtonBartlett(_SophiaRefresh):
+class GaussNewtonBartlett(SophiaRefresh[SophiaG]):
     """Sophia-G's estimator: sampled labels, the mean sampled loss, ``scale`` = positions.
 
     Each rank samples its own labels (a different draw per rank averages better).
     """
+
+    sophia_class = SophiaG
 
     def estimate(self, micro_batches: Sequence[Batch], generator: torch.Generator) -> bool:
         chunks, remaining = [], self.rows
@@ -99,7 +115,7 @@ class GaussNewtonBartlett(_SophiaRefresh):
             remaining -= take
             chunks.append(functools.partial(self._forward, x[:take]))
         return sophia_refresh.gauss_newton_bartlett(
-            self.optimizer, chunks, generator=generator,  # type: ignore[arg-type]
+            self.optimizer, chunks, generator=generator,
             synchronize=self.world_size > 1)
 
     def _forward(self, x: Tensor) -> tuple[Tensor, None]:
@@ -118,13 +134,14 @@ def _without_ddp_sync(model: nn.Module) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
-class Hutchinson(_SophiaRefresh):
+class Hutchinson(SophiaRefresh[SophiaH]):
     """Sophia-H's estimator: a closure that recomputes the loss, for a Hessian-vector product.
 
     Every rank draws the same probe, so the ranks' averaged estimates stay one estimate.
     """
 
     same_draws_on_every_rank = True
+    sophia_class = SophiaH
 
     def estimate(self, micro_batches: Sequence[Batch], generator: torch.Generator) -> bool:
         x, y = micro_batches[0]
@@ -134,5 +151,5 @@ class Hutchinson(_SophiaRefresh):
             with self.autocast():
                 return lm_loss(self.model(x), y)
 
-        return sophia_refresh.hutchinson(self.optimizer, loss,  # type: ignore[arg-type]
+        return sophia_refresh.hutchinson(self.optimizer, loss,
                                          generator=generator)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -44,6 +44,13 @@ def _installed() -> dict[str, Any]:
 
 
 _LIGHTNING = _installed()
+if TYPE_CHECKING:
+    from lightning.pytorch import Callback as _Callback
+else:
+    # Subclass every installed ``Callback``, so one callback serves lightning and
+    # pytorch_lightning alike; mypy checks against lightning.pytorch's.
+    _CALLBACKS = tuple(module.Callback for module in _LIGHTNING.values())
+    _Callback = _CALLBACKS[0] if len(_CALLBACKS) == 1 else type("_Callback", _CALLBACKS, {})
 _SOPHIA_H_RECIPE = (
     "SophiaHessianCallback refreshes SophiaG; for SophiaH use manual optimization and call "
     "optimizer.update_hessian(closure) in training_step (recipe: docs/INTEGRATIONS.md)"
@@ -70,7 +77,7 @@ def _output_logits(output: Any) -> Tensor:
     return logits
 
 
-class SophiaHessianCallback(*(module.Callback for module in _LIGHTNING.values())):
+class SophiaHessianCallback(_Callback):
     """Refreshes SophiaG's h after every optimizer step that makes one due.
 
     Right after each optimizer step (a ``step_post_hook`` on the SophiaG: one per
@@ -137,15 +144,33 @@ class SophiaHessianCallback(*(module.Callback for module in _LIGHTNING.values())
             )
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
-        """Hook the refresh onto every step of the SophiaG."""
+        """Hook the refresh onto every step of the SophiaG.
+
+        Args:
+            trainer: the Lightning ``Trainer``; its optimizers hold exactly one SophiaG.
+            pl_module: the ``LightningModule`` being trained.
+        """
         self._remove_hook()
         self._hook = self._sophia(trainer).register_step_post_hook(
             lambda optimizer, args, kwargs: self._after_step(trainer, pl_module))
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        """Unhook the refresh from the SophiaG.
+
+        Args:
+            trainer: the Lightning ``Trainer``.
+            pl_module: the ``LightningModule`` that was trained.
+        """
         self._remove_hook()
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        """Unhook the refresh from the SophiaG (when training ended early, too).
+
+        Args:
+            trainer: the Lightning ``Trainer``.
+            pl_module: the ``LightningModule``.
+            stage: Lightning's stage being torn down (``"fit"``, ``"validate"``, …).
+        """
         self._remove_hook()
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any,
@@ -163,6 +188,7 @@ class SophiaHessianCallback(*(module.Callback for module in _LIGHTNING.values())
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
+        """Forget the batch kept by :meth:`on_train_batch_start`: its steps are done."""
         self._batch = None
 
     def _after_step(self, trainer: Any, pl_module: Any) -> None:
@@ -181,6 +207,12 @@ class SophiaHessianCallback(*(module.Callback for module in _LIGHTNING.values())
     # ------------------------------------------------------------------------ refresh
     def refresh(self, trainer: Any, pl_module: Any, batch: Any) -> bool:
         """One refresh of h on ``batch``.
+
+        Args:
+            trainer: the Lightning ``Trainer``, for its SophiaG, precision plugin and rank.
+            pl_module: the ``LightningModule``, whose forward gives the logits.
+            batch: the training batch, as ``training_step`` gets it; read by
+                :meth:`logits_and_mask`.
 
         Returns:
             True when the estimate was folded in, False when it was skipped (a gradient not
@@ -206,7 +238,17 @@ class SophiaHessianCallback(*(module.Callback for module in _LIGHTNING.values())
 
     def logits_and_mask(self, pl_module: Any, batch: Any) -> LogitsAndMask:
         """``logits_fn(pl_module, batch)``, or the default for ``(inputs, targets)`` batches;
-        picks the sampled loss (``hessian_loss``) on the way."""
+        picks the sampled loss (``hessian_loss``) on the way.
+
+        Args:
+            pl_module: the ``LightningModule``; the default calls ``pl_module(inputs)``.
+            batch: the training batch; the default reads ``(inputs, targets)``, targets shaped
+                like the logits without their last dimension, ``(...)``.
+
+        Returns:
+            ``(logits, mask)``: logits of shape ``(..., C)`` and a ``(...)`` bool mask (or
+            None) of the positions to sample.
+        """
         self._chosen_loss = self.hessian_loss or "cross_entropy"
         if self.logits_fn is not None:
             return self.logits_fn(pl_module, batch)
@@ -237,9 +279,9 @@ class SophiaHessianCallback(*(module.Callback for module in _LIGHTNING.values())
 
     # ------------------------------------------------------------------------ helpers
     def _sophia(self, trainer: Any) -> SophiaG:
-        found = [o for o in trainer.optimizers if isinstance(o, (SophiaG, SophiaH))]
-        if any(isinstance(o, SophiaH) for o in found):
+        if any(isinstance(o, SophiaH) for o in trainer.optimizers):
             raise TypeError(_SOPHIA_H_RECIPE)
+        found = [o for o in trainer.optimizers if isinstance(o, SophiaG)]
         if len(found) != 1:
             names = [type(o).__name__ for o in trainer.optimizers]
             raise TypeError(

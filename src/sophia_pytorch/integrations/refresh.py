@@ -36,6 +36,10 @@ def find_sophia(optimizer: object) -> SophiaG | SophiaH:
     """The SophiaG/SophiaH inside ``optimizer``, unwrapping ``.optimizer`` attributes (accelerate's
     ``AcceleratedOptimizer``, Lightning's ``LightningOptimizer``).
 
+    Args:
+        optimizer: a SophiaG or SophiaH, or a wrapper holding one as ``.optimizer`` (up to
+            eight wrappers deep).
+
     Raises:
         TypeError: when there is none, naming what was found.
     """
@@ -63,7 +67,7 @@ def gauss_newton_refresh(
     loss: str | SampledLoss = "cross_entropy",
     generator: torch.Generator | None = None,
     scaler: torch.amp.GradScaler | None = None,
-    autocast: contextlib.AbstractContextManager | None = None,
+    autocast: contextlib.AbstractContextManager[object] | None = None,
     synchronize: bool = True,
 ) -> bool:
     """Refresh SophiaG's h from targets sampled from the model, on one batch.
@@ -104,7 +108,7 @@ def hutchinson_refresh(
     *,
     generator: torch.Generator | None = None,
     scaler: torch.amp.GradScaler | None = None,
-    autocast: contextlib.AbstractContextManager | None = None,
+    autocast: contextlib.AbstractContextManager[object] | None = None,
 ) -> bool:
     """Refresh SophiaH's h with one Hutchinson estimate on one batch.
 
@@ -114,7 +118,9 @@ def hutchinson_refresh(
             tensor; no backward); called under ``autocast`` and the math attention backend.
         generator: random source of the probes; seed it the same on every rank, so that the
             ranks' estimates (averaged by SophiaH) use the same probes (default: global).
-        scaler, autocast: as in :func:`gauss_newton_refresh`.
+        scaler: the GradScaler of the training step, or None (default): as in
+            :func:`gauss_newton_refresh`.
+        autocast: the mixed-precision context of the training forward (default None: none).
 
     Returns:
         True when the estimate was folded into h; False when skipped (not finite, under a

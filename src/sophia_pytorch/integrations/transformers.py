@@ -39,7 +39,12 @@ _PROBLEM_LOSSES = {"regression": "gaussian", "single_label_classification": "cro
 def head_of(model: nn.Module) -> Head | None:
     """The task of a Hugging Face model's head, from its class name: ``"causal_lm"`` (labels
     shifted by the model), ``"masked_lm"``, ``"token_classification"``,
-    ``"sequence_classification"``, or None for a class it does not know."""
+    ``"sequence_classification"``, or None for a class it does not know.
+
+    Args:
+        model: the Hugging Face model (its class is read, against transformers' auto
+            mappings, then by its name's suffix).
+    """
     from transformers.models.auto import modeling_auto
 
     name = type(model).__name__
@@ -67,12 +72,10 @@ class SophiaTrainer(Trainer):
     micro-batch, before the first step.
 
     Args:
-        *args, **kwargs: those of ``transformers.Trainer``. Pass ``optimizers=(SophiaG(...),
-            scheduler or None)`` — or SophiaH — or no optimizer: then a SophiaG is built with
-            ``lr=args.learning_rate``, ``weight_decay=args.weight_decay`` (0 for biases and
-            norms, as the Trainer does for AdamW) and ``sophia_kwargs``.
+        *args: the positional arguments of ``transformers.Trainer`` (``model``, ``args``, …).
         sophia_kwargs: further keywords of the SophiaG it builds (``rho``, ``betas``,
             ``refresh_every``, …); not ``lr`` or ``weight_decay``, which come from ``args``.
+            Default None: SophiaG's own defaults.
         shift_labels: whether the label at position t is the token predicted at t − 1, so
             that the refresh pairs ``logits[:, :-1]`` with ``labels[:, 1:]``. Only ever
             applied to token-level logits ``(B, T, V)`` with T > 1, never to ``(B, C)``.
@@ -87,6 +90,11 @@ class SophiaTrainer(Trainer):
             ``multi_label_classification`` → bernoulli; unset, it is inferred as the model
             does: one label → regression, integer labels → single-label, else multi-label),
             cross_entropy for language-model and token-classification heads.
+        **kwargs: the keyword arguments of ``transformers.Trainer``. Pass
+            ``optimizers=(SophiaG(...), scheduler or None)`` — or SophiaH — or no optimizer:
+            then a SophiaG is built with ``lr=args.learning_rate``,
+            ``weight_decay=args.weight_decay`` (0 for biases and norms, as the Trainer does for
+            AdamW) and ``sophia_kwargs``.
 
     How it hooks in: ``training_step`` keeps a reference to its micro-batch, and a
     ``TrainerCallback.on_step_end`` does the refresh. ``on_step_end`` runs once per optimizer
@@ -148,7 +156,7 @@ class SophiaTrainer(Trainer):
     def create_optimizer(self, *args: Any, **kwargs: Any) -> torch.optim.Optimizer:
         """Build SophiaG from ``args`` and ``sophia_kwargs`` unless an optimizer was passed."""
         if self.optimizer is None:
-            model = self.model
+            model = self._the_model()
             decay = set(self.get_decay_parameter_names(model))
             named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
             groups = [
@@ -279,6 +287,11 @@ class SophiaTrainer(Trainer):
     def refresh_hessian(self, inputs: dict[str, Any]) -> bool:
         """One refresh of the optimizer's h on the micro-batch ``inputs``.
 
+        Args:
+            inputs: a micro-batch as the Trainer's data collator gives it to ``training_step``
+                (``input_ids`` ``(B, T)``, ``attention_mask``, ``labels`` of shape ``(B, T)``
+                or ``(B,)``, …); moved to the device here.
+
         Returns:
             True when the estimate was folded in, False when skipped (not finite under fp16).
         """
@@ -286,10 +299,12 @@ class SophiaTrainer(Trainer):
         inputs = self._prepare_inputs(inputs)
         scaler = getattr(self.accelerator, "scaler", None)
         # No autocast here: accelerate has wrapped the model's own forward in it (fp16/bf16).
-        model = self.model
+        model = self._the_model()
         if isinstance(sophia, SophiaH):
             def loss_fn() -> Tensor:
-                return self.compute_loss(model, inputs)
+                # transformers annotates compute_loss without an overload on return_outputs:
+                # with return_outputs=False (the default) it returns the loss tensor alone.
+                return self.compute_loss(model, inputs)  # type: ignore[return-value]
             folded = hutchinson_refresh(sophia, loss_fn, generator=self._generator(sophia, 0),
                                         scaler=scaler)
         else:
@@ -304,6 +319,16 @@ class SophiaTrainer(Trainer):
         else:
             self.hessian_refreshes_skipped += 1
         return folded
+
+    def _the_model(self) -> torch.nn.Module:
+        """``self.model``, which transformers types as optional (a ``model_init`` trainer sets
+        it when training starts)."""
+        if self.model is None:
+            raise RuntimeError(
+                "SophiaTrainer has no model yet: pass model= (or model_init=, which sets it when "
+                "train() starts) before creating the optimizer or refreshing the Hessian"
+            )
+        return self.model
 
     def _generator(self, sophia: SophiaG | SophiaH, rank: int) -> torch.Generator:
         """This refresh's random stream: keyed by the step; labels differ across ranks (the
