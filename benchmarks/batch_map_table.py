@@ -41,7 +41,8 @@ def load(folder: Path) -> dict:
     headline = results["headline"]
     runs = results["runs"]
     rung = {"batch": batch, "steps": steps, "tokens": batch * steps * TOKENS_PER_ROW,
-            "commit": results.get("machine", {}).get("commit", "unknown"), "optimizers": {}}
+            "commit": results.get("machine", {}).get("commit", "unknown"), "optimizers": {},
+            "curves": {}}
     for name, entry in headline["optimizers"].items():
         first_seed = min(r["seed"] for r in runs if r["optimizer"] == name)
         grid = sorted({r["lr_multiplier"] for r in runs
@@ -50,6 +51,8 @@ def load(folder: Path) -> dict:
                     if r["optimizer"] == name and r["lr"] == entry["lr"])
         edge = len(grid) > 1 and best in (grid[0], grid[-1])
         per_seed = entry["per_seed"]
+        rung["curves"][name] = {r["seed"]: {e["tokens"]: e["val_loss"] for e in r["evals"]}
+                                for r in runs if r["optimizer"] == name and r["lr"] == entry["lr"]}
         rung["optimizers"][name] = {
             "lr": entry["lr"], "multiplier": best, "edge": edge,
             "final": [e["final_val_loss"] for e in per_seed],
@@ -82,6 +85,31 @@ def table(rungs: list[dict]) -> list[str]:
     return lines
 
 
+def equal_tokens(rungs: list[dict]) -> list[str]:
+    """At each rung's final token count, every rung whose validation curve has a point there:
+    the larger batches mid-run (their lr schedule not finished), paired by seed."""
+    lines = ["| tokens | batch (rows) | at step | AdamW val loss | Sophia-G val loss | "
+             "Sophia-G − AdamW, same seed | point |", "|---|---|---|---|---|---|---|"]
+    for tokens in sorted({r["tokens"] for r in rungs}):
+        for rung in sorted(rungs, key=lambda r: r["batch"]):
+            curves = rung["curves"]
+            if "adamw" not in curves or "sophiag" not in curves:
+                continue
+            seeds = sorted(set(curves["adamw"]) & set(curves["sophiag"]))
+            pairs = [(curves["adamw"][s].get(tokens), curves["sophiag"][s].get(tokens))
+                     for s in seeds]
+            pairs = [(a, g) for a, g in pairs if a is not None and g is not None]
+            if not pairs:
+                continue
+            step = tokens // (rung["batch"] * TOKENS_PER_ROW)
+            lines.append(
+                f"| {tokens / 1e6:.2f}M | {rung['batch']} | {step} of {rung['steps']} "
+                f"| {_spread([a for a, _ in pairs])} | {_spread([g for _, g in pairs])} "
+                f"| {_spread([g - a for a, g in pairs])} "
+                f"| {'end of run' if step == rung['steps'] else 'mid-run'} |")
+    return lines
+
+
 def plot(rungs: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -108,20 +136,24 @@ def plot(rungs: list[dict], path: Path) -> None:
     left.set_xticks(sorted({r["batch"] for r in rungs}),
                     [str(b) for b in sorted({r["batch"] for r in rungs})])
     left.legend()
-    budgets = sorted({r["tokens"] for r in rungs})
-    for name in names:
-        for tokens in budgets:
-            same = sorted((r for r in rungs if r["tokens"] == tokens and name in r["optimizers"]),
-                          key=lambda r: r["batch"])
-            if len(same) < 2:
+    for tokens in sorted({r["tokens"] for r in rungs}):
+        xs, gaps = [], []
+        for rung in sorted(rungs, key=lambda r: r["batch"]):
+            curves = rung["curves"]
+            if "adamw" not in curves or "sophiag" not in curves:
                 continue
-            right.plot([r["batch"] for r in same],
-                       [statistics.fmean(r["optimizers"][name]["gap"]) for r in same],
-                       marker="o", label=f"{name}, {tokens / 1e6:.2f}M tokens")
+            pairs = [(curves["adamw"][s].get(tokens), curves["sophiag"][s].get(tokens))
+                     for s in set(curves["adamw"]) & set(curves["sophiag"])]
+            pairs = [g - a for a, g in pairs if a is not None and g is not None]
+            if pairs:
+                xs.append(rung["batch"])
+                gaps.append(statistics.fmean(pairs))
+        if len(xs) >= 2:
+            right.plot(xs, gaps, marker="o", label=f"sophiag, {tokens / 1e6:.2f}M tokens")
     right.axhline(0, color="black", lw=0.8)
     right.set(xscale="log", xlabel="batch (sequences per step)",
               ylabel="final val loss − AdamW's (nats, mean over seeds)",
-              title="equal tokens (batch × steps fixed)")
+              title="equal tokens (read off the curves; larger batches mid-run)")
     right.legend(fontsize=8)
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -141,6 +173,8 @@ def main() -> None:
             continue
     rungs.sort(key=lambda r: (r["steps"] * r["batch"], r["batch"]))
     print("\n".join(table(rungs)))
+    print("\nEqual tokens, read off the validation curves:\n")
+    print("\n".join(equal_tokens(rungs)))
     print("\ncommits:", ", ".join(sorted({r["commit"] for r in rungs})))
     if args.plot:
         plot(rungs, args.plot)
