@@ -5,7 +5,7 @@
 # from 32 up is evaluated on the same 8x32 validation rows; batch 8 evaluates 32 batches of 8
 # (also 256 rows). One thread per compare; run two queues side by side.
 #
-#   benchmarks/batch_map.sh QUEUE        # QUEUE: a | b | c | d | e (see below)
+#   benchmarks/batch_map.sh QUEUE        # QUEUE: a | b | c | d | e | BATCH:STEPS (see below)
 #   python benchmarks/batch_map_table.py runs/map   # the table and the plot
 #
 # compare reuses finished runs, so a killed queue continues where it stopped (losing only the
@@ -32,4 +32,5 @@ case "${1:?queue a, b, c, d or e}" in
   c) one 8 800; one 32 800 ;;                        # equal tokens: b8x800 = b32x200, b32x800 = b128x200
   e) one 128 200 ;;                                  # equal steps, on its own (a third queue)
   d) one 32 1600 ;;                                  # equal tokens: b32x1600 = b256x200
+  *:*) one "${1%%:*}" "${1#*:}" ;;                   # BATCH:STEPS, one rung on its own
 esac
