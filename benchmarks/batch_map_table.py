@@ -152,7 +152,7 @@ def plot(rungs: list[dict], path: Path) -> None:
             right.plot(xs, gaps, marker="o", label=f"sophiag, {tokens / 1e6:.2f}M tokens")
     right.axhline(0, color="black", lw=0.8)
     right.set(xscale="log", xlabel="batch (sequences per step)",
-              ylabel="final val loss − AdamW's (nats, mean over seeds)",
+              ylabel="val loss − AdamW's at these tokens (nats, seed mean)",
               title="equal tokens (read off the curves; larger batches mid-run)")
     right.legend(fontsize=8)
     figure.tight_layout()
