@@ -63,7 +63,7 @@ def _old_checkpoint_in(folder: Path, optimizer: str) -> Path:
     """The format-2 checkpoint (scheduler state, ``initial_lr`` in the groups) that the
     code before the stateless schedule wrote at step 3 of a 6-step run, moved to this
     machine's corpus slice."""
-    state = torch.load(DATA / f"format2-{optimizer}-step3.pt", weights_only=True)
+    state = torch.load(DATA / f"format2-{optimizer}-step3.checkpoint", weights_only=True)
     assert "scheduler" in state and state["format"] == 2
     state.pop(CHECKSUM)
     state["config"]["data"]["source"] = str(corpus_slice(folder / "data"))
