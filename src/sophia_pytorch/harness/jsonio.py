@@ -30,11 +30,20 @@ def dumps(value: Any, **kwargs: Any) -> str:
 
 def write_json(path: str | Path, value: Any) -> None:
     """Write ``value`` as indented JSON to ``path``, atomically (temp file, then rename)."""
-    path = Path(path)
+    write_atomically(Path(path), (dumps(value, indent=1) + "\n").encode())
+
+
+def write_atomically(path: Path, data: bytes, *, sync: bool = False) -> None:
+    """Write ``data`` to ``path`` through a temporary file ``.<name>.<random>.tmp`` beside it
+    and a rename, so a reader sees the old file or the new one, never half of one;
+    ``sync=True`` also flushes it to the disk before the rename."""
     handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(handle, "w") as file:
-            file.write(dumps(value, indent=1) + "\n")
+        with os.fdopen(handle, "wb") as file:
+            file.write(data)
+            if sync:
+                file.flush()
+                os.fsync(file.fileno())
         os.chmod(temp, umasked())
         os.replace(temp, path)
     except BaseException:

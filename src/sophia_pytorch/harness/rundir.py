@@ -15,7 +15,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 import time
 import zipfile
 from pathlib import Path
@@ -23,7 +22,7 @@ from typing import Any
 
 from .distributed import is_main_process
 from .errors import SophiaError, writing
-from .jsonio import dumps, umasked
+from .jsonio import dumps, write_atomically
 
 __all__ = ["RUN_FILES", "RUN_FOLDERS", "RunLock", "RunLog", "clear_run", "holds_run",
            "is_main_process", "is_sophia_run", "make_run_dir", "prepare_run_dir", "run_paths",
@@ -272,9 +271,9 @@ class RunLog:
                 kept = [line for line in self.path.read_bytes().splitlines()
                         if (record := _record_of(line)) is not None
                         and record["step"] <= keep_until_step]
-                _replace(self.path, b"".join(line + b"\n" for line in kept))
+                write_atomically(self.path, b"".join(line + b"\n" for line in kept), sync=True)
             elif keep_until_step is None:
-                _replace(self.path, b"")
+                write_atomically(self.path, b"", sync=True)
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -316,17 +315,3 @@ def _record_of(line: bytes) -> dict[str, Any] | None:
 def _not_json(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
-
-def _replace(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file beside it and a rename."""
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.chmod(temp, umasked())
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
