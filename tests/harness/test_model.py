@@ -57,6 +57,20 @@ def test_tiny_preset_has_about_a_million_parameters():
     assert 0.5e6 < count < 1.5e6
 
 
+def test_small_preset_is_the_issue_16_scale_step():
+    """BPE ~8k, context 256, 5-10M parameters, 2000 steps (issue 16 §3)."""
+    config = make_config("small")
+    shape, data = config.model, config.data
+    assert data.tokenizer == "bpe" and data.bpe_vocab_size == 8192
+    assert shape.block_size == 256 and config.run.max_steps == 2000
+    model = GPT(GPTConfig(vocab_size=data.bpe_vocab_size, block_size=shape.block_size,
+                          n_layer=shape.n_layer, n_head=shape.n_head, n_embd=shape.n_embd))
+    count = model.num_parameters()
+    assert count == expected_parameters(data.bpe_vocab_size, shape.block_size, shape.n_layer,
+                                        shape.n_embd)
+    assert 5e6 < count < 10e6
+
+
 @pytest.mark.parametrize("name, layers, heads, width", [
     ("gpt2-small", 12, 12, 768), ("gpt2-medium", 24, 16, 1024), ("gpt2-large", 36, 20, 1280),
 ])

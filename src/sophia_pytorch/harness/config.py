@@ -388,6 +388,27 @@ PRESETS: dict[str, Preset] = {
             "muon": OptimizerHparams(0.05, 0.005, (0.95, 0.0), 0.1),
         },
     ),
+    # Issue 16 §3: a step towards the paper's setting that one CPU can still run to 2000 steps
+    # in under an hour: BPE tokens, context 256, 5.3M parameters (3.2M outside the tied
+    # embedding), 8x256 = 2048 tokens a step (the tiny preset's tokens per step).
+    "small": Preset(
+        description="5.3M parameters, BPE 8192, context 256: 2000 steps in about 40 minutes "
+                    "on one CPU core",
+        values=dict(
+            n_layer=4, n_head=4, n_embd=256, block_size=256, dropout=0.0,
+            tokenizer="bpe", bpe_vocab_size=8192,
+            batch_size=8, grad_accum=1, max_steps=2000, warmup_steps=100,
+            eval_every=100, eval_batches=8,
+        ),
+        # Rows from the lr pilot (benchmarks/RESULTS.md, "Scale: the small preset").
+        optimizers={
+            "adamw": OptimizerHparams(3e-3, 3e-4, (0.9, 0.95), 0.1),
+            "sophiag": OptimizerHparams(1e-3, 1e-4, (0.9, 0.99), 0.2, 2.0),
+            "sophiah": OptimizerHparams(1e-3, 1e-4, (0.9, 0.99), 0.2, 2.0),
+            "lion": OptimizerHparams(1e-3, 1e-4, (0.9, 0.99), 1.0),
+            "muon": OptimizerHparams(0.05, 0.005, (0.95, 0.0), 0.1),
+        },
+    ),
     "gpt2-small": _gpt2(12, 12, 768, adamw=(6e-4, 3e-5), sophiag=(6e-4, 1.5e-5, 0.05)),
     "gpt2-medium": _gpt2(24, 16, 1024, adamw=(3e-4, 6e-5), sophiag=(7e-4, 1e-5, 0.08)),
     "gpt2-large": _gpt2(36, 20, 1280, adamw=(2e-4, 1e-5), sophiag=(3e-4, 1e-5, 0.05)),

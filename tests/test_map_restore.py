@@ -1,0 +1,56 @@
+"""benchmarks/map_restore.py: a committed results.json becomes a compare folder that
+``compare`` extends, reading the old runs back and training only the new one."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+from sophia_pytorch.harness.compare.runner import compare
+from tests.harness.helpers import tiny_config
+
+_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "map_restore.py"
+
+
+def _map_restore():
+    spec = importlib.util.spec_from_file_location("map_restore", _PATH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_restored_runs_are_read_back_and_only_new_runs_train(tmp_path, capsys):
+    base = tiny_config(tmp_path, max_steps=4, eval_every=2)
+    first = tmp_path / "first"
+    compare(base, optimizers=["adamw", "sophiag"], lr_multipliers=[1.0], seeds=[0],
+            out_dir=first)
+    committed = tmp_path / "results.json"
+    shutil.copy(first / "results.json", committed)
+    shutil.rmtree(first)  # what a clone has: the results.json, no run folders
+
+    written = _map_restore().restore(committed, tmp_path / "again")
+    assert len(written) == 2
+    capsys.readouterr()
+    compare(base, optimizers=["adamw", "sophiag"], lr_multipliers=[1.0, 2.0], seeds=[0],
+            out_dir=tmp_path / "again")
+    log = capsys.readouterr().err
+    assert log.count("(found)") == 2 and log.count("(trained)") == 2  # x2 of each is new
+    old = {(r["optimizer"], r["lr_multiplier"]): r for r in
+           json.loads(committed.read_text())["runs"]}
+    new = json.loads((tmp_path / "again" / "results.json").read_text())["runs"]
+    assert len(new) == 4
+    for run in new:
+        if run["lr_multiplier"] == 1.0:  # read back as recorded, curve and all
+            assert run == old[(run["optimizer"], 1.0)]
+
+
+def test_a_restored_run_with_other_settings_is_trained_not_mixed_in(tmp_path, capsys):
+    base = tiny_config(tmp_path, max_steps=4, eval_every=2)
+    compare(base, optimizers=["adamw"], seeds=[0], out_dir=tmp_path / "first")
+    _map_restore().restore(tmp_path / "first" / "results.json", tmp_path / "again")
+    capsys.readouterr()
+    compare(tiny_config(tmp_path, max_steps=6, eval_every=2), optimizers=["adamw"], seeds=[0],
+            out_dir=tmp_path / "again", overwrite=True)
+    assert "(trained)" in capsys.readouterr().err
