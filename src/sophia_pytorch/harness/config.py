@@ -398,7 +398,7 @@ PRESETS: dict[str, Preset] = {
             n_layer=4, n_head=4, n_embd=256, block_size=256, dropout=0.0,
             tokenizer="bpe", bpe_vocab_size=8192,
             batch_size=8, grad_accum=1, max_steps=2000, warmup_steps=100,
-            eval_every=100, eval_batches=8,
+            eval_every=100, eval_batches=16,  # 32k validation tokens
         ),
         # Rows from the lr pilot (benchmarks/RESULTS.md, "Scale: the small preset").
         optimizers={
