@@ -402,7 +402,7 @@ PRESETS: dict[str, Preset] = {
         ),
         # Rows from the lr pilot (benchmarks/RESULTS.md, "Scale: the small preset").
         optimizers={
-            "adamw": OptimizerHparams(3e-3, 3e-4, (0.9, 0.95), 0.1),
+            "adamw": OptimizerHparams(1e-3, 1e-4, (0.9, 0.95), 0.1),
             "sophiag": OptimizerHparams(1e-3, 1e-4, (0.9, 0.99), 0.2, 2.0),
             "sophiah": OptimizerHparams(1e-3, 1e-4, (0.9, 0.99), 0.2, 2.0),
             "lion": OptimizerHparams(1e-3, 1e-4, (0.9, 0.99), 1.0),
