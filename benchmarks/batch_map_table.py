@@ -110,6 +110,35 @@ def equal_tokens(rungs: list[dict]) -> list[str]:
     return lines
 
 
+def reference_checks(folder: Path, rungs: list[dict]) -> list[str]:
+    """Sophia-G against AdamW at another lr on every seed: ``b<B>-s<S>-adamw-x<M>`` folders
+    (``sophia compare --optimizers adamw --lr-grid M --seeds 3``), paired by seed with the
+    rung's tuned Sophia-G runs. Where the grid's seed-0 winner is unstable on other seeds,
+    this is the steadier baseline."""
+    lines = ["| batch (rows) | steps | AdamW lr | AdamW final val loss | Sophia-G final val loss "
+             "| Sophia-G − AdamW, same seed | seeds where Sophia-G is lower |",
+             "|---|---|---|---|---|---|---|"]
+    by_rung = {(r["batch"], r["steps"]): r for r in rungs}
+    for child in sorted(folder.iterdir()):
+        match = re.fullmatch(r"b(\d+)-s(\d+)-adamw-x([\d.]+)", child.name)
+        if match is None or not (child / "results.json").exists():
+            continue
+        rung = by_rung.get((int(match[1]), int(match[2])))
+        if rung is None or "sophiag" not in rung["curves"]:
+            continue
+        runs = json.loads((child / "results.json").read_text())["runs"]
+        adamw = {r["seed"]: r["final_val_loss"] for r in runs if r["optimizer"] == "adamw"}
+        sophia = {s: curve[max(curve)] for s, curve in rung["curves"]["sophiag"].items()}
+        seeds = sorted(set(adamw) & set(sophia))
+        gaps = [sophia[s] - adamw[s] for s in seeds]
+        lr = next(r["lr"] for r in runs if r["optimizer"] == "adamw")
+        lines.append(
+            f"| {rung['batch']} | {rung['steps']} | {lr:.3g} (×{match[3]}) "
+            f"| {_spread([adamw[s] for s in seeds])} | {_spread([sophia[s] for s in seeds])} "
+            f"| {_spread(gaps)} | {sum(g < 0 for g in gaps)}/{len(gaps)} |")
+    return lines if len(lines) > 2 else []
+
+
 def plot(rungs: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -175,6 +204,10 @@ def main() -> None:
     print("\n".join(table(rungs)))
     print("\nEqual tokens, read off the validation curves:\n")
     print("\n".join(equal_tokens(rungs)))
+    checks = reference_checks(args.folder, rungs)
+    if checks:
+        print("\nAgainst AdamW at another lr, on every seed:\n")
+        print("\n".join(checks))
     print("\ncommits:", ", ".join(sorted({r["commit"] for r in rungs})))
     if args.plot:
         plot(rungs, args.plot)
