@@ -110,11 +110,12 @@ def equal_tokens(rungs: list[dict]) -> list[str]:
     return lines
 
 
-def reference_checks(folder: Path, rungs: list[dict]) -> list[str]:
+def reference_checks(folder: Path, rungs: list[dict],
+                     gathered: list[tuple[int, int, list[float]]]) -> list[str]:
     """Sophia-G against AdamW at another lr on every seed: ``b<B>-s<S>-adamw-x<M>`` folders
     (``sophia compare --optimizers adamw --lr-grid M --seeds 3``), paired by seed with the
     rung's tuned Sophia-G runs. Where the grid's seed-0 winner is unstable on other seeds,
-    this is the steadier baseline."""
+    this is the steadier baseline. Appends (batch, steps, gaps by seed) to ``gathered``."""
     lines = ["| batch (rows) | steps | AdamW lr | AdamW final val loss | Sophia-G final val loss "
              "| Sophia-G − AdamW, same seed | seeds where Sophia-G is lower |",
              "|---|---|---|---|---|---|---|"]
@@ -132,6 +133,7 @@ def reference_checks(folder: Path, rungs: list[dict]) -> list[str]:
         seeds = sorted(set(adamw) & set(sophia))
         gaps = [sophia[s] - adamw[s] for s in seeds]
         lr = next(r["lr"] for r in runs if r["optimizer"] == "adamw")
+        gathered.append((rung["batch"], rung["steps"], gaps))
         lines.append(
             f"| {rung['batch']} | {rung['steps']} | {lr:.3g} (×{match[3]}) "
             f"| {_spread([adamw[s] for s in seeds])} | {_spread([sophia[s] for s in seeds])} "
@@ -139,7 +141,7 @@ def reference_checks(folder: Path, rungs: list[dict]) -> list[str]:
     return lines if len(lines) > 2 else []
 
 
-def plot(rungs: list[dict], path: Path) -> None:
+def plot(rungs: list[dict], path: Path, checks: list[tuple[int, int, list[float]]]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -158,13 +160,19 @@ def plot(rungs: list[dict], path: Path) -> None:
         left.errorbar(xs, means, yerr=[[m - min(g) for m, g in zip(means, gaps)],
                                        [max(g) - m for m, g in zip(means, gaps)]],
                       marker="o", capsize=3, label=name)
+    for batch, steps, gaps in checks:
+        if steps == steps_view:
+            mean = statistics.fmean(gaps)
+            left.errorbar([batch * 1.06], [mean], yerr=[[mean - min(gaps)], [max(gaps) - mean]],
+                          marker="D", mfc="white", capsize=3, color="black",
+                          label="sophiag vs AdamW at its steadier lr")
     left.axhline(0, color="black", lw=0.8)
     left.set(xscale="log", xlabel="batch (sequences of 64 tokens per step)",
              ylabel="final val loss − AdamW's (nats, same seed)",
              title=f"equal steps ({steps_view} each)")
     left.set_xticks(sorted({r["batch"] for r in rungs}),
                     [str(b) for b in sorted({r["batch"] for r in rungs})])
-    left.legend()
+    left.legend(fontsize=8, loc="upper left", ncol=2)
     for tokens in sorted({r["tokens"] for r in rungs}):
         xs, gaps = [], []
         for rung in sorted(rungs, key=lambda r: r["batch"]):
@@ -204,13 +212,14 @@ def main() -> None:
     print("\n".join(table(rungs)))
     print("\nEqual tokens, read off the validation curves:\n")
     print("\n".join(equal_tokens(rungs)))
-    checks = reference_checks(args.folder, rungs)
+    gathered: list[tuple[int, int, list[float]]] = []
+    checks = reference_checks(args.folder, rungs, gathered)
     if checks:
         print("\nAgainst AdamW at another lr, on every seed:\n")
         print("\n".join(checks))
     print("\ncommits:", ", ".join(sorted({r["commit"] for r in rungs})))
     if args.plot:
-        plot(rungs, args.plot)
+        plot(rungs, args.plot, gathered)
         print(f"plot: {args.plot}")
 
 
