@@ -403,8 +403,8 @@ PRESETS: dict[str, Preset] = {
         # Rows from the lr pilot (benchmarks/RESULTS.md, "Scale: the small preset").
         optimizers={
             "adamw": OptimizerHparams(1e-3, 1e-4, (0.9, 0.95), 0.1),
-            "sophiag": OptimizerHparams(1e-3, 1e-4, (0.9, 0.99), 0.2, 2.0),
-            "sophiah": OptimizerHparams(1e-3, 1e-4, (0.9, 0.99), 0.2, 2.0),
+            "sophiag": OptimizerHparams(3.33e-4, 3.33e-5, (0.9, 0.99), 0.2, 2.0),
+            "sophiah": OptimizerHparams(3.33e-4, 3.33e-5, (0.9, 0.99), 0.2, 2.0)  # not piloted,
             "lion": OptimizerHparams(1e-3, 1e-4, (0.9, 0.99), 1.0),
             "muon": OptimizerHparams(0.05, 0.005, (0.95, 0.0), 0.1),
         },
