@@ -404,7 +404,7 @@ PRESETS: dict[str, Preset] = {
         optimizers={
             "adamw": OptimizerHparams(1e-3, 1e-4, (0.9, 0.95), 0.1),
             "sophiag": OptimizerHparams(3.33e-4, 3.33e-5, (0.9, 0.99), 0.2, 2.0),
-            "sophiah": OptimizerHparams(3.33e-4, 3.33e-5, (0.9, 0.99), 0.2, 2.0)  # not piloted,
+            "sophiah": OptimizerHparams(3.33e-4, 3.33e-5, (0.9, 0.99), 0.2, 2.0),  # not piloted
             "lion": OptimizerHparams(1e-3, 1e-4, (0.9, 0.99), 1.0),
             "muon": OptimizerHparams(0.05, 0.005, (0.95, 0.0), 0.1),
         },
