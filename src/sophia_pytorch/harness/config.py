@@ -392,19 +392,20 @@ PRESETS: dict[str, Preset] = {
     # in under an hour: BPE tokens, context 256, 5.3M parameters (3.2M outside the tied
     # embedding), 8x256 = 2048 tokens a step (the tiny preset's tokens per step).
     "small": Preset(
-        description="5.3M parameters, BPE 8192, context 256: 2000 steps in about 40 minutes "
-                    "on one CPU core",
+        description="5.3M parameters, BPE 8192, context 256: 2000 steps in 35-40 minutes on "
+                    "one CPU core",
         values=dict(
             n_layer=4, n_head=4, n_embd=256, block_size=256, dropout=0.0,
             tokenizer="bpe", bpe_vocab_size=8192,
             batch_size=8, grad_accum=1, max_steps=2000, warmup_steps=100,
             eval_every=100, eval_batches=16,  # 32k validation tokens
         ),
-        # Rows from the lr pilot (benchmarks/RESULTS.md, "Scale: the small preset").
+        # AdamW, Sophia-G and Muon: the best of a 200-step lr pilot (benchmarks/RESULTS.md,
+        # "Scale: the small preset"); Sophia-H borrows Sophia-G's row, Lion keeps tiny's.
         optimizers={
             "adamw": OptimizerHparams(1e-3, 1e-4, (0.9, 0.95), 0.1),
             "sophiag": OptimizerHparams(3.33e-4, 3.33e-5, (0.9, 0.99), 0.2, 2.0),
-            "sophiah": OptimizerHparams(3.33e-4, 3.33e-5, (0.9, 0.99), 0.2, 2.0),  # not piloted
+            "sophiah": OptimizerHparams(3.33e-4, 3.33e-5, (0.9, 0.99), 0.2, 2.0),
             "lion": OptimizerHparams(1e-3, 1e-4, (0.9, 0.99), 1.0),
             "muon": OptimizerHparams(0.05, 0.005, (0.95, 0.0), 0.1),
         },
