@@ -7,6 +7,7 @@ and in what share of the reference's steps, and — read the other way — the s
 the reference needed to reach this optimizer's final loss.
 
     python benchmarks/ladder_table.py runs/ladder-200 runs/ladder-800 runs/ladder-3200
+    python benchmarks/ladder_table.py runs/small-2000 --curve 100   # and the curves
 """
 
 from __future__ import annotations
@@ -41,9 +42,36 @@ def rows(folder: Path) -> list[str]:
     return out
 
 
+def curve(folder: Path, every: int) -> list[str]:
+    """Validation loss every ``every`` steps of each optimizer's tuned run (the first seed),
+    and each one's difference to the reference (AdamW) at the same step."""
+    results = json.loads((folder / "results.json").read_text())
+    reference = results["headline"]["reference"]
+    best, seed = results["best_multipliers"], results["seeds"][0]
+    curves = {r["optimizer"]: {int(e["step"]): e["val_loss"] for e in r["evals"]}
+              for r in results["runs"]
+              if r["seed"] == seed and r["lr_multiplier"] == best[r["optimizer"]]}
+    names = [n for n in results["optimizers"] if n in curves]
+    others = [n for n in names if n != reference]
+    lines = ["| step | " + " | ".join(names) + " | "
+             + " | ".join(f"{n} − {reference}" for n in others) + " |",
+             "|---" * (1 + len(names) + len(others)) + "|"]
+    for step in sorted(curves[reference]):
+        if step % every or step == 0:
+            continue
+        values = [curves[n].get(step) for n in names]
+        gaps = [curves[n][step] - curves[reference][step] if step in curves[n] else None
+                for n in others]
+        lines.append(f"| {step} | " + " | ".join("—" if v is None else f"{v:.3f}" for v in values)
+                     + " | " + " | ".join("—" if g is None else f"{g:+.3f}" for g in gaps) + " |")
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("folders", nargs="+", type=Path, help="sophia compare output folders")
+    parser.add_argument("--curve", type=int, default=0, metavar="N",
+                        help="also print each folder's validation curves every N steps")
     args = parser.parse_args()
     print("| steps | optimizer | tuned lr | final val loss, mean (min–max) | seeds reaching "
           "AdamW's final loss | × AdamW's steps to it | AdamW's share of the rung to reach "
@@ -52,6 +80,9 @@ def main() -> None:
     for folder in args.folders:
         for row in rows(folder):
             print(row)
+    for folder in args.folders if args.curve else []:
+        print(f"\n{folder}:\n")
+        print("\n".join(curve(folder, args.curve)))
 
 
 if __name__ == "__main__":
