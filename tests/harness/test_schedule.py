@@ -73,17 +73,35 @@ def _old_checkpoint_in(folder: Path, optimizer: str) -> Path:
     return folder / "run"
 
 
+def _same_rows(mine: dict, theirs: dict) -> bool:
+    """Equal step rows, floats to 1e-5 relative ("seconds" aside): the fixture's first three
+    steps ran on another machine, whose CPU kernels may round the last bit differently."""
+    if mine.keys() != theirs.keys():
+        return False
+    for key in mine.keys() - {"seconds"}:
+        a, b = mine[key], theirs[key]
+        if isinstance(a, float) and isinstance(b, float):
+            if a != pytest.approx(b, rel=1e-5):
+                return False
+        elif a != b:
+            return False
+    return True
+
+
 @pytest.mark.parametrize("optimizer", ["sophiag", "muon"])
-def test_an_old_checkpoint_with_scheduler_state_resumes_bit_for_bit(tmp_path, optimizer):
+def test_an_old_checkpoint_with_scheduler_state_resumes_the_same_trajectory(tmp_path, optimizer):
+    """Same lr at every step, same losses: the old scheduler state is neither needed nor
+    misread. Bit for bit on the machine that wrote the fixture; here to float rounding."""
     settings = dict(optimizer=optimizer, n_embd=8, n_head=1, block_size=8, max_steps=6,
                     checkpoint_every=3, warmup_steps=2, eval_every=3)
     whole = train(tiny_config(tmp_path / "whole", **settings))
     run = _old_checkpoint_in(tmp_path / "old", optimizer)
     resumed = train(tiny_config(tmp_path / "old", **settings), resume=run)
-    assert _steps(resumed.run_dir) == [
-        {**row, "seconds": mine["seconds"]}
-        for row, mine in zip(_steps(whole.run_dir)[3:], _steps(resumed.run_dir), strict=True)]
-    assert resumed.evals[-1]["val_loss"] == whole.evals[-1]["val_loss"]
+    expected, got = _steps(whole.run_dir)[3:], _steps(resumed.run_dir)
+    assert len(got) == len(expected) == 3
+    assert [r["lr"] for r in got] == [r["lr"] for r in expected]  # the schedule: exact
+    assert all(_same_rows(a, b) for a, b in zip(got, expected, strict=True)), (got, expected)
+    assert resumed.evals[-1]["val_loss"] == pytest.approx(whole.evals[-1]["val_loss"], rel=1e-5)
     saved = torch.load(run / "checkpoint.pt", weights_only=True)  # written by this code
     assert "scheduler" not in saved
     assert "initial_lr" not in str(saved["optimizer"])  # no scheduler key left in a group
