@@ -21,7 +21,7 @@ import argparse
 import json
 from pathlib import Path
 
-from sophia_pytorch.harness.compare.runner import RECORD, _run_config, multiplier_name
+from sophia_pytorch.harness.compare.runner import RECORD, _Runs
 from sophia_pytorch.harness.config import flatten, make_config, to_dict
 from sophia_pytorch.harness.jsonio import write_json
 
@@ -33,15 +33,15 @@ def restore(results_path: Path, out: Path) -> list[Path]:
     results = json.loads(results_path.read_text())
     base_values = flatten(results["base_config"])
     base = make_config(base_values.pop("preset", results["preset"]), base_values)
+    runs = _Runs(base, {}, out, overwrite=False)  # compare's own folder names and settings
     written = []
     for record in results["runs"]:
-        name, multiplier, seed = record["optimizer"], record["lr_multiplier"], record["seed"]
-        folder = out / "runs" / f"{name}-x{multiplier_name(multiplier)}-seed{seed}"
+        key = (record["optimizer"], record["lr_multiplier"], record["seed"])
+        folder = runs.folder(*key)
         if folder.exists():
             continue
-        config = _run_config(base, {}, name, multiplier, seed, folder)
         folder.mkdir(parents=True)
-        write_json(folder / RECORD, {"record": record, "config": to_dict(config)})
+        write_json(folder / RECORD, {"record": record, "config": to_dict(runs.config(*key))})
         written.append(folder / RECORD)
     return written
 

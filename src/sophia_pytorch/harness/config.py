@@ -371,22 +371,24 @@ def _gpt2(n_layer: int, n_head: int, n_embd: int, adamw: tuple, sophiag: tuple) 
     )
 
 
+# Tuned on the lr grid; why Sophia's rho is far above the paper's 0.05 and why Sophia-G's
+# beta1 is 0.9, not the paper's 0.965: benchmarks/RESULTS.md, "Harness: tiny comparison" and
+# "Convergence".
+_TINY_ROWS = {
+    "adamw": OptimizerHparams(3e-3, 3e-4, (0.9, 0.95), 0.1),
+    "sophiag": OptimizerHparams(1e-3, 1e-4, (0.9, 0.99), 0.2, 2.0),
+    "sophiah": OptimizerHparams(1e-3, 1e-4, (0.965, 0.99), 0.2, 2.0),
+    "lion": OptimizerHparams(1e-3, 1e-4, (0.9, 0.99), 1.0),
+    # Muon's lr: the best of a 100-step pilot over 0.005-0.1 (docs/HARNESS.md).
+    "muon": OptimizerHparams(0.05, 0.005, (0.95, 0.0), 0.1),
+}
+
 PRESETS: dict[str, Preset] = {
     "tiny": Preset(
         description="0.8M parameters, bytes, context 64: hundreds of steps a minute on CPU",
         # One thread: its matrices are too small for more to pay (docs/HARNESS.md).
         values={"threads": 1},
-        # Tuned on the lr grid; why Sophia's rho is far above the paper's 0.05 and why
-        # Sophia-G's beta1 is 0.9, not the paper's 0.965: benchmarks/RESULTS.md,
-        # "Harness: tiny comparison" and "Convergence".
-        optimizers={
-            "adamw": OptimizerHparams(3e-3, 3e-4, (0.9, 0.95), 0.1),
-            "sophiag": OptimizerHparams(1e-3, 1e-4, (0.9, 0.99), 0.2, 2.0),
-            "sophiah": OptimizerHparams(1e-3, 1e-4, (0.965, 0.99), 0.2, 2.0),
-            "lion": OptimizerHparams(1e-3, 1e-4, (0.9, 0.99), 1.0),
-            # Muon's lr: the best of a 100-step pilot over 0.005-0.1 (docs/HARNESS.md).
-            "muon": OptimizerHparams(0.05, 0.005, (0.95, 0.0), 0.1),
-        },
+        optimizers=_TINY_ROWS,
     ),
     # Issue 16 §3: a step towards the paper's setting that one CPU can still run to 2000 steps
     # in under an hour: BPE tokens, context 256, 5.3M parameters (3.2M outside the tied
@@ -400,14 +402,14 @@ PRESETS: dict[str, Preset] = {
             batch_size=8, grad_accum=1, max_steps=2000, warmup_steps=100,
             eval_every=100, eval_batches=16,  # 32k validation tokens
         ),
-        # AdamW, Sophia-G and Muon: the best of a 200-step lr pilot (benchmarks/RESULTS.md,
-        # "Scale: the small preset"); Sophia-H borrows Sophia-G's row, Lion keeps tiny's.
+        # Tiny's rows, the lrs of AdamW and Sophia-G replaced by the best of a 200-step pilot
+        # (benchmarks/RESULTS.md, "Scale: the small preset"; Muon's pilot kept tiny's 0.05);
+        # Sophia-H borrows Sophia-G's row, Lion keeps tiny's (not piloted).
         optimizers={
+            **_TINY_ROWS,
             "adamw": OptimizerHparams(1e-3, 1e-4, (0.9, 0.95), 0.1),
             "sophiag": OptimizerHparams(3.33e-4, 3.33e-5, (0.9, 0.99), 0.2, 2.0),
             "sophiah": OptimizerHparams(3.33e-4, 3.33e-5, (0.9, 0.99), 0.2, 2.0),
-            "lion": OptimizerHparams(1e-3, 1e-4, (0.9, 0.99), 1.0),
-            "muon": OptimizerHparams(0.05, 0.005, (0.95, 0.0), 0.1),
         },
     ),
     "gpt2-small": _gpt2(12, 12, 768, adamw=(6e-4, 3e-5), sophiag=(6e-4, 1.5e-5, 0.05)),
