@@ -260,3 +260,48 @@ def test_sophia_options_are_checked_against_the_constructors_signature():
     for name in ("sophiag", "sophiah", "sophiag-official"):
         assert OPTIMIZERS[name].unknown_options({"eps": 1, "epsilon": 1}) == ["epsilon"]
     assert OPTIMIZERS["adamw"].unknown_options({"eps": 1}) == ["eps"]  # takes none
+
+
+@pytest.mark.parametrize("name, rest_class", [("muon-adamw", torch.optim.AdamW),
+                                              ("muon-sophiag", sophia_pytorch.SophiaG)])
+def test_muon_hybrids_fix_muon_at_its_row_and_tune_the_other_part(name, rest_class):
+    rows = PRESETS["tiny"].optimizers
+    model = _model()
+    built = build_optimizer(make_config("tiny", {"optimizer": name, "lr": 3 * rows[name].lr,
+                                                 "min_lr": 0.0}), model)
+    muon_group, decayed, plain = built.param_groups
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert muon_group["lr"] == rows["muon"].lr  # not scaled by the grid
+    assert muon_group["momentum"] == rows["muon"].betas[0]
+    assert isinstance(built.rest, rest_class)
+    assert decayed["lr"] == pytest.approx(3 * rows[name].lr)
+    assert decayed["betas"] == rows[name].betas
+    assert sorted(names[id(p)] for p in decayed["params"]) == ["wpe.weight", "wte.weight"]
+    assert plain["weight_decay"] == 0
+    every = [id(p) for group in built.param_groups for p in group["params"]]
+    assert sorted(every) == sorted(names)  # each parameter exactly once
+
+
+def test_muon_sophiag_refreshes_the_sophia_part_only():
+    config = make_config("tiny", {"optimizer": "muon-sophiag"})
+    model = _model()
+    built = build_optimizer(config, model)
+    refresh = build_refresh(config, built, model, autocast=contextlib.nullcontext,
+                            device=torch.device("cpu"))
+    assert type(refresh) is GaussNewtonBartlett and refresh.optimizer is built.rest
+    x = torch.randint(256, (4, 8))
+    for step in range(1, 11):  # one refresh falls due after k = 10 steps
+        built.zero_grad()
+        torch.nn.functional.cross_entropy(model(x).flatten(0, 1), x.flatten()).backward()
+        built.step()
+        refresh([(x, x)], key=step)
+    hessians = [built.rest.state[p]["hessian"] for g in built.rest.param_groups
+                for p in g["params"]]
+    assert all(h.abs().sum() > 0 for h in hessians)
+    assert all("hessian" not in built.muon.state[p] for p in built.muon.param_groups[0]["params"])
+    assert refresh.unclipped_fraction() is not None
+    again = build_optimizer(config, model)
+    again.load_state_dict(built.state_dict())
+    for group in built.rest.param_groups:
+        for p in group["params"]:
+            assert torch.equal(again.state[p]["hessian"], built.state[p]["hessian"])

@@ -367,6 +367,9 @@ def _gpt2(n_layer: int, n_head: int, n_embd: int, adamw: tuple, sophiag: tuple) 
             "lion": OptimizerHparams(adam_lr / 5, adam_min / 5, (0.9, 0.99), 1.0),
             # Not tuned at this size: Muon's usual lr 0.02, floor at AdamW's ratio.
             "muon": OptimizerHparams(0.02, 0.02 * adam_min / adam_lr, (0.95, 0.0), 0.1),
+            # The part beside Muon (fixed at its row) starts from the optimizer's own row.
+            "muon-adamw": OptimizerHparams(adam_lr, adam_min, (0.9, 0.95), 0.1),
+            "muon-sophiag": OptimizerHparams(sophia_lr, sophia_min, (0.965, 0.99), 0.2, rho),
         },
     )
 
@@ -381,6 +384,9 @@ _TINY_ROWS = {
     "lion": OptimizerHparams(1e-3, 1e-4, (0.9, 0.99), 1.0),
     # Muon's lr: the best of a 100-step pilot over 0.005-0.1 (docs/HARNESS.md).
     "muon": OptimizerHparams(0.05, 0.005, (0.95, 0.0), 0.1),
+    # Muon at its row on the hidden matrices; the part beside it starts from its own row.
+    "muon-adamw": OptimizerHparams(3e-3, 3e-4, (0.9, 0.95), 0.1),
+    "muon-sophiag": OptimizerHparams(1e-3, 1e-4, (0.9, 0.99), 0.2, 2.0),
 }
 
 PRESETS: dict[str, Preset] = {
@@ -410,6 +416,8 @@ PRESETS: dict[str, Preset] = {
             "adamw": OptimizerHparams(1e-3, 1e-4, (0.9, 0.95), 0.1),
             "sophiag": OptimizerHparams(3.33e-4, 3.33e-5, (0.9, 0.99), 0.2, 2.0),
             "sophiah": OptimizerHparams(3.33e-4, 3.33e-5, (0.9, 0.99), 0.2, 2.0),
+            "muon-adamw": OptimizerHparams(1e-3, 1e-4, (0.9, 0.95), 0.1),
+            "muon-sophiag": OptimizerHparams(3.33e-4, 3.33e-5, (0.9, 0.99), 0.2, 2.0),
         },
     ),
     "gpt2-small": _gpt2(12, 12, 768, adamw=(6e-4, 3e-5), sophiag=(6e-4, 1.5e-5, 0.05)),

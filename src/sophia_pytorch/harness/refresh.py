@@ -58,8 +58,11 @@ class HessianRefresh:
 class SophiaRefresh(HessianRefresh, Generic[_Sophia]):
     """Asks the optimizer whether a refresh is owed and seeds its random draws.
 
+    An optimizer that holds a Sophia for part of the model (``muon-sophiag``) names it as its
+    ``hessian_optimizer``; that part is refreshed.
+
     Raises:
-        TypeError: when ``optimizer`` is not the Sophia the subclass refreshes.
+        TypeError: when ``optimizer`` is not (and holds no) Sophia the subclass refreshes.
     """
 
     same_draws_on_every_rank = False
@@ -69,6 +72,7 @@ class SophiaRefresh(HessianRefresh, Generic[_Sophia]):
     def __init__(self, optimizer: torch.optim.Optimizer, model: nn.Module, *, rows: int,
                  autocast: Autocast, seed: int, rank: int, world_size: int,
                  device: torch.device) -> None:
+        optimizer = getattr(optimizer, "hessian_optimizer", optimizer)
         if not isinstance(optimizer, self.sophia_class):
             raise TypeError(
                 f"{type(self).__name__} refreshes a sophia_pytorch "

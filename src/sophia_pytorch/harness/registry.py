@@ -23,7 +23,7 @@ from torch import nn
 import sophia_pytorch
 
 from .baselines.lion import Lion
-from .baselines.muon import MuonWithAdamW, hidden_matrices
+from .baselines.muon import MuonWithAdamW, MuonWithSophiaG, hidden_matrices
 from .refresh import GaussNewtonBartlett, HessianRefresh, Hutchinson
 
 # A builder's ``settings`` is a resolved ``config.OptimizerConfig`` and ``rows`` a preset's
@@ -124,6 +124,41 @@ def _muon(settings: OptimizerConfig, model: nn.Module, rows: Mapping[str, Optimi
                          adamw_weight_decay=adamw.weight_decay)
 
 
+def _muon_part(model: nn.Module, rows: Mapping[str, OptimizerHparams]
+               ) -> tuple[torch.optim.Muon, list[nn.Parameter]]:
+    """Muon at the preset's ``muon`` row (not scaled by the lr grid) on the hidden matrices,
+    and the trainable parameters it leaves to the other part."""
+    matrices = hidden_matrices(model)
+    chosen = {id(p) for p in matrices}
+    row = rows["muon"]
+    muon = torch.optim.Muon(matrices, lr=row.lr, momentum=row.betas[0],
+                            weight_decay=row.weight_decay)
+    return muon, [p for p in _trainable(model) if id(p) not in chosen]
+
+
+def _muon_adamw(settings: OptimizerConfig, model: nn.Module,
+                rows: Mapping[str, OptimizerHparams],
+                device: torch.device | None) -> torch.optim.Optimizer:
+    """Muon fixed at its row; AdamW at the config's row (the part the lr grid tunes)."""
+    muon, rest = _muon_part(model, rows)
+    adamw = torch.optim.AdamW(decay_groups(rest, settings.weight_decay), lr=settings.lr,
+                              betas=settings.betas, weight_decay=settings.weight_decay)
+    return MuonWithAdamW.from_parts(muon, adamw)
+
+
+def _muon_sophiag(settings: OptimizerConfig, model: nn.Module,
+                  rows: Mapping[str, OptimizerHparams],
+                  device: torch.device | None) -> torch.optim.Optimizer:
+    """Muon fixed at its row; SophiaG at the config's row (the part the lr grid tunes)."""
+    muon, rest = _muon_part(model, rows)
+    sophia = sophia_pytorch.SophiaG(
+        decay_groups(rest, settings.weight_decay), **{
+            **settings.sophia_options, "lr": settings.lr, "betas": settings.betas,
+            "weight_decay": settings.weight_decay, "rho": settings.rho,
+            "refresh_every": settings.refresh_every})
+    return MuonWithSophiaG(muon, sophia)
+
+
 def _sophia(cls: type[torch.optim.Optimizer], extra: Callable[[], dict[str, Any]] = dict
             ) -> Builder:
     def build(settings: OptimizerConfig, model: nn.Module,
@@ -158,6 +193,15 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
     "lion": OptimizerSpec(_lion, row="lion", description="Lion (harness/baselines/lion.py)"),
     "muon": OptimizerSpec(_muon, row="muon", fsdp_refusal=_WHOLE_MATRICES,
                           description="torch's Muon on hidden matrices + AdamW on the rest"),
+    "muon-adamw": OptimizerSpec(
+        _muon_adamw, row="muon-adamw", fsdp_refusal=_WHOLE_MATRICES,
+        description="Muon (its preset row, fixed) on hidden matrices + AdamW on the rest, "
+                    "the lr grid tuning the AdamW part"),
+    "muon-sophiag": OptimizerSpec(
+        _muon_sophiag, row="muon-sophiag", refresh=GaussNewtonBartlett,
+        fsdp_refusal=_WHOLE_MATRICES, options_class=sophia_pytorch.SophiaG,
+        description="Muon (its preset row, fixed) on hidden matrices + SophiaG on embeddings, "
+                    "head and the rest, the lr grid tuning the SophiaG part"),
     "sophiag-official": OptimizerSpec(
         _sophia(sophia_pytorch.SophiaG, _official_defaults), row="sophiag",
         refresh=GaussNewtonBartlett, options_class=sophia_pytorch.SophiaG,
