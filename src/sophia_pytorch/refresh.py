@@ -14,7 +14,8 @@ hand-written loop — refreshes Sophia's h through this module, so the rule exis
 * :func:`refresh_generator`: the random source of one refresh, a pure function of (seed,
   key, rank), so a resumed run draws what an unbroken one would.
 
-Nothing here waits for the device: sample counts stay tensors (the refresh can be captured).
+Sample counts stay tensors; a Gauss-Newton-Bartlett refresh reads the device once, for the
+total count (a refresh with no sampled position is skipped, not folded in as a zero estimate).
 """
 
 from __future__ import annotations
@@ -103,6 +104,26 @@ def refresh_generator(seed: int, key: int, *, rank: int = 0,
     return torch.Generator(device=device).manual_seed(value)
 
 
+def _checked_output(output: object, loss_fn: SampledLoss) -> tuple[Tensor, Tensor]:
+    """A sampled loss's ``(loss, count)``, the count as a 0-dim int64 tensor (an int is
+    accepted); anything else is a TypeError naming the callable."""
+    name = getattr(loss_fn, "__name__", repr(loss_fn))
+    if not (isinstance(output, tuple) and len(output) == 2):
+        raise TypeError(f"the sampled loss {name} must return (loss, count), got "
+                        f"{type(output).__name__}")
+    mean, count = output
+    if not (isinstance(mean, Tensor) and mean.dim() == 0 and mean.is_floating_point()):
+        raise TypeError(f"the sampled loss {name} must return its loss as a 0-dim float "
+                        f"tensor, got {mean!r:.80}")
+    if isinstance(count, int) and not isinstance(count, bool):
+        count = torch.tensor(count, dtype=torch.int64, device=mean.device)
+    if not (isinstance(count, Tensor) and count.numel() == 1
+            and not count.is_floating_point() and not count.is_complex()):
+        raise TypeError(f"the sampled loss {name} must return its count of sampled positions "
+                        f"as an int or a one-element integer tensor, got {count!r:.80}")
+    return mean, count.reshape(()).to(torch.int64)
+
+
 def _data_parallel_world(synchronize: bool) -> int:
     if not synchronize or not (dist.is_available() and dist.is_initialized()):
         return 1
@@ -154,7 +175,11 @@ def gauss_newton_bartlett(
 
     Returns:
         True when the estimate was folded into h; False when it was skipped (a gradient not
-        finite under ``grad_scale``).
+        finite under ``grad_scale``, or no position sampled on any rank: every one masked),
+        leaving h and the refresh count as they were.
+
+    Raises:
+        TypeError: a ``loss`` callable that does not return ``(loss tensor, count)``.
     """
     if not chunks:
         raise ValueError("gauss_newton_bartlett needs at least one chunk")
@@ -165,20 +190,27 @@ def gauss_newton_bartlett(
     total = torch.zeros((), dtype=torch.int64)
     for chunk in chunks:
         outputs, mask = chunk()
-        mean, count = loss_fn(outputs, mask=mask, generator=generator, count_as_tensor=True)
+        mean, count = _checked_output(
+            loss_fn(outputs, mask=mask, generator=generator, count_as_tensor=True), loss_fn)
         if normaliser is None:
             normaliser = _sum_over_ranks(count, world) * len(chunks)
             total = count
         else:
             total = total + count.to(total.device)
-        chunk_sum = mean * count.to(mean.dtype)
-        scaled = chunk_sum * (world / normaliser.clamp(min=1).to(chunk_sum.dtype))
+        # In float32 (float64): a float16 count or sum overflows at 65,504 positions.
+        wide = torch.float64 if mean.dtype == torch.float64 else torch.float32
+        chunk_sum = mean.to(wide) * count.to(wide)
+        scaled = chunk_sum * (world / normaliser.clamp(min=1).to(wide))
         if grad_scale is not None:
             scaled = scaled * grad_scale
         scaled.backward()  # type: ignore[no-untyped-call]  # torch leaves Tensor.backward unannotated
     assert normaliser is not None  # set by the first chunk; chunks is not empty
     if len(chunks) > 1:
         total = _sum_over_ranks(total, world)
+    sampled = normaliser if len(chunks) == 1 else total  # positions over all ranks and chunks
+    if not bool(sampled > 0):  # one host read: nothing was sampled, there is no estimate
+        optimizer.zero_grad(set_to_none=True)
+        return False
     if world > 1:
         all_reduce_mean([p.grad for group in optimizer.param_groups for p in group["params"]
                          if p.grad is not None and not is_dtensor(p.grad)])
