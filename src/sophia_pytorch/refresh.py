@@ -149,8 +149,9 @@ def gauss_newton_bartlett(
 ) -> bool:
     """Refresh SophiaG's h from targets sampled from the model on ``chunks``.
 
-    Clears the gradients of ``optimizer``'s parameters before and after. Each chunk is
-    forwarded and back-propagated in turn (one chunk's graph alive at a time): its sampled
+    Clears the gradients of ``optimizer``'s parameters before and after, and writes no other
+    parameter's gradient (except under FSDP2, whose DTensor shards take a plain backward). Each
+    chunk is forwarded and back-propagated in turn (one chunk's graph alive at a time): its sampled
     loss, a sum over its kept positions, is divided by a normaliser N that every rank agrees
     on before the first backward (the kept positions of the first chunk over all ranks, times
     the number of chunks; exactly B for one chunk), so gradients stay on the scale of a mean
@@ -186,6 +187,11 @@ def gauss_newton_bartlett(
     loss_fn = sampled_loss(loss)
     world = _data_parallel_world(synchronize)
     optimizer.zero_grad(set_to_none=True)
+    # The sampled loss's gradient goes to this optimizer's parameters only: another
+    # optimizer's gradients (Lightning with two, Muon beside Sophia) are left as they were.
+    # FSDP2 gathers its shards outside autograd, so DTensor parameters take a plain backward.
+    params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
+    inputs = None if any(is_dtensor(p) for p in params) else params
     normaliser: Tensor | None = None
     total = torch.zeros((), dtype=torch.int64)
     for chunk in chunks:
@@ -203,7 +209,7 @@ def gauss_newton_bartlett(
         scaled = chunk_sum * (world / normaliser.clamp(min=1).to(wide))
         if grad_scale is not None:
             scaled = scaled * grad_scale
-        scaled.backward()  # type: ignore[no-untyped-call]  # torch leaves Tensor.backward unannotated
+        scaled.backward(inputs=inputs)  # type: ignore[no-untyped-call]  # unannotated in torch
     assert normaliser is not None  # set by the first chunk; chunks is not empty
     if len(chunks) > 1:
         total = _sum_over_ranks(total, world)
