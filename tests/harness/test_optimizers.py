@@ -85,7 +85,7 @@ def test_sophia_options_the_harness_owns_or_non_finite_are_refused(options, mess
 
 
 def test_sophia_options_for_another_optimizer_are_refused():
-    with pytest.raises(SophiaError, match="apply to sophiag and sophiah only, not adamw"):
+    with pytest.raises(SophiaError, match="apply to sophiag, sophiah, .* only, not adamw"):
         make_config("tiny", {"optimizer": "adamw", "sophia_options": {"eps": 1e-9}})
 
 
@@ -122,9 +122,24 @@ def test_the_official_variant_merges_official_defaults_under_the_presets_row(mon
                         raising=False)
     config = make_config("tiny", {"optimizer": "sophiag-official"})
     build_optimizer(config, _model())
-    row = PRESETS["tiny"].optimizers["sophiag"]
+    row = PRESETS["tiny"].optimizers["sophiag-official"]
     assert _Recording.seen["eps"] == 1e-9 and _Recording.seen["switch"] is False
     assert (_Recording.seen["lr"], _Recording.seen["betas"]) == (row.lr, row.betas)
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_the_official_variant_trains_with_the_authors_hyperparameters_not_sophiags(preset):
+    """Its row was Sophia-G's, which overrode every official value: it trained bit for bit
+    as sophiag while `sophia presets` listed the official values."""
+    official = sophia_pytorch.OFFICIAL_DEFAULTS
+    built = build_optimizer(make_config(preset, {"optimizer": "sophiag-official"}), _model())
+    group = built.param_groups[0]
+    assert group["betas"] == tuple(official["betas"]) and group["rho"] == official["rho"]
+    assert group["weight_decay"] == official["weight_decay"]
+    assert group["lr"] == PRESETS[preset].optimizers["sophiag"].lr
+    ours = build_optimizer(make_config(preset, {"optimizer": "sophiag"}), _model())
+    assert ours.param_groups[0]["betas"] != group["betas"] or \
+        ours.param_groups[0]["rho"] != group["rho"]
 
 
 def test_the_official_variant_builds_the_librarys_sophiag_with_its_official_keywords():
@@ -231,7 +246,7 @@ def test_adding_an_optimizer_is_one_registry_row(monkeypatch, tmp_path):
     assert type(refresh) is HessianRefresh
     with pytest.raises(SophiaError, match="sgd cannot run under --parallel fsdp here"):
         make_config("tiny", {"optimizer": "sgd", "parallel": "fsdp"})
-    with pytest.raises(SophiaError, match="apply to sophiag and sophiah only, not sgd"):
+    with pytest.raises(SophiaError, match="apply to sophiag, sophiah, .* only, not sgd"):
         make_config("tiny", {"optimizer": "sgd", "sophia_options": {"eps": 1e-9}})
     result = trainer.train(tiny_config(tmp_path, optimizer="sgd", max_steps=2))
     assert result.steps == 2

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
+from .. import OFFICIAL_DEFAULTS
 from .errors import SophiaError
 from .registry import OPTIMIZERS, RESERVED_OPTIONS
 
@@ -426,6 +427,18 @@ PRESETS: dict[str, Preset] = {
 }
 
 
+def _official_row(sophiag: OptimizerHparams) -> OptimizerHparams:
+    """``sophiag-official``'s row: the authors' betas, rho and weight decay
+    (``sophia_pytorch.OFFICIAL_DEFAULTS``) at the preset's Sophia-G lr and floor (the authors'
+    default lr, 1e-4, was never a tuned value for a model size)."""
+    return OptimizerHparams(sophiag.lr, sophiag.min_lr, tuple(OFFICIAL_DEFAULTS["betas"]),
+                            OFFICIAL_DEFAULTS["weight_decay"], OFFICIAL_DEFAULTS["rho"])
+
+
+for _preset in PRESETS.values():
+    _preset.optimizers.setdefault("sophiag-official", _official_row(_preset.optimizers["sophiag"]))
+
+
 def _suggest(name: str, choices: typing.Iterable[str]) -> str:
     close = difflib.get_close_matches(name, list(choices), n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
@@ -588,9 +601,9 @@ def validate(config: Config) -> None:
 def _check_sophia_options(optimizer: OptimizerConfig) -> None:
     options, spec = optimizer.sophia_options, OPTIMIZERS[optimizer.name]
     if options and not spec.takes_options:
-        takers = [name for name, s in OPTIMIZERS.items() if s.takes_options and s.row == name]
+        takers = [name for name, s in OPTIMIZERS.items() if s.takes_options]
         raise SophiaError(
-            f"sophia_options {sorted(options)} apply to {' and '.join(takers)} only, not "
+            f"sophia_options {sorted(options)} apply to {', '.join(takers)} only, not "
             f"{optimizer.name}; drop --sophia-option or pick a Sophia optimizer"
         )
     for key, value in options.items():

@@ -6,8 +6,9 @@ runs under FSDP2, and which constructor ``sophia_options`` go to. Adding an opti
 builder function and one row here (plus its rows in the presets, ``config.PRESETS``); nothing
 else asks "which optimizer is this?".
 
-A *variant* (``sophiag-official``) is a spec whose ``row`` is another optimizer's and whose
-``extra`` keywords change its constructor's defaults; the row and ``sophia_options`` win.
+A *variant* is a spec whose ``extra`` keywords change its constructor's defaults (the row and
+``sophia_options`` win); ``sophiag-official`` is one, with a row of its own that carries the
+authors' hyperparameters (``config._official_row``), so it trains as the authors' SophiaG.
 """
 
 from __future__ import annotations
@@ -203,8 +204,9 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
         description="Muon (its preset row, fixed) on hidden matrices + SophiaG on embeddings, "
                     "head and the rest, the lr grid tuning the SophiaG part"),
     "sophiag-official": OptimizerSpec(
-        _sophia(sophia_pytorch.SophiaG, _official_defaults), row="sophiag",
+        _sophia(sophia_pytorch.SophiaG, _official_defaults), row="sophiag-official",
         refresh=GaussNewtonBartlett, options_class=sophia_pytorch.SophiaG,
         extra=_official_defaults,
-        description="SophiaG with sophia_pytorch.OFFICIAL_DEFAULTS (the authors' update)"),
+        description="SophiaG with the authors' betas, rho and weight decay "
+                    "(sophia_pytorch.OFFICIAL_DEFAULTS) at the preset's Sophia-G lr"),
 }
