@@ -149,7 +149,8 @@ def sophia_update(
         grads: gradients, same shapes and dtypes as ``params``.
         exp_avgs: m, same shapes; dtype of ``params`` or float32 for low-precision params.
         hessians: h, same shapes and dtype as ``exp_avgs``.
-        lr: step size, a float or a 0-dim tensor (units of θ per step).
+        lr: step size, a float or a one-element tensor (units of θ per step); the fused
+            kernel reads a tensor's value each step (as torch's CPU-fused AdamW takes one).
         beta1: EMA coefficient of m.
         rho: γ in the paper: scales h against |m| before clipping.
         weight_decay: decoupled, multiplied by ``lr``.
@@ -161,11 +162,13 @@ def sophia_update(
             None (with ``foreach`` None too): take it for CPU tensors where it can be built
             (else warn once and fall back), unless ``lr`` is a Tensor or the step is compiled.
     """
+    if isinstance(lr, Tensor) and lr.dim() != 0:
+        lr = lr.reshape(())  # a one-element lr of any shape, as torch's optimizers take it
     foreach, fused = _default_paths(params, lr, foreach, fused)
     if fused:
         left = _kernel.fused_sophia_(
-            params, grads, exp_avgs, hessians,
-            lr=lr, beta1=beta1, rho=rho, weight_decay=weight_decay, eps=eps, maximize=maximize,
+            params, grads, exp_avgs, hessians,  # the kernel takes a Tensor lr's value
+            lr=float(lr) if isinstance(lr, Tensor) else lr, beta1=beta1, rho=rho, weight_decay=weight_decay, eps=eps, maximize=maximize,
         )
         if not left:
             return
