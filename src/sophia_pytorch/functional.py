@@ -168,7 +168,8 @@ def sophia_update(
     if fused:
         left = _kernel.fused_sophia_(
             params, grads, exp_avgs, hessians,  # the kernel takes a Tensor lr's value
-            lr=float(lr) if isinstance(lr, Tensor) else lr, beta1=beta1, rho=rho, weight_decay=weight_decay, eps=eps, maximize=maximize,
+            lr=float(lr) if isinstance(lr, Tensor) else lr, beta1=beta1, rho=rho,
+            weight_decay=weight_decay, eps=eps, maximize=maximize,
         )
         if not left:
             return
