@@ -46,7 +46,7 @@ case "${1:?queue a, b or c}" in
   b) small small-seeds sophiag 1 1; small small-norefresh sophiag 1 0 --refresh-every 1000000
      small small-seeds sophiag 1 2 ;;
   # Muon on the hidden matrices with Sophia-G (or, the control, AdamW) on embeddings, head and
-  # the rest, each tuned on its own part; AdamW alone as the reference. 800 steps (80 refreshes).
-  c) tiny muon-adamw 1,3.33,10,30; tiny muon-sophiag 0.333,1,3.33,10; tiny adamw 0.333,1,3 ;;
+  # the rest, each tuned on its own part. 800 steps (80 refreshes).
+  c) tiny muon-adamw 1,3.33,10,30; tiny muon-sophiag 3.33,10,30 ;;
   *) echo "unknown queue $1" >&2; exit 2 ;;
 esac
