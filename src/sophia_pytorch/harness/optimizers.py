@@ -18,7 +18,7 @@ from torch import nn
 from .config import PRESETS, Config
 from .errors import SophiaError
 from .refresh import HessianRefresh, SophiaRefresh
-from .registry import OPTIMIZERS, decay_groups
+from .registry import OPTIMIZERS, OptimizerSettings, decay_groups
 
 __all__ = ["build_optimizer", "build_refresh", "decay_groups"]
 
@@ -36,9 +36,15 @@ def build_optimizer(config: Config, model: nn.Module,
     Raises:
         SophiaError: a value the optimizer's constructor refuses.
     """
-    spec = OPTIMIZERS[config.optimizer.name]
+    spec, resolved = OPTIMIZERS[config.optimizer.name], config.optimizer
+    assert resolved.lr is not None and resolved.weight_decay is not None \
+        and resolved.rho is not None, "config.resolve fills every row field"
+    settings = OptimizerSettings(
+        lr=resolved.lr, betas=resolved.betas, weight_decay=resolved.weight_decay,
+        rho=resolved.rho, refresh_every=resolved.refresh_every,
+        sophia_options=resolved.sophia_options)
     try:
-        return spec.build(config.optimizer, model, PRESETS[config.preset].optimizers, device)
+        return spec.build(settings, model, PRESETS[config.preset].optimizers, device)
     except ValueError as exc:
         raise SophiaError(f"{config.optimizer.name} refused its settings: {exc}; fix that "
                           "setting") from None

@@ -25,14 +25,23 @@ import sophia_pytorch
 
 from .baselines.lion import Lion
 from .baselines.muon import MuonWithAdamW, MuonWithSophiaG, hidden_matrices
+from .presets import OptimizerHparams
 from .refresh import GaussNewtonBartlett, HessianRefresh, Hutchinson
 
-# A builder's ``settings`` is a resolved ``config.OptimizerConfig`` and ``rows`` a preset's
-# ``config.OptimizerHparams`` by name; typed loosely here, as config imports this module.
-OptimizerConfig = Any
-OptimizerHparams = Any
 
-__all__ = ["OPTIMIZERS", "RESERVED_OPTIONS", "OptimizerSpec", "decay_groups"]
+@dataclass(frozen=True)
+class OptimizerSettings:
+    """What a builder reads: the resolved hyperparameters of ``config.OptimizerSettings`` (every
+    row field filled in; ``optimizers.build_optimizer`` makes one from it)."""
+
+    lr: float
+    betas: tuple[float, float]
+    weight_decay: float
+    rho: float
+    refresh_every: int
+    sophia_options: Mapping[str, Any]
+
+__all__ = ["OPTIMIZERS", "RESERVED_OPTIONS", "OptimizerSettings", "OptimizerSpec", "decay_groups"]
 
 # Keywords the harness sets from its own settings, not from sophia_options: where to set them.
 RESERVED_OPTIONS = {"params": "the model's parameters", "lr": "--lr", "betas": "--beta1/--beta2",
@@ -40,7 +49,7 @@ RESERVED_OPTIONS = {"params": "the model's parameters", "lr": "--lr", "betas": "
                     "refresh_every": "--refresh-every"}
 
 # build(settings, model, rows, device): ``rows`` are the preset's hyperparameter rows by name.
-Builder = Callable[[OptimizerConfig, nn.Module, Mapping[str, OptimizerHparams],
+Builder = Callable[[OptimizerSettings, nn.Module, Mapping[str, OptimizerHparams],
                     "torch.device | None"], torch.optim.Optimizer]
 
 
@@ -97,7 +106,7 @@ def _trainable(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def _adamw(settings: OptimizerConfig, model: nn.Module, rows: Mapping[str, OptimizerHparams],
+def _adamw(settings: OptimizerSettings, model: nn.Module, rows: Mapping[str, OptimizerHparams],
            device: torch.device | None) -> torch.optim.Optimizer:
     fused = device is not None and device.type == "cuda"
     return torch.optim.AdamW(decay_groups(_trainable(model), settings.weight_decay),
@@ -105,13 +114,13 @@ def _adamw(settings: OptimizerConfig, model: nn.Module, rows: Mapping[str, Optim
                              weight_decay=settings.weight_decay, fused=fused or None)
 
 
-def _lion(settings: OptimizerConfig, model: nn.Module, rows: Mapping[str, OptimizerHparams],
+def _lion(settings: OptimizerSettings, model: nn.Module, rows: Mapping[str, OptimizerHparams],
           device: torch.device | None) -> torch.optim.Optimizer:
     return Lion(decay_groups(_trainable(model), settings.weight_decay), lr=settings.lr,
                 betas=settings.betas, weight_decay=settings.weight_decay)
 
 
-def _muon(settings: OptimizerConfig, model: nn.Module, rows: Mapping[str, OptimizerHparams],
+def _muon(settings: OptimizerSettings, model: nn.Module, rows: Mapping[str, OptimizerHparams],
           device: torch.device | None) -> torch.optim.Optimizer:
     """Muon at the config's row on the hidden matrices; AdamW at the preset's adamw row,
     its lr scaled as the config's lr is to Muon's row, on the rest."""
@@ -120,7 +129,7 @@ def _muon(settings: OptimizerConfig, model: nn.Module, rows: Mapping[str, Optimi
     rest = [p for p in _trainable(model) if id(p) not in chosen]
     adamw, scale = rows["adamw"], settings.lr / rows["muon"].lr
     return MuonWithAdamW(matrices, decay_groups(rest, adamw.weight_decay), lr=settings.lr,
-                         momentum=settings.beta1, weight_decay=settings.weight_decay,
+                         momentum=settings.betas[0], weight_decay=settings.weight_decay,
                          adamw_lr=adamw.lr * scale, adamw_betas=adamw.betas,
                          adamw_weight_decay=adamw.weight_decay)
 
@@ -137,7 +146,7 @@ def _muon_part(model: nn.Module, rows: Mapping[str, OptimizerHparams]
     return muon, [p for p in _trainable(model) if id(p) not in chosen]
 
 
-def _muon_adamw(settings: OptimizerConfig, model: nn.Module,
+def _muon_adamw(settings: OptimizerSettings, model: nn.Module,
                 rows: Mapping[str, OptimizerHparams],
                 device: torch.device | None) -> torch.optim.Optimizer:
     """Muon fixed at its row; AdamW at the config's row (the part the lr grid tunes)."""
@@ -147,7 +156,7 @@ def _muon_adamw(settings: OptimizerConfig, model: nn.Module,
     return MuonWithAdamW.from_parts(muon, adamw)
 
 
-def _muon_sophiag(settings: OptimizerConfig, model: nn.Module,
+def _muon_sophiag(settings: OptimizerSettings, model: nn.Module,
                   rows: Mapping[str, OptimizerHparams],
                   device: torch.device | None) -> torch.optim.Optimizer:
     """Muon fixed at its row; SophiaG at the config's row (the part the lr grid tunes)."""
@@ -162,7 +171,7 @@ def _muon_sophiag(settings: OptimizerConfig, model: nn.Module,
 
 def _sophia(cls: type[torch.optim.Optimizer], extra: Callable[[], dict[str, Any]] = dict
             ) -> Builder:
-    def build(settings: OptimizerConfig, model: nn.Module,
+    def build(settings: OptimizerSettings, model: nn.Module,
               rows: Mapping[str, OptimizerHparams],
               device: torch.device | None) -> torch.optim.Optimizer:
         keywords = {**extra(), **settings.sophia_options, "lr": settings.lr,
