@@ -320,3 +320,10 @@ def test_muon_sophiag_refreshes_the_sophia_part_only():
     for group in built.rest.param_groups:
         for p in group["params"]:
             assert torch.equal(again.state[p]["hessian"], built.state[p]["hessian"])
+
+
+def test_sophia_presets_lists_every_optimizer_with_its_description(capsys):
+    assert main(["presets"]) == 0
+    shown = capsys.readouterr().out
+    for name, spec in OPTIMIZERS.items():
+        assert spec.description and f"{name} " in shown and spec.description in shown
