@@ -532,7 +532,7 @@ class SophiaG(SophiaBase):
 
     Args:
         params: iterable of parameters or of dicts defining parameter groups.
-        lr: learning rate (default 1e-4); a float or a one-element tensor.
+        lr: learning rate (default 1e-4); a float or a tensor of one element (any shape).
         betas: (β1, β2), EMA coefficients of m and h (default (0.965, 0.99)).
         rho: γ, the clipping scale of h against |m| (default 0.04).
         weight_decay: decoupled weight decay (default 0.1).
@@ -664,7 +664,7 @@ class SophiaH(SophiaBase):
 
     Args:
         params: iterable of parameters or of dicts defining parameter groups.
-        lr: learning rate (default 1e-4); a float or a one-element tensor.
+        lr: learning rate (default 1e-4); a float or a tensor of one element (any shape).
         betas: (β1, β2) (default (0.965, 0.99)).
         rho: γ (default 0.04). Our choice, not the paper's tuning: the same as SophiaG,
             since both estimators target the diagonal of the mean loss's curvature.

@@ -13,6 +13,8 @@ hand-written loop — refreshes Sophia's h through this module, so the rule exis
   averages its estimate over ranks with the same all-reduce.
 * :func:`refresh_generator`: the random source of one refresh, a pure function of (seed,
   key, rank), so a resumed run draws what an unbroken one would.
+* What a trainer holds goes in as keywords: its GradScaler (``scaler``), its mixed-precision
+  context (``autocast``); :func:`find_sophia` unwraps the optimizer a trainer wraps.
 
 Sample counts stay tensors; a Gauss-Newton-Bartlett refresh reads the device once, for the
 total count (a refresh with no sampled position is skipped, not folded in as a zero estimate).
@@ -20,8 +22,9 @@ total count (a refresh with no sampled position is skipped, not folded in as a z
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
-from typing import Literal, Protocol
+from typing import Literal, Protocol, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -32,14 +35,25 @@ from .estimators import sampled_binary_cross_entropy, sampled_cross_entropy, sam
 from .optimizer import SophiaG, SophiaH
 
 __all__ = [
+    "Autocast",
     "Chunk",
+    "LogitsAndMask",
     "SampledLoss",
     "SAMPLED_LOSSES",
+    "find_sophia",
     "gauss_newton_bartlett",
     "hutchinson",
     "refresh_generator",
     "sampled_loss",
 ]
+
+LogitsAndMask = tuple[Tensor, "Tensor | None"]
+"""``(logits, mask)``: ``(..., C)`` outputs and an optional ``(...)`` bool tensor of the
+positions to sample (True); padding and positions without a target are False."""
+
+Autocast = Callable[[], "contextlib.AbstractContextManager[object]"]
+"""Makes the mixed-precision context of the training forward (``lambda: torch.autocast(…)``,
+Lightning's ``precision.forward_context``), entered once per forward."""
 
 Chunk = Callable[[], "tuple[Tensor, Tensor | None]"]
 """A chunk of the refresh batch: runs the forward (under the caller's autocast and wrappers)
@@ -82,6 +96,7 @@ def sampled_loss(choice: str | SampledLoss) -> SampledLoss:
     return SAMPLED_LOSSES[choice]
 
 
+_Out = TypeVar("_Out")
 _RANK_STRIDE = 0x9E3779B1  # 2³²/φ: ranks' seeds lie far apart from each other's keys
 
 
@@ -124,6 +139,53 @@ def _checked_output(output: object, loss_fn: SampledLoss) -> tuple[Tensor, Tenso
     return mean, count.reshape(()).to(torch.int64)
 
 
+def find_sophia(optimizer: object) -> SophiaG | SophiaH:
+    """The SophiaG/SophiaH inside ``optimizer``, unwrapping ``.optimizer`` attributes
+    (accelerate's ``AcceleratedOptimizer``, Lightning's ``LightningOptimizer``).
+
+    Args:
+        optimizer: a SophiaG or SophiaH, or a wrapper holding one as ``.optimizer`` (up to
+            eight wrappers deep).
+
+    Raises:
+        TypeError: when there is none, naming what was found.
+    """
+    found = optimizer
+    for _ in range(8):
+        if isinstance(found, (SophiaG, SophiaH)):
+            return found
+        if not hasattr(found, "optimizer"):
+            break
+        found = found.optimizer
+    raise TypeError(
+        f"the Hessian refresh needs a sophia_pytorch SophiaG or SophiaH optimizer, got "
+        f"{type(found).__name__}"
+    )
+
+
+def _loss_scale(grad_scale: float | Tensor | None,
+                scaler: torch.amp.GradScaler | None) -> float | Tensor | None:
+    """The scale the refresh's loss is multiplied by: ``grad_scale``, or the ``scaler``'s
+    current one when it is enabled (not both)."""
+    if scaler is None or not scaler.is_enabled():
+        return grad_scale
+    if grad_scale is not None:
+        raise ValueError("pass grad_scale or scaler, not both: the scaler gives the scale")
+    return scaler.get_scale()
+
+
+def _under(autocast: Autocast | None, forward: Callable[[], _Out]) -> Callable[[], _Out]:
+    """``forward`` run inside a fresh ``autocast()`` context (as it is without one)."""
+    if autocast is None:
+        return forward
+
+    def wrapped() -> _Out:
+        with autocast():
+            return forward()
+
+    return wrapped
+
+
 def _data_parallel_world(synchronize: bool) -> int:
     if not synchronize or not (dist.is_available() and dist.is_initialized()):
         return 1
@@ -145,6 +207,8 @@ def gauss_newton_bartlett(
     loss: str | SampledLoss = "cross_entropy",
     generator: torch.Generator | None = None,
     grad_scale: float | Tensor | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+    autocast: Autocast | None = None,
     synchronize: bool = True,
 ) -> bool:
     """Refresh SophiaG's h from targets sampled from the model on ``chunks``.
@@ -171,6 +235,10 @@ def gauss_newton_bartlett(
         grad_scale: the loss scale of a GradScaler (``scaler.get_scale()``) or None: the loss
             is multiplied by it before backward, ``update_hessian`` unscales, and a non-finite
             gradient skips the refresh. The scaler itself is not touched.
+        scaler: the training step's GradScaler, instead of ``grad_scale``: its current scale
+            is used when it is enabled; its state (scale, growth tracker) is not touched.
+        autocast: makes the training forward's mixed-precision context, entered around each
+            chunk's forward (default None: the chunks as they are).
         synchronize: average over the default process group when one is initialised (default
             True); False for a process group that is not data-parallel.
 
@@ -184,6 +252,8 @@ def gauss_newton_bartlett(
     """
     if not chunks:
         raise ValueError("gauss_newton_bartlett needs at least one chunk")
+    grad_scale = _loss_scale(grad_scale, scaler)
+    chunks = [_under(autocast, chunk) for chunk in chunks]
     loss_fn = sampled_loss(loss)
     world = _data_parallel_world(synchronize)
     optimizer.zero_grad(set_to_none=True)
@@ -236,6 +306,8 @@ def hutchinson(
     *,
     generator: torch.Generator | None = None,
     grad_scale: float | Tensor | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+    autocast: Autocast | None = None,
 ) -> bool:
     """Refresh SophiaH's h with one Hutchinson estimate of ``loss_fn``'s Hessian diagonal.
 
@@ -247,10 +319,15 @@ def hutchinson(
             (:func:`refresh_generator` with rank 0), so that the ranks' estimates, which
             SophiaH averages, use one probe.
         grad_scale: as in :func:`gauss_newton_bartlett`.
+        scaler: as in :func:`gauss_newton_bartlett`, instead of ``grad_scale``.
+        autocast: as in :func:`gauss_newton_bartlett`, entered around ``loss_fn``.
 
     Returns:
         True when folded; False when skipped (not finite, under ``grad_scale``).
     """
+    grad_scale = _loss_scale(grad_scale, scaler)
+    loss_fn = _under(autocast, loss_fn)
+
     def closure() -> Tensor:
         value = loss_fn()
         return value * grad_scale if grad_scale is not None else value

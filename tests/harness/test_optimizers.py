@@ -13,9 +13,9 @@ from sophia_pytorch.harness import registry, trainer
 from sophia_pytorch.harness.cli import main
 from sophia_pytorch.harness.config import PRESETS, make_config
 from sophia_pytorch.harness.errors import SophiaError
+from sophia_pytorch.harness.hessian import GaussNewtonBartlett, HessianRefresh, Hutchinson
 from sophia_pytorch.harness.model import GPT, GPTConfig
 from sophia_pytorch.harness.optimizers import build_optimizer, build_refresh
-from sophia_pytorch.harness.refresh import GaussNewtonBartlett, HessianRefresh, Hutchinson
 from sophia_pytorch.harness.registry import OPTIMIZERS
 
 

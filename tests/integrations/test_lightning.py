@@ -36,7 +36,7 @@ if not PACKAGES:
     pytest.skip("neither lightning nor pytorch_lightning is installed", allow_module_level=True)
 
 from sophia_pytorch.integrations.lightning import SophiaHessianCallback  # noqa: E402
-from sophia_pytorch.integrations.refresh import hutchinson_refresh  # noqa: E402
+from sophia_pytorch.refresh import hutchinson  # noqa: E402
 
 pl = importlib.import_module(PACKAGES[0])
 
@@ -297,7 +297,7 @@ class LitSophiaH(pl.LightningModule):
         optimizer.step()
         sophia = optimizer.optimizer
         if sophia.hessian_due():
-            hutchinson_refresh(sophia, lambda: self.loss(batch), generator=self.probes,
+            hutchinson(sophia, lambda: self.loss(batch), generator=self.probes,
                                scaler=getattr(self.trainer.precision_plugin, "scaler", None))
         self.losses.append(float(loss.detach()))
         return loss

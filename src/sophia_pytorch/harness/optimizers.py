@@ -17,7 +17,7 @@ from torch import nn
 
 from .config import PRESETS, Config
 from .errors import SophiaError
-from .refresh import HessianRefresh, SophiaRefresh
+from .hessian import HessianRefresh, SophiaRefresh
 from .registry import OPTIMIZERS, OptimizerSettings, decay_groups
 
 __all__ = ["build_optimizer", "build_refresh", "decay_groups"]

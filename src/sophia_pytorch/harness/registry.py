@@ -25,8 +25,8 @@ import sophia_pytorch
 
 from .baselines.lion import Lion
 from .baselines.muon import MuonWithAdamW, MuonWithSophiaG, hidden_matrices
+from .hessian import GaussNewtonBartlett, HessianRefresh, Hutchinson
 from .presets import OptimizerHparams
-from .refresh import GaussNewtonBartlett, HessianRefresh, Hutchinson
 
 
 @dataclass(frozen=True)
