@@ -4,7 +4,7 @@ Every optimizer decays the matrices and embeddings (2-D and up) and not the norm
 What each optimizer is — its builder, preset row, refresh, FSDP support, constructor options —
 is its row in :data:`.registry.OPTIMIZERS`; :func:`build_optimizer` and :func:`build_refresh`
 read it, and the loop then talks to the optimizer and to the
-:class:`~.refresh.HessianRefresh` chosen for it, and never asks which optimizer runs.
+:class:`~.hessian.HessianRefresh` chosen for it, and never asks which optimizer runs.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from torch import nn
 
 from .config import PRESETS, Config
 from .errors import SophiaError
-from .hessian import HessianRefresh, SophiaRefresh
+from .hessian import HessianRefresh, NoRefresh, SophiaRefresh
 from .registry import OPTIMIZERS, OptimizerSettings, decay_groups
 
 __all__ = ["build_optimizer", "build_refresh", "decay_groups"]
@@ -59,7 +59,7 @@ def build_refresh(config: Config, optimizer: torch.optim.Optimizer, model: nn.Mo
     """
     refresh = OPTIMIZERS[config.optimizer.name].refresh
     if refresh is None:
-        return HessianRefresh()
+        return NoRefresh()
     assert issubclass(refresh, SophiaRefresh), refresh  # the registry's refreshes are Sophia's
     run = config.run
     rows = max(1, round(config.optimizer.refresh_fraction * run.batch_size * run.grad_accum))
