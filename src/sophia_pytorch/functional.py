@@ -162,7 +162,7 @@ def sophia_update(
             None (with ``foreach`` None too): take it for CPU tensors where it can be built
             (else warn once and fall back), unless ``lr`` is a Tensor or the step is compiled.
     """
-    if isinstance(lr, Tensor) and lr.dim() != 0:
+    if isinstance(lr, Tensor) and lr.dim() != 0 and lr.numel() == 1:
         lr = lr.reshape(())  # a one-element lr of any shape, as torch's optimizers take it
     foreach, fused = _default_paths(params, lr, foreach, fused)
     if fused:
