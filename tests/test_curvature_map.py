@@ -1,4 +1,4 @@
-"""benchmarks/curvature_map.py (issue 16 §1): its batched update rules are the optimizers they
+"""experiments/curvature_map.py (issue 16 §1): its batched update rules are the optimizers they
 stand for, and its quick map shows gradient descent slowing with κ where Sophia need not."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""benchmarks/map_restore.py: a committed results.json becomes a compare folder that
+"""experiments/map_restore.py: a committed results.json becomes a compare folder that
 ``compare`` extends, reading the old runs back and training only the new one."""
 
 from __future__ import annotations

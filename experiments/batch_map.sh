@@ -5,8 +5,8 @@
 # from 32 up is evaluated on the same 8x32 validation rows; batch 8 evaluates 32 batches of 8
 # (also 256 rows). One thread per compare; run two queues side by side.
 #
-#   benchmarks/batch_map.sh QUEUE        # QUEUE: a | b | c | d | e | BATCH:STEPS (see below)
-#   python benchmarks/batch_map_table.py runs/map   # the table and the plot
+#   experiments/batch_map.sh QUEUE        # QUEUE: a | b | c | d | e | BATCH:STEPS (see below)
+#   python experiments/batch_map_table.py runs/map   # the table and the plot
 #
 # compare reuses finished runs, so a killed queue continues where it stopped (losing only the
 # run in flight).

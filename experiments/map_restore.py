@@ -12,7 +12,7 @@ settings for it equal those it was trained with (compare checks; a mismatch retr
 never mixed in silently). The numbers are those of the code that trained them: the report's
 ``machine.commit``.
 
-    python benchmarks/map_restore.py benchmarks/map/b256-s200/results.json runs/map/b256-s200
+    python experiments/map_restore.py experiments/map/b256-s200/results.json runs/map/b256-s200
 """
 
 from __future__ import annotations
