@@ -1,28 +1,22 @@
-"""benchmarks/gpu_check.py: the GPU check runs end to end on the CPU (--dry-run), keeps its
+"""benchmarks.gpu_check: the GPU check runs end to end on the CPU (--dry-run), keeps its
 budget by skipping, and keeps its report when a section crashes."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
+from benchmarks import gpu_check as gpu_check_module
+
 TITLES = ("Correctness", "No host sync", "Step time", "Refresh cost", "A short comparison",
           "DDP over NCCL")
 
 
 @pytest.fixture(scope="module")
 def gpu_check():
-    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["gpu_check"] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop("gpu_check", None)
+    return gpu_check_module
 
 
 def _sections(out: Path) -> dict[int, dict]:
