@@ -24,7 +24,7 @@ def _small_softmax(curvature_map):
 
 
 def _reference(name: str, params: list[torch.Tensor], config: dict) -> torch.optim.Optimizer:
-    """The optimizer class each batched rule stands for, as the issue names it."""
+    """The optimizer class each batched rule stands for."""
     if name == "GD":
         return torch.optim.SGD(params, lr=config["lr"])
     if name == "GD+momentum":

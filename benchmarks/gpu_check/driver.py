@@ -80,7 +80,10 @@ def _header(args: argparse.Namespace, argv: list[str], device: torch.device) -> 
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.gpu_check",
+        description="GPU evidence in one command: six checks of the library and harness on one "
+                    "NVIDIA GPU (docs/BENCHMARKS.md, \"The GPU check\").")
     parser.add_argument("--out", type=Path, help="report folder (gpu_check.json, gpu_check.md)")
     parser.add_argument("--work", type=Path,
                         help="folder for runs, checkpoints and token caches (a new temporary "

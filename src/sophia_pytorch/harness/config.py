@@ -390,7 +390,7 @@ PRESETS: dict[str, Preset] = {
         values={"threads": 1},
         optimizers=_TINY_ROWS,
     ),
-    # Issue 16 §3: a step towards the paper's setting that one CPU can still run to 2000 steps
+    # A step towards the paper's setting that one CPU can still run to 2000 steps
     # in under an hour: BPE tokens, context 256, 5.3M parameters (3.2M outside the tied
     # embedding), 8x256 = 2048 tokens a step (the tiny preset's tokens per step).
     "small": Preset(
