@@ -1,4 +1,4 @@
-"""The batch-size map (issue 16 §2) as tables and one plot, from ``sophia compare`` folders.
+"""The batch-size map as tables and one plot, from ``sophia compare`` folders.
 
 Reads every ``b<BATCH>-s<STEPS>/results.json`` under the map folder that
 ``experiments/batch_map.sh`` fills, and prints, per batch size and length, each optimizer's

@@ -1,4 +1,4 @@
-"""Curvature map (issue 16 §1): steps to reach f* + ε against the condition number κ.
+"""Curvature map: steps to reach f* + ε against the condition number κ.
 
 The paper's theorem says Sophia's runtime does not depend on the condition number. This script
 measures it, beside gradient descent, heavy-ball momentum, AdamW and Lion, on three families of
