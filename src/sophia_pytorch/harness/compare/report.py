@@ -293,8 +293,8 @@ def write_report(out: Path, *, records: list[Any], best_multipliers: dict[str, f
     lines += ["", SECONDS_CAPTION]
     per_step = tokens_per_step(records)
     if len(per_step) == 1:
-        lines.append(f"Every run took {per_step[0]:.0f} tokens a step, so tokens are steps x "
-                     f"{per_step[0]:.0f}: no separate tokens plot.")
+        lines += ["", f"Every run took {per_step[0]:.0f} tokens a step, so tokens are steps "
+                      f"x {per_step[0]:.0f}: no separate tokens plot."]
     lines += ["", "## Every run", "",
               "| optimizer | lr | seed | final val loss | steps | train s | Hessian s | "
               "skipped |", "|---|---|---|---|---|---|---|---|"]
