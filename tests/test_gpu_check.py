@@ -77,3 +77,19 @@ def test_a_crashing_section_is_recorded_and_the_next_still_runs(gpu_check, tmp_p
     assert sections[2]["status"] == "pass"
     assert {sections[n]["status"] for n in (3, 4, 5, 6)} == {"skipped"}
     assert sections[3]["reason"] == "not asked for"
+
+
+@pytest.mark.parametrize("how", ["module", "folder"])
+def test_the_check_starts_as_a_module_and_as_a_folder_from_anywhere(tmp_path, how):
+    """``python -m benchmarks.gpu_check`` from the checkout, and ``python benchmarks/gpu_check``
+    (the form its child processes use) from any folder."""
+    import subprocess
+    import sys
+
+    root = Path(gpu_check_module.__file__).resolve().parents[2]
+    command = ([sys.executable, "-m", "benchmarks.gpu_check", "--help"] if how == "module"
+               else [sys.executable, str(root / "benchmarks" / "gpu_check"), "--help"])
+    done = subprocess.run(command, cwd=root if how == "module" else tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "--dry-run" in done.stdout and "python -m benchmarks.gpu_check" in done.stdout
