@@ -45,11 +45,13 @@ _TOML_HELP = "TOML settings: [model], [data], [optimizer], [run] tables, or flat
 
 class _Parser(argparse.ArgumentParser):
     """argparse with one-line errors (no usage block), in the same form as SophiaError's,
-    and no abbreviated flags (``--lr`` must not quietly mean ``--lr-grid``)."""
+    and no abbreviated flags (``--lr`` must not quietly mean ``--lr-grid``). ``commands``:
+    the subcommands' parsers by name (the top-level parser's), for their flags' names."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
+        self.commands: dict[str, argparse.ArgumentParser] = {}
 
     def error(self, message: str) -> NoReturn:
         choice = re.search(r"invalid choice: '(.*?)' \(choose from (.*)\)", message)
@@ -114,7 +116,7 @@ def _add_config_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = (
                             "(bias_correction=true, eps=1e-12); repeatable")
 
 
-def _build_parser() -> argparse.ArgumentParser:
+def _build_parser() -> _Parser:
     parser = _Parser(prog="sophia", description="Train a GPT with Sophia and compare optimizers.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
@@ -154,8 +156,7 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_config_flags(compare, skip=_COMPARE_OWN)
 
     presets = commands.add_parser("presets", help="list the presets and their optimizer settings")
-    parser._subcommands = {"train": train, "compare": compare,  # type: ignore[attr-defined]
-                           "presets": presets}
+    parser.commands = {"train": train, "compare": compare, "presets": presets}
     return parser
 
 
@@ -164,7 +165,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = _build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:
-        command = parser._subcommands[args.command]  # type: ignore[attr-defined]
+        command = parser.commands[args.command]
         flags = [s for action in command._actions for s in action.option_strings]
         typed = next((e.partition("=")[0] for e in extra if e.startswith("--")), "")
         renamed = RENAMED.get(typed[2:].replace("-", "_"))
