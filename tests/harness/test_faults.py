@@ -1,4 +1,4 @@
-"""Issue 15 part A: nothing lost, nothing silent. Each fault is the real one where this
+"""Nothing lost, nothing silent. Each fault is the real one where this
 machine allows it (a real signal to a real ``sophia train``, a real write failure)."""
 
 from __future__ import annotations

@@ -304,6 +304,27 @@ def _chunk_tokens(total: int) -> int:
     return max(256, min(CHUNK_TOKENS, total // 100))
 
 
+def _too_few_tokens(source: str, split: str, meta: dict[str, Any], min_tokens: int,
+                    val_fraction: float) -> str:
+    """Why ``split`` cannot give one sequence of ``min_tokens`` (``--block-size`` + 1), and
+    only the fixes that help: an empty validation split gains nothing from a shorter context."""
+    count, total = meta[split], meta["train"] + meta["val"]
+    problem = (f"the {'validation' if split == 'val' else split} split of {source!r} has "
+               f"{count} tokens")
+    need = f", fewer than the {min_tokens} one sequence needs (--block-size + 1)"
+    if split == "train":
+        return f"{problem}{need}; use more text (--data) or a smaller --block-size"
+    larger = (f"a larger --val-fraction (now {val_fraction:g}, below 0.5)"
+              if val_fraction < 0.49 else "")
+    if count == 0:
+        chunk = _chunk_tokens(total)
+        return (f"{problem}: its {total} tokens make {-(-total // chunk)} chunks of {chunk} "
+                f"and validation takes every {1 / val_fraction:.3g}th; use more text (--data)"
+                + (f" or {larger}" if larger else ""))
+    return (f"{problem}{need}; use more text (--data), "
+            + (f"{larger} " if larger else "") + "or a smaller --block-size")
+
+
 def _write_split(documents: Iterable[str], tokenizer, folder: Path, dtype: type,
                  val_fraction: float) -> dict[str, int]:
     separator = tokenizer.encode("\n\n")
@@ -362,10 +383,7 @@ def prepare_data(source: str = "default", *, tokenizer: str = "byte", bpe_vocab_
     arrays = {}
     for split in ("train", "val"):
         if meta[split] < max(min_tokens, 1):
-            raise SophiaError(
-                f"the {split} split of {source!r} has {meta[split]} tokens, fewer than the "
-                f"{min_tokens} one sequence needs; use more text or a smaller block_size"
-            )
+            raise SophiaError(_too_few_tokens(source, split, meta, min_tokens, val_fraction))
         arrays[split] = np.memmap(folder / f"{split}.bin", dtype=dtype, mode="r")
     return TokenData(arrays["train"], arrays["val"], meta["vocab_size"], token_coder, folder)
 
@@ -461,7 +479,8 @@ class BatchSampler:
                  rank: int = 0, world_size: int = 1, device: str | torch.device = "cpu") -> None:
         if len(tokens) < block_size + 1:
             raise SophiaError(
-                f"{len(tokens)} tokens are too few for block_size {block_size}; use more text"
+                f"{len(tokens)} tokens are too few for --block-size {block_size}; use more "
+                "text (--data) or a smaller --block-size"
             )
         self.tokens = tokens
         self.batch_size = batch_size

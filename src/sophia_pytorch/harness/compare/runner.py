@@ -37,7 +37,7 @@ from ..config import (
     optimizer_names,
     to_dict,
 )
-from ..errors import DivergedError, SophiaError, writing
+from ..errors import DivergedError, SophiaError, did_you_mean, writing
 from ..jsonio import write_json
 from ..rundir import RunLock, clear_run, holds_run, is_sophia_run
 from ..trainer import train
@@ -208,7 +208,8 @@ def compare(base: Config, *, optimizers: list[str] | tuple[str, ...] = ("sophiag
     refuse_shared_rows(overrides or {})
     for name in optimizers:
         if name not in optimizer_names():
-            raise SophiaError(f"unknown optimizer {name!r} in --optimizers; choose from "
+            raise SophiaError(f"unknown optimizer {name!r}{did_you_mean(name, optimizer_names())} "
+                              f"in --optimizers; choose from "
                               f"{', '.join(optimizer_names())}")
     if not seeds or not lr_multipliers:
         raise SophiaError("compare needs at least one seed and one lr multiplier")
