@@ -11,6 +11,7 @@ use is refused by :class:`RunLock`. Only rank 0 of a data-parallel job writes he
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -35,6 +36,7 @@ RUN_FOLDERS = ("tensorboard",)
 """The folders a run writes, besides the FSDP2 shard folders of :func:`sharded_folder`."""
 _SHARDED = re.compile(r"checkpoint-\d{8}")
 _CONFIG_SECTIONS = {"preset", "model", "data", "optimizer", "run"}
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)  # POSIX: opening a symlink fails with ELOOP
 
 
 def sharded_folder(step: int) -> str:
@@ -196,7 +198,7 @@ class RunLock:
         """Take the lock, or raise SophiaError naming the process that holds it."""
         with writing("--out-dir", self.folder):
             self.folder.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            fd = self._open()
         if not self._lock(fd):
             os.close(fd)
             raise SophiaError(
@@ -206,6 +208,26 @@ class RunLock:
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self._fd = fd
+
+    def _open(self) -> int:
+        """Open (or create) the lock file itself, never a file a symlink there points to:
+        taking the lock truncates it and writes our PID, which would destroy that file."""
+        if self.path.is_symlink():  # O_NOFOLLOW alone: Windows has none
+            raise self._symlink_error()
+        try:
+            return os.open(self.path, os.O_RDWR | os.O_CREAT | _NOFOLLOW, 0o666)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:  # made a symlink since the check above
+                raise self._symlink_error() from None
+            raise
+
+    def _symlink_error(self) -> SophiaError:
+        target = os.readlink(self.path) if self.path.is_symlink() else "?"
+        return SophiaError(
+            f"the lock file {str(self.path)!r} is a symlink (to {target!r}), not a file a "
+            "sophia run made; locking would overwrite what it points to: remove the symlink, "
+            "or choose another --out-dir"
+        )
 
     def _lock(self, fd: int) -> bool:
         if fcntl is not None:
