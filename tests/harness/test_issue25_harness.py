@@ -6,11 +6,15 @@ SIGTERM to a real ``sophia train``."""
 from __future__ import annotations
 
 import json
+import struct
+import zipfile
 from pathlib import Path
 
 import pytest
+import torch
 
 from sophia_pytorch.harness import rundir
+from sophia_pytorch.harness.checkpoint import load_checkpoint, save_checkpoint
 from sophia_pytorch.harness.cli import main
 from sophia_pytorch.harness.errors import SophiaError
 from tests.harness.helpers import corpus_slice
@@ -61,3 +65,76 @@ def test_a_lock_file_that_is_a_symlink_is_refused_and_its_target_kept(tmp_path, 
     assert (run / ".lock").is_symlink()  # refused, not removed: we did not make it
     with pytest.raises(SophiaError, match="is a symlink"):
         rundir.RunLock(run).acquire()
+
+
+# ------------------------------------------- item 6: a checkpoint's zip headers, bit by bit
+def _central_entries(whole: bytes) -> list[tuple[str, int]]:
+    """(name, offset) of every central-directory entry of the zip ``whole``, read by
+    hand (the layout of PKWARE's APPNOTE 4.3.12), not through the code under test."""
+    entries, end = [], whole.rfind(b"PK\x05\x06")
+    count, start = struct.unpack("<H", whole[end + 10:end + 12])[0], \
+        struct.unpack("<I", whole[end + 16:end + 20])[0]
+    if count == 0xFFFF or start == 0xFFFFFFFF:  # in the zip64 end record instead
+        end64 = whole.rfind(b"PK\x06\x06")
+        count, start = struct.unpack("<QQ", whole[end64 + 32:end64 + 40] +
+                                     whole[end64 + 48:end64 + 56])
+    for _ in range(count):
+        assert whole[start:start + 4] == b"PK\x01\x02"
+        name_length, extra_length, comment_length = struct.unpack("<HHH",
+                                                                  whole[start + 28:start + 34])
+        entries.append((whole[start + 46:start + 46 + name_length].decode(), start))
+        start += 46 + name_length + extra_length + comment_length
+    return entries
+
+
+def _same(saved: object, loaded: object) -> bool:
+    """Whether ``loaded`` holds the very values of ``saved``, bit for bit (NaN included)."""
+    if isinstance(saved, torch.Tensor):
+        return isinstance(loaded, torch.Tensor) and saved.dtype == loaded.dtype \
+            and saved.shape == loaded.shape \
+            and saved.view(torch.uint8).tolist() == loaded.view(torch.uint8).tolist()
+    if isinstance(saved, dict):
+        return isinstance(loaded, dict) and saved.keys() == loaded.keys() \
+            and all(_same(saved[k], loaded[k]) for k in saved)
+    return saved == loaded
+
+
+def test_a_record_marked_as_a_folder_is_refused_on_resume_for_every_record(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", *_small(tmp_path, "--max-steps", "2", "--out-dir", str(run))]) == 0
+    whole = (run / "checkpoint.pt").read_bytes()
+    entries = _central_entries(whole)
+    assert len(entries) > 20  # every weight and moment is a record of its own
+    for name, start in entries:
+        damaged = bytearray(whole)
+        damaged[start + 38] |= 0x10  # external attributes, low byte: MS-DOS's folder bit
+        (run / "checkpoint.pt").write_bytes(damaged)
+        capsys.readouterr()
+        assert main(["train", "--resume", str(run), "--max-steps", "3"]) == 2, name
+        _one_line_error(capsys, "is damaged", name, "--resume")
+
+
+@pytest.mark.slow
+def test_every_bit_of_every_record_header_is_refused_or_harmless(tmp_path):
+    generator = torch.Generator().manual_seed(0)
+    state = {"model": {"w": torch.randn(16, 8, generator=generator),
+                       "b": torch.randn(8, generator=generator)}, "step": 3}
+    path = tmp_path / "checkpoint.pt"
+    save_checkpoint(state, path)
+    whole = path.read_bytes()
+    with zipfile.ZipFile(path) as archive:
+        local = [info.header_offset for info in archive.infolist()]
+    headers = [(start, 46) for _, start in _central_entries(whole)] + [(s, 30) for s in local]
+    wrong = []
+    for start, length in headers:
+        for bit in range(8 * length):
+            damaged = bytearray(whole)
+            damaged[start + bit // 8] ^= 1 << bit % 8
+            path.write_bytes(damaged)
+            try:
+                loaded = load_checkpoint(path)
+            except SophiaError:
+                continue
+            if not _same(state, loaded):
+                wrong.append((start, bit))
+    assert wrong == []  # before the fix: the folder bit of each tensor record
