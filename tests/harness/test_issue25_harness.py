@@ -16,7 +16,9 @@ import torch
 from sophia_pytorch.harness import rundir
 from sophia_pytorch.harness.checkpoint import load_checkpoint, save_checkpoint
 from sophia_pytorch.harness.cli import main
+from sophia_pytorch.harness.data import prepare_data
 from sophia_pytorch.harness.errors import SophiaError
+from sophia_pytorch.harness.schedule import LRSchedule
 from tests.harness.helpers import corpus_slice
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -138,3 +140,98 @@ def test_every_bit_of_every_record_header_is_refused_or_harmless(tmp_path):
             if not _same(state, loaded):
                 wrong.append((start, bit))
     assert wrong == []  # before the fix: the folder bit of each tensor record
+
+
+# ------------------------------------ item 12: the token cache, the BPE, wsd, an empty file
+def _bpe_entry(tmp_path: Path) -> tuple[Path, dict[str, bytes]]:
+    """A BPE cache entry of the corpus slice, and its token arrays."""
+    data = prepare_data(str(corpus_slice(tmp_path / "data")), tokenizer="bpe",
+                        bpe_vocab_size=300, cache_dir=tmp_path / "cache")
+    return data.folder, {"train": data.train.tobytes(), "val": data.val.tobytes(),
+                         "tokenizer": (data.folder / "tokenizer.json").read_bytes()}
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "another vocabulary"])
+def test_a_damaged_bpe_tokenizer_in_the_cache_is_rebuilt(tmp_path, damage):
+    folder, whole = _bpe_entry(tmp_path)
+    path = folder / "tokenizer.json"
+    if damage == "truncated":
+        path.write_bytes(whole["tokenizer"][:len(whole["tokenizer"]) // 2])
+    elif damage == "empty":
+        path.write_bytes(b"")
+    else:  # whole JSON, but not the tokenizer the tokens were written with
+        other = prepare_data(str(corpus_slice(tmp_path / "data")), tokenizer="bpe",
+                             bpe_vocab_size=400, cache_dir=tmp_path / "other")
+        path.write_bytes((other.folder / "tokenizer.json").read_bytes())
+    data = prepare_data(str(corpus_slice(tmp_path / "data")), tokenizer="bpe",
+                        bpe_vocab_size=300, cache_dir=tmp_path / "cache")
+    assert data.folder == folder and data.vocab_size == 300
+    assert {"train": data.train.tobytes(), "val": data.val.tobytes(),
+            "tokenizer": path.read_bytes()} == whole
+
+
+def test_a_truncated_bpe_tokenizer_does_not_stop_a_run(tmp_path, capsys):
+    folder, whole = _bpe_entry(tmp_path)
+    (folder / "tokenizer.json").write_bytes(whole["tokenizer"][:100])
+    args = _small(tmp_path, "--max-steps", "1", "--out-dir", str(tmp_path / "run"),
+                  "--tokenizer", "bpe", "--bpe-vocab-size", "300")
+    args[args.index("--cache-dir") + 1] = str(tmp_path / "cache")
+    assert main(["train", *args]) == 0, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("size", [1, 256])
+def test_a_bpe_vocabulary_without_room_for_a_merge_is_refused(tmp_path, capsys, size):
+    args = _small(tmp_path, "--max-steps", "1", "--out-dir", str(tmp_path / "run"),
+                  "--tokenizer", "bpe", "--bpe-vocab-size", str(size))
+    assert main(["train", *args]) == 2
+    _one_line_error(capsys, f"--bpe-vocab-size {size}", "--bpe-vocab-size 257")
+    assert not (tmp_path / "run").exists() and not (tmp_path / "c").exists()
+
+
+def test_the_smallest_bpe_vocabulary_allowed_adds_a_merge(tmp_path):
+    data = prepare_data(str(corpus_slice(tmp_path / "data")), tokenizer="bpe",
+                        bpe_vocab_size=257, cache_dir=tmp_path / "cache")
+    assert data.vocab_size == 257 and int(data.train.max()) == 256  # the merge is used
+
+
+def _decayed_steps(max_steps: int, decay_fraction: float, warmup_steps: int) -> int:
+    """Steps trained below the peak lr after the warmup: the lr of each step, taken from
+    the definition (peak until the decay, then a line to min_lr at max_steps)."""
+    schedule = LRSchedule("wsd", 0.1, warmup_steps, max_steps, decay_fraction)
+    return sum(schedule.lr(step, 1.0) < 1.0 for step in range(warmup_steps, max_steps))
+
+
+@pytest.mark.parametrize(("max_steps", "fraction", "warmup", "fix"), [
+    (10, 0.1, 1, "--decay-fraction 0.2 or more"),
+    (7, 0.05, 0, "--decay-fraction 0.286 or more"),
+    (10, 0.5, 9, "--warmup-steps 8 or less"),
+    (1, 1.0, 0, "--max-steps 2 or more"),
+])
+def test_a_wsd_decay_without_a_decayed_step_is_refused_naming_the_fix(
+        tmp_path, capsys, max_steps, fraction, warmup, fix):
+    assert _decayed_steps(max_steps, fraction, warmup) == 0
+    args = _small(tmp_path, "--max-steps", str(max_steps), "--out-dir", str(tmp_path / "run"),
+                  "--schedule", "wsd", "--decay-fraction", str(fraction))
+    args[args.index("--warmup-steps") + 1] = str(warmup)
+    assert main(["train", *args]) == 2
+    _one_line_error(capsys, "no step trains at a decayed lr", fix)
+    assert not (tmp_path / "run").exists()
+    if "--max-steps" not in fix:  # the fix it names gives a decayed step
+        flag, value = fix.split()[:2]
+        settings = (max_steps, float(value), warmup) if flag == "--decay-fraction" \
+            else (max_steps, fraction, int(value))
+        assert _decayed_steps(*settings) >= 1
+        LRSchedule("wsd", 0.1, settings[2], settings[0], settings[1]).check()
+
+
+@pytest.mark.parametrize("folder", [False, True])
+def test_an_empty_data_file_is_named_as_empty(tmp_path, capsys, folder):
+    empty = tmp_path / "corpus" / "empty.txt"
+    empty.parent.mkdir()
+    empty.write_bytes(b"")
+    source = empty.parent if folder else empty
+    args = _small(tmp_path, "--max-steps", "1", "--out-dir", str(tmp_path / "run"))
+    args[args.index("--data") + 1] = str(source)
+    assert main(["train", *args]) == 2
+    err = _one_line_error(capsys, str(source), "is empty", "--data")
+    assert "2 tokens" not in err

@@ -201,6 +201,7 @@ class Trainer:
 
     def _build(self, resume: str | Path | None) -> None:
         config, run, shape = self.config, self.config.run, self.config.model
+        LRSchedule.from_config(config).check()  # before the data: tokenizing may take long
         self.dtype = pick_dtype(run.dtype, self.device)
         self.tokens_per_step = config.tokens_per_step * self.env.world_size
         if run.threads:
