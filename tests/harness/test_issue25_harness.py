@@ -235,3 +235,40 @@ def test_an_empty_data_file_is_named_as_empty(tmp_path, capsys, folder):
     assert main(["train", *args]) == 2
     err = _one_line_error(capsys, str(source), "is empty", "--data")
     assert "2 tokens" not in err
+
+
+# ------------------------------------- item 11: compare checks every run before training any
+def _compare(tmp_path: Path, out: Path, optimizers: str, max_steps: int, *extra: str) -> int:
+    return main(["compare", "--optimizers", optimizers, "--out", str(out),
+                 *_small(tmp_path, "--max-steps", str(max_steps), "--eval-every", "0"), *extra])
+
+
+def _run_folders(out: Path) -> list[str]:
+    return sorted(p.name for p in (out / "runs").iterdir()) if (out / "runs").exists() else []
+
+
+def test_a_mistaken_compare_is_refused_before_any_run_trains(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    assert _compare(tmp_path, out, "adamw", 2) == 0
+    before = _run_folders(out)
+    capsys.readouterr()
+    # lion is new (nothing to refuse there), adamw's folder holds the 2-step run
+    assert _compare(tmp_path, out, "lion,adamw", 3) == 2
+    _one_line_error(capsys, "adamw-x1-seed0", "max_steps 2 (now 3)", "--overwrite")
+    assert _run_folders(out) == before  # before the fix: lion trained 3 steps first
+    # ... so the corrected command is not blocked by a stray 3-step lion run
+    assert _compare(tmp_path, out, "lion,adamw", 2) == 0, capsys.readouterr().err
+    assert _run_folders(out) == ["adamw-x1-seed0", "lion-x1-seed0"]
+
+
+def test_a_later_seeds_folder_with_other_settings_is_refused_before_training(tmp_path,
+                                                                           capsys):
+    out = tmp_path / "cmp"
+    assert _compare(tmp_path, out, "adamw", 2, "--seed", "1") == 0
+    before = _run_folders(out)
+    assert before == ["adamw-x1-seed1"]
+    capsys.readouterr()
+    # seed 0 is new and would train before seed 1's folder (a 2-step run) is reached
+    assert _compare(tmp_path, out, "adamw", 3, "--seeds", "2") == 2
+    _one_line_error(capsys, "adamw-x1-seed1", "max_steps 2 (now 3)")
+    assert _run_folders(out) == before
