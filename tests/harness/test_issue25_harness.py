@@ -6,7 +6,12 @@ SIGTERM to a real ``sophia train``."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import struct
+import subprocess
+import sys
+import time
 import zipfile
 from pathlib import Path
 
@@ -272,3 +277,114 @@ def test_a_later_seeds_folder_with_other_settings_is_refused_before_training(tmp
     assert _compare(tmp_path, out, "adamw", 3, "--seeds", "2") == 2
     _one_line_error(capsys, "adamw-x1-seed1", "max_steps 2 (now 3)")
     assert _run_folders(out) == before
+
+
+# ------------------------------------------- item 10: SIGTERM inside a (long) evaluation
+def _sophia(*args: str) -> subprocess.Popen:
+    """``sophia train ...`` in a process of its own, importing this checkout."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "sophia_pytorch.harness", *args],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)])})
+
+
+def _wait_for(condition, process: subprocess.Popen, seconds: float = 300) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert process.poll() is None, process.stderr.read()
+        assert time.monotonic() < deadline, "the run never got there"
+        time.sleep(0.01)
+
+
+def _saved_state(path: Path) -> dict:
+    return torch.load(path, weights_only=True)["train_state"]
+
+
+def _has_step_row(run: Path, step: int) -> bool:
+    try:
+        return any(json.loads(line).get("step") == step and b'"kind": "step"' in line
+                   for line in (run / "log.jsonl").read_bytes().splitlines())
+    except (FileNotFoundError, ValueError):
+        return False
+
+
+@pytest.mark.slow
+def test_sigterm_stops_an_evaluation_that_would_never_end(tmp_path):
+    run = tmp_path / "run"  # 10 million batches: some 20 minutes of evaluation at step 0
+    process = _sophia("train", *_small(tmp_path, "--max-steps", "4", "--eval-batches",
+                                       "10000000", "--threads", "1", "--out-dir", str(run)))
+    try:
+        _wait_for(lambda: (run / "config.json").exists(), process)  # written just before fit
+        time.sleep(1.0)  # inside the evaluation at step 0
+        signalled = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 128 + signal.SIGTERM  # before the fix: 20 min
+    finally:
+        process.kill()
+        process.wait()
+    assert time.monotonic() - signalled < 60
+    stderr = process.stderr.read()
+    assert "Traceback" not in stderr and "SIGTERM at step 0 (saved" in stderr, stderr
+    assert f"sophia train --resume {run}" in stderr
+    saved = _saved_state(run / "checkpoint.pt")
+    assert saved["step"] == 0 and saved["eval_due"] and saved["evals"] == []
+    assert _rows(run, "eval") == []  # no row for an evaluation that did not finish
+
+
+@pytest.mark.slow
+def test_sigterm_inside_an_evaluation_saves_and_resume_equals_the_whole_run(tmp_path):
+    settings = _small(tmp_path, "--max-steps", "6", "--eval-every", "3", "--eval-batches",
+                      "3000", "--threads", "1")  # seconds an evaluation
+    whole = _sophia("train", *settings, "--out-dir", str(tmp_path / "whole"))
+    assert whole.wait(timeout=600) == 0, whole.stderr.read()
+
+    run = tmp_path / "run"
+    process = _sophia("train", *settings, "--out-dir", str(run))
+    try:
+        _wait_for(lambda: _has_step_row(run, 3), process)  # step 3's evaluation starts now
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=300) == 128 + signal.SIGTERM
+    finally:
+        process.kill()
+        process.wait()
+    stderr = process.stderr.read()
+    assert "SIGTERM at step 3 (saved, its evaluation stopped" in stderr, stderr
+    assert [row["step"] for row in _rows(run, "eval")] == [0]  # step 3's: not finished
+    assert _saved_state(run / "checkpoint.pt")["eval_due"]
+
+    resumed = _sophia("train", "--resume", str(run), "--no-progress")
+    assert resumed.wait(timeout=600) == 0, resumed.stderr.read()
+    for kind, keys in (("step", ("step", "loss", "lr", "grad_norm")),
+                       ("eval", ("step", "val_loss", "tokens"))):
+        ours = [[row[k] for k in keys] for row in _rows(run, kind)]
+        assert ours == [[row[k] for k in keys] for row in _rows(tmp_path / "whole", kind)]
+    ours, theirs = (_saved_state(folder / "checkpoint.pt") for folder in (run, tmp_path / "whole"))
+    assert [(r["step"], r["val_loss"]) for r in ours["evals"]] == \
+        [(r["step"], r["val_loss"]) for r in theirs["evals"]]
+    assert not ours["eval_due"]
+
+
+def test_a_signal_during_the_last_evaluation_stops_it_and_resume_finishes_it(
+        tmp_path, monkeypatch, capsys):
+    from sophia_pytorch.harness import trainer
+
+    whole = tmp_path / "whole"
+    assert main(["train", *_small(tmp_path, "--max-steps", "3", "--out-dir", str(whole))]) == 0
+    run = tmp_path / "run"
+    real = trainer.Trainer.__init__
+
+    def on_step(record: dict) -> None:
+        if record["step"] == 3:  # the last: its evaluation comes next
+            signal.raise_signal(signal.SIGTERM)
+
+    monkeypatch.setattr(trainer.Trainer, "__init__", lambda self, config, **kwargs: real(
+        self, config, **{**kwargs, "on_step": on_step}))
+    assert main(["train", *_small(tmp_path, "--max-steps", "3", "--out-dir", str(run))]) == \
+        128 + signal.SIGTERM
+    monkeypatch.setattr(trainer.Trainer, "__init__", real)
+    assert main(["train", "--resume", str(run), "--no-progress"]) == 0
+    for kind in ("step", "eval"):
+        assert [(row["step"], row.get("loss"), row.get("val_loss")) for row in _rows(run, kind)] \
+            == [(row["step"], row.get("loss"), row.get("val_loss")) for row in _rows(whole, kind)]
+    assert main(["train", "--resume", str(run), "--no-progress"]) == 0  # nothing owed now
+    assert [row["step"] for row in _rows(run, "eval")] == [0, 2, 3]
