@@ -24,7 +24,8 @@ from sophia_pytorch.harness.cli import main
 from sophia_pytorch.harness.data import prepare_data
 from sophia_pytorch.harness.errors import SophiaError
 from sophia_pytorch.harness.schedule import LRSchedule
-from tests.harness.helpers import corpus_slice
+from sophia_pytorch.harness.trainer import train
+from tests.harness.helpers import corpus_slice, tiny_config
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -388,3 +389,56 @@ def test_a_signal_during_the_last_evaluation_stops_it_and_resume_finishes_it(
             == [(row["step"], row.get("loss"), row.get("val_loss")) for row in _rows(whole, kind)]
     assert main(["train", "--resume", str(run), "--no-progress"]) == 0  # nothing owed now
     assert [row["step"] for row in _rows(run, "eval")] == [0, 2, 3]
+
+
+# ----------------------------------------------------- item 7: a branched resume, then a crash
+def _crash_at(step: int):
+    def on_step(record: dict) -> None:
+        if record["step"] == step:
+            raise KeyboardInterrupt  # killed: no checkpoint, no message
+
+    return on_step
+
+
+def _aside(run: Path) -> list[Path]:
+    return sorted(p for p in run.iterdir() if p.is_dir() and p.name.startswith("set-aside-"))
+
+
+def test_a_branched_resume_then_a_crash_then_a_folder_resume_is_the_branch_alone(tmp_path,
+                                                                                 capsys):
+    settings = dict(schedule="wsd", decay_fraction=0.25, warmup_steps=1, eval_every=10)
+    run = tmp_path / "run"
+    train(tiny_config(tmp_path, max_steps=40, **settings))  # stable.pt at step 30
+    stable = run / "stable.pt"
+    assert _saved_state(stable)["step"] == 30
+    first = {name: (run / name).read_bytes() for name in ("log.jsonl", "checkpoint.pt")}
+    reference = train(tiny_config(tmp_path, max_steps=60, out_dir=str(tmp_path / "ref"),
+                                  **settings), resume=stable)  # the branch, never crashed
+
+    with pytest.raises(KeyboardInterrupt):  # the branch, in the same folder, crashes at 35
+        train(tiny_config(tmp_path, max_steps=60, **settings), resume=stable,
+              on_step=_crash_at(35))
+    assert "set aside" in capsys.readouterr().err
+    assert main(["train", "--resume", str(run), "--max-steps", "60", "--no-progress"]) == 0
+
+    keys = ("step", "loss", "lr")
+    ours = [[row[k] for k in keys] for row in _rows(run)]
+    assert [row[0] for row in ours] == list(range(1, 61))  # before the fix: 31-35, then 41-60
+    first_rows = [json.loads(line) for line in first["log.jsonl"].splitlines()]
+    assert ours[:30] == [[row[k] for k in keys] for row in first_rows
+                         if row["kind"] == "step" and row["step"] <= 30]
+    assert ours[30:] == [[row[k] for k in keys] for row in _rows(reference.run_dir)]
+    assert [row["step"] for row in _rows(run, "eval")] == [0, 10, 20, 30, 40, 50, 60]
+    # the first branch's steps 31-40 and its checkpoint are kept, set aside
+    aside, = _aside(run)
+    assert (aside / "log.jsonl").read_bytes() == first["log.jsonl"]
+    assert (aside / "checkpoint.pt").read_bytes() == first["checkpoint.pt"]
+
+
+def test_resuming_the_folders_own_checkpoint_sets_nothing_aside(tmp_path):
+    run = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_config(tmp_path, max_steps=8, checkpoint_every=4), on_step=_crash_at(6))
+    assert main(["train", "--resume", str(run), "--no-progress"]) == 0
+    assert [row["step"] for row in _rows(run)] == list(range(1, 9))
+    assert _aside(run) == []

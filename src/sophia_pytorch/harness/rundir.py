@@ -27,7 +27,7 @@ from .jsonio import dumps, write_atomically
 
 __all__ = ["RUN_FILES", "RUN_FOLDERS", "RunLock", "RunLog", "clear_run", "holds_run",
            "is_main_process", "is_sophia_run", "make_run_dir", "prepare_run_dir", "run_paths",
-           "sharded_folder"]
+           "set_aside", "sharded_folder"]
 
 RUN_FILES = ("checkpoint.pt", "log.jsonl", "config.json", "record.json", "stable.pt")
 """The files a run writes in its folder; each is written through a temporary file
@@ -138,6 +138,28 @@ def clear_run(folder: str | Path) -> None:
             shutil.rmtree(path)
         else:
             path.unlink(missing_ok=True)
+
+
+def set_aside(folder: Path, names: list[str]) -> Path:
+    """Move the run files ``names`` of ``folder`` into a new folder beside them,
+    ``set-aside-<time>[-N]``, with a copy of the whole ``log.jsonl``; return that folder.
+
+    For a resume that branches off a run's history (``stable.pt`` resumed in its own folder
+    after the run went further): what the other branch wrote is kept, out of the way of the
+    live one. Each file is moved with a rename, and the folder is not one of
+    :func:`run_paths`, so ``--overwrite`` keeps it.
+    """
+    stem = folder / f"set-aside-{time.strftime('%Y%m%d-%H%M%S')}"
+    aside, number = stem, 1
+    while aside.exists():
+        number += 1
+        aside = stem.with_name(f"{stem.name}-{number}")
+    aside.mkdir()
+    if (folder / "log.jsonl").exists():
+        write_atomically(aside / "log.jsonl", (folder / "log.jsonl").read_bytes(), sync=True)
+    for name in names:
+        os.replace(folder / name, aside / name)
+    return aside
 
 
 def make_run_dir(out_dir: str, preset: str, optimizer: str) -> Path:

@@ -50,7 +50,15 @@ from .jsonio import write_json
 from .memory import check_memory, estimate_memory, memory_errors_are_user_errors
 from .model import GPT, GPTConfig, lm_loss
 from .optimizers import build_optimizer, build_refresh
-from .rundir import RunLock, RunLog, make_run_dir, prepare_run_dir, run_paths, sharded_folder
+from .rundir import (
+    RunLock,
+    RunLog,
+    make_run_dir,
+    prepare_run_dir,
+    run_paths,
+    set_aside,
+    sharded_folder,
+)
 from .schedule import LRSchedule
 
 __all__ = ["TrainResult", "TrainState", "Trainer", "build_optimizer", "estimate_memory",
@@ -247,13 +255,17 @@ class Trainer:
         self.state = TrainState()
         self.last_train_loss = math.nan
         self.last_saved_step: int | None = None
+        branched = False
         if resume is not None:
             self._resume(resume)
+            branched = self._set_aside_other_branch(Path(resume))
         self.log = RunLog(self.run_dir, keep_until_step=self.state.step if resume else None,
                           tensorboard=run.tensorboard)
         if self.env.is_main:
             with writing("--out-dir", self.run_dir):
                 write_json(self.run_dir / "config.json", to_dict(config))
+        if branched:  # checkpoint.pt is this branch's from its first step on
+            self.save()
 
     def close(self, *, remove_if_empty: bool = False) -> None:
         """Close the log and let go of the run folder.
@@ -457,7 +469,7 @@ class Trainer:
         """
         state = self.state
         val_loss = evaluate(self.train_model, self.val_batches, self.config.run.eval_batches,
-                            self.autocast, stop=self._stop_requested)
+                            self.autocast, self._stop_requested)
         if val_loss is None:
             state.eval_due = True
             raise self._interrupted()
@@ -577,6 +589,39 @@ class Trainer:
         self.state.load_state_dict(train_state)
         self.last_saved_step = self.state.step
         set_rng_state(checkpoint["rng"])
+
+    def _set_aside_other_branch(self, resume: Path) -> bool:
+        """Whether this resume branches off its own folder's history: it resumes a
+        checkpoint there (``stable.pt``) older than another one there (``checkpoint.pt`` of
+        the run that went on). Then that newer checkpoint (and the record of its run) is
+        moved aside with a copy of the log (:func:`~.rundir.set_aside`), so that the log
+        keeps only this branch's rows and a later ``--resume <folder>`` continues this
+        branch, not the other. Every rank learns the answer (all then save)."""
+        resumed = resume / "checkpoint.pt" if resume.is_dir() else resume
+        newer = []
+        if self.env.is_main and _same_folder(resume, self.run_dir):
+            for name in ("checkpoint.pt", STABLE_CHECKPOINT):
+                path = self.run_dir / name
+                if not path.exists() or path.resolve() == resumed.resolve():
+                    continue
+                try:
+                    step = _train_state(load_checkpoint(path), self.config)["step"]
+                except (SophiaError, KeyError):  # unreadable: not this branch's either
+                    step = None
+                if step is None or step > self.state.step:
+                    newer.append(name)
+        if newer:
+            names = [*newer, *(["record.json"] if (self.run_dir / "record.json").exists()
+                               else [])]
+            with writing("--out-dir", self.run_dir):
+                aside = set_aside(self.run_dir, names)
+            print(f"note: {resumed.name} (step {self.state.step}) is older than {newer[0]} in "
+                  f"{self.run_dir}: a new branch; the other's {', '.join(names)} and log are "
+                  f"set aside in {aside}, and `sophia train --resume {self.run_dir}` continues "
+                  "this one", file=sys.stderr)
+        if self.env.world_size > 1:
+            return distributed.mean_over_ranks(float(bool(newer))) > 0
+        return bool(newer)
 
     def result(self) -> TrainResult:
         """The run's evaluations and timings so far."""
