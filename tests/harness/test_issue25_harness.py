@@ -442,3 +442,17 @@ def test_resuming_the_folders_own_checkpoint_sets_nothing_aside(tmp_path):
     assert main(["train", "--resume", str(run), "--no-progress"]) == 0
     assert [row["step"] for row in _rows(run)] == list(range(1, 9))
     assert _aside(run) == []
+
+
+def test_resuming_the_folder_past_its_stable_checkpoint_is_no_branch(tmp_path, capsys):
+    settings = dict(schedule="wsd", decay_fraction=0.25, checkpoint_every=4)
+    run = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):  # checkpoint.pt at step 4, stable.pt at step 6
+        train(tiny_config(tmp_path, max_steps=8, **settings), on_step=_crash_at(7))
+    assert (_saved_state(run / "checkpoint.pt")["step"], _saved_state(run / "stable.pt")["step"]) \
+        == (4, 6)
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), "--no-progress"]) == 0
+    assert "set aside" not in capsys.readouterr().err
+    assert [row["step"] for row in _rows(run)] == list(range(1, 9))
+    assert _aside(run) == [] and _saved_state(run / "stable.pt")["step"] == 6

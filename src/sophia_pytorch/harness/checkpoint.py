@@ -219,6 +219,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 
 
 def _damaged(path: Path, record: str) -> SophiaError:
+    """The error for checkpoint ``path`` whose ``record`` failed :func:`verify_records`."""
     return SophiaError(
         f"checkpoint {str(path)!r} is damaged (record {record} does not match its checksum, "
         "a CRC-32, or its zip entry is marked as a folder); point --resume at another "

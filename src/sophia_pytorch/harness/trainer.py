@@ -593,13 +593,16 @@ class Trainer:
     def _set_aside_other_branch(self, resume: Path) -> bool:
         """Whether this resume branches off its own folder's history: it resumes a
         checkpoint there (``stable.pt``) older than another one there (``checkpoint.pt`` of
-        the run that went on). Then that newer checkpoint (and the record of its run) is
-        moved aside with a copy of the log (:func:`~.rundir.set_aside`), so that the log
-        keeps only this branch's rows and a later ``--resume <folder>`` continues this
-        branch, not the other. Every rank learns the answer (all then save)."""
+        the run that went on; resuming checkpoint.pt itself continues the run, never
+        branches, even past a ``stable.pt``). Then that newer checkpoint (and the record of
+        its run) is moved aside with a copy of the log (:func:`~.rundir.set_aside`), so
+        that the log keeps only this branch's rows and a later ``--resume <folder>``
+        continues this branch, not the other. Every rank learns the answer (all then
+        save)."""
         resumed = resume / "checkpoint.pt" if resume.is_dir() else resume
         newer = []
-        if self.env.is_main and _same_folder(resume, self.run_dir):
+        continuing = resumed.resolve() == (self.run_dir / "checkpoint.pt").resolve()
+        if self.env.is_main and _same_folder(resume, self.run_dir) and not continuing:
             for name in ("checkpoint.pt", STABLE_CHECKPOINT):
                 path = self.run_dir / name
                 if not path.exists() or path.resolve() == resumed.resolve():
