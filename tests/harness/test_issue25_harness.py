@@ -127,12 +127,14 @@ def test_every_bit_of_every_record_header_is_refused_or_harmless(tmp_path):
     generator = torch.Generator().manual_seed(0)
     state = {"model": {"w": torch.randn(16, 8, generator=generator),
                        "b": torch.randn(8, generator=generator)}, "step": 3}
-    path = tmp_path / "checkpoint.pt"
+    path = tmp_path / "checkpoint.pt"  # 8 records: the pickle, 2 tensors, torch's 5 small
     save_checkpoint(state, path)
     whole = path.read_bytes()
     with zipfile.ZipFile(path) as archive:
         local = [info.header_offset for info in archive.infolist()]
-    headers = [(start, 46) for _, start in _central_entries(whole)] + [(s, 30) for s in local]
+    headers = [(start, 46 + len(name.encode())) for name, start in _central_entries(whole)]
+    headers += [(start, 30 + struct.unpack("<H", whole[start + 26:start + 28])[0])
+                for start in local]  # each header with the record's name
     wrong = []
     for start, length in headers:
         for bit in range(8 * length):
