@@ -56,9 +56,10 @@ CONSTRUCTOR_SETTINGS = ("beta1", "beta2", "weight_decay", "rho", "refresh_every"
 ADAPTED = {"rho": "rho"}
 
 
-@dataclass(frozen=True)
+@dataclass
 class ResumePoint:
-    """A training checkpoint, read and verified once.
+    """A training checkpoint, read and verified once. :func:`restore` drops its model and
+    optimizer states once loaded (:meth:`release`): a run holds no second copy of them.
 
     Attributes:
         path: the checkpoint file (``<folder>/checkpoint.pt`` when a folder was given).
@@ -107,6 +108,10 @@ class ResumePoint:
     def upgraded(self, config: Config) -> dict[str, Any]:
         """The checkpoint as format 3 (format 1's tokens counted at ``config``'s rate)."""
         return upgrade(self.checkpoint, config.tokens_per_step)
+
+    def release(self) -> None:
+        """Drop the model and optimizer states (loaded; the rest stays readable)."""
+        self.checkpoint = {**self.checkpoint, "model": None, "optimizer": None}
 
 
 def resume_folder(resume: str | Path | ResumePoint) -> Path:
@@ -186,6 +191,8 @@ def restore(point: ResumePoint, config: Config, model: nn.Module,
     else:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
+    del state["model"], state["optimizer"]
+    point.release()
     saved_settings = _section(saved, "optimizer")
     apply_changed_settings(optimizer, built, saved_settings, config.optimizer)
     old = _saved_config(saved, config)

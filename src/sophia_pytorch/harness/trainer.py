@@ -88,8 +88,8 @@ def prepare_model(model: nn.Module, config: Config,
 
 @torch.no_grad()
 def validation_loss(model: nn.Module, batches: BatchSampler, num_batches: int,
-             autocast: Callable[[], contextlib.AbstractContextManager],
-             stop: Callable[[], bool] | None = None) -> float | None:
+                    autocast: Callable[[], contextlib.AbstractContextManager],
+                    stop: Callable[[], bool] | None = None) -> float | None:
     """Mean validation loss (nats/token) over the fixed batches 0..num_batches-1; None when
     ``stop()``, asked before each batch, says to stop (a signal: a long evaluation must not
     outlast a scheduler's grace period)."""
