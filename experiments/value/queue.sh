@@ -3,9 +3,10 @@
 # call into a comparison folder under runs/value/; after it, that folder's report for the step's
 # optimizer is copied to experiments/value/<folder>/results-<optimizer>.json and committed (that
 # path only), so a stop loses at most the run in flight. compare reuses finished runs, so a
-# rerun continues where it stopped; `experiments/value/table.py` reads every committed report.
+# rerun continues where it stopped, and a call whose runs are all finished only reports them;
+# `python experiments/value/tables.py` reads every committed report.
 #
-#   nice -n 19 experiments/value/queue.sh a     # queue a | b | c (one core each)
+#   nice -n 19 experiments/value/queue.sh QUEUE     # one core each; queues below
 #
 # Never edit this file while a queue runs from it (bash reads a script as it goes): write a new
 # file and move it over this one.
@@ -31,22 +32,31 @@ one() {  # one FOLDER OPTIMIZER MULTIPLIER SEED [extra flags]: one run, then its
   save "$folder" "$optimizer" "$folder $optimizer x$multiplier seed $seed"
 }
 small() { one "$1" "$2" "$3" "$4" --preset small "${@:5}"; }
-tiny() {  # tiny OPTIMIZER GRID: the lr grid on seed 0, then seeds 1-4 at the best, 800 steps
-  local optimizer=$1 grid=$2
+tiny() {  # tiny OPTIMIZER GRID FIRST_SEED SEEDS: 800 steps (80 refreshes), then the report
+  local optimizer=$1 grid=$2 first=$3 seeds=$4
   OMP_NUM_THREADS=1 sophia compare --preset tiny --optimizers "$optimizer" --lr-grid "$grid" \
-    --seeds 5 --max-steps 800 --eval-every 100 --threads 1 --no-progress --out "$OUT/tiny-800"
-  save tiny-800 "$optimizer" "tiny-800 $optimizer grid $grid, 5 seeds"
+    --seed "$first" --seeds "$seeds" --max-steps 800 --eval-every 100 --threads 1 \
+    --no-progress --out "$OUT/tiny-800"
+  save tiny-800 "$optimizer" "tiny-800 $optimizer grid $grid, seeds $first+$seeds"
 }
-case "${1:?queue a, b or c}" in
+case "${1:?a queue name}" in
   # The small rung, 2000 steps, fully decayed, at today's rows: a second seed of AdamW and
-  # Sophia-G (seed 0: experiments/map/small-2000), the two h = 0 controls on seed 0 (Lion at
-  # x1/3 of its row = 3.33e-4; Sophia-G never refreshed: signed momentum with Sophia's own β1
-  # and decay), then a third seed.
-  a) small small-seeds adamw 1 1; small small-lion lion 0.333 0; small small-seeds adamw 1 2 ;;
-  b) small small-seeds sophiag 1 1; small small-norefresh sophiag 1 0 --refresh-every 1000000
-     small small-seeds sophiag 1 2 ;;
+  # Sophia-G (seed 0: experiments/map/small-2000). Not run yet for CPU time (each run is
+  # 40-80 minutes of a loaded core): the h = 0 controls on seed 0 (Lion at x1/3 of its row
+  # = 3.33e-4; Sophia-G never refreshed) and a third seed.
+  a) small small-seeds adamw 1 1 ;;
+  b) small small-seeds sophiag 1 1 ;;
+  controls) small small-lion lion 0.333 0
+            small small-norefresh sophiag 1 0 --refresh-every 1000000 ;;
   # Muon on the hidden matrices with Sophia-G (or, the control, AdamW) on embeddings, head and
-  # the rest, each tuned on its own part. 800 steps (80 refreshes).
-  c) tiny muon-adamw 1,3.33,10,30; tiny muon-sophiag 3.33,10,30 ;;
+  # the rest, each tuned on its own part: the seed-0 grid, then seeds 1-4 at the best.
+  muon-adamw) tiny muon-adamw 1,3.33,10,30 0 5 ;;
+  muon-sophiag-grid) tiny muon-sophiag 3.33,10,30 0 1 ;;
+  # Seeds 1-4 at x10 run beside the grid, ahead of its verdict (the 300-step pilot's best was
+  # 1e-2 = x10); `muon-sophiag` then reports the grid and the seeds at its best, training only
+  # what is missing.
+  muon-sophiag-seeds-1) tiny muon-sophiag 10 1 2 ;;
+  muon-sophiag-seeds-3) tiny muon-sophiag 10 3 2 ;;
+  muon-sophiag) tiny muon-sophiag 3.33,10,30 0 5 ;;
   *) echo "unknown queue $1" >&2; exit 2 ;;
 esac
