@@ -90,11 +90,14 @@ def _dense(tensor: Tensor) -> bool:
     return True
 
 
+@torch.compiler.disable  # inductor (torch 2.13) miscompiles its int64 bit operations
 def stochastic_round_bf16(x: Tensor, key: int) -> Tensor:
     """``x`` (float32, any shape) rounded stochastically to bfloat16; unbiased: E[out] = x.
 
     The random bits come from ``hash32(index ^ key)`` (see the module docstring), so the
     result is a pure function of x, the key and the memory layout. NaN becomes bf16's NaN.
+    Under ``torch.compile`` it runs eagerly (a graph break), so it rounds as it does
+    uncompiled.
     """
     if x.dtype != torch.float32:
         raise TypeError(f"stochastic_round_bf16 takes float32, got {x.dtype}")

@@ -214,9 +214,10 @@ def _rounds_as_torch_does(op: Callable[..., object], reference: Callable[..., No
         probe[2:] = [t.to(state_dtype) for t in probe[2:]]
         expected = [[t.clone()] for t in probe]
         actual = [[t.clone()] for t in probe]
-        reference(*expected, **hyper, rounding_keys=[key])
+        keys = ([key],) if state_dtype == torch.bfloat16 else ()  # float state takes none
+        reference(*expected, **hyper, rounding_keys=keys[0] if keys else None)
         op(*actual, 1 - hyper["lr"] * hyper["weight_decay"], hyper["beta1"],
-           1 - hyper["beta1"], hyper["rho"], hyper["eps"], -hyper["lr"], False, [key])
+           1 - hyper["beta1"], hyper["rho"], hyper["eps"], -hyper["lr"], False, *keys)
         if not all(torch.equal(a[0], e[0]) for a, e in zip(actual, expected, strict=True)):
             return False
     return True
@@ -303,7 +304,7 @@ def fused_sophia_(
         if any(m.dtype == torch.bfloat16 for m in exp_avgs):
             raise ValueError("bfloat16 state needs rounding_keys: one stochastic-rounding key "
                              "per tensor (see sophia_pytorch._rounding.rounding_key)")
-        rounding_keys = [0] * len(params)
+        rounding_keys = []
     return _op(
         params, grads, exp_avgs, hessians,
         1 - lr * weight_decay, beta1, 1 - beta1, rho, eps, -lr, maximize, rounding_keys,

@@ -217,8 +217,10 @@ std::vector<int64_t> step(at::TensorList params, at::TensorList grads, at::Tenso
                           double one_minus_beta1, double rho, double eps, double neg_lr,
                           bool maximize, at::IntArrayRef keys) {
   TORCH_CHECK(grads.size() == params.size() && exp_avgs.size() == params.size() &&
-                  hessians.size() == params.size() && keys.size() == params.size(),
-              "sophia fused step: the four tensor lists and the keys must have the same length");
+                  hessians.size() == params.size(),
+              "sophia fused step: the four tensor lists must have the same length");
+  TORCH_CHECK(keys.empty() || keys.size() == params.size(),
+              "sophia fused step: give one rounding key per tensor, or none");
   const Coefficients c{decay, beta1, one_minus_beta1, rho, eps, neg_lr, maximize};
   std::vector<int64_t> skipped;
   std::vector<size_t> updated;
@@ -249,7 +251,9 @@ std::vector<int64_t> step(at::TensorList params, at::TensorList grads, at::Tenso
         break;
       default: TORCH_CHECK(false, "sophia fused step: unsupported dtype ", dtype);
     }
-    const auto key = static_cast<uint32_t>(keys[i] & 0xFFFFFFFF);
+    TORCH_CHECK(!bf16 || !keys.empty(),
+                "sophia fused step: bfloat16 state needs one rounding key per tensor");
+    const auto key = keys.empty() ? 0u : static_cast<uint32_t>(keys[i] & 0xFFFFFFFF);
     for (int64_t begin = 0; begin < n; begin += kChunk) {
       chunks.push_back(Chunk{loop, params[i].data_ptr(), grads[i].const_data_ptr(),
                              exp_avgs[i].data_ptr(), hessians[i].const_data_ptr(), begin,
@@ -292,6 +296,6 @@ TORCH_LIBRARY(sophia_fused, m) {
   m.def(
       "step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor[] hessians, "
       "float decay, float beta1, float one_minus_beta1, float rho, float eps, float neg_lr, "
-      "bool maximize, int[] keys) -> int[]",
+      "bool maximize, int[] keys=[]) -> int[]",
       &step);
 }
