@@ -260,3 +260,20 @@ def test_sophia_options_are_checked_against_the_constructors_signature():
     for name in ("sophiag", "sophiah", "sophiag-official"):
         assert OPTIMIZERS[name].unknown_options({"eps": 1, "epsilon": 1}) == ["epsilon"]
     assert OPTIMIZERS["adamw"].unknown_options({"eps": 1}) == ["eps"]  # takes none
+
+
+@pytest.mark.parametrize("optimizer", ["sophiag", "sophiah", "sophiag-official"])
+def test_state_dtype_bfloat16_reaches_sophia_and_float32_keeps_the_default(optimizer):
+    for state_dtype, expected in (("bfloat16", torch.bfloat16), ("float32", None)):
+        config = make_config("tiny", {"optimizer": optimizer, "state_dtype": state_dtype})
+        built = build_optimizer(config, _model())
+        assert built.state_dtype == expected
+
+
+def test_state_dtype_for_another_optimizer_is_refused():
+    with pytest.raises(SophiaError, match="--state-dtype bfloat16 applies to Sophia"):
+        make_config("tiny", {"optimizer": "adamw", "state_dtype": "bfloat16"})
+    with pytest.raises(SophiaError, match="state_dtype must be one of|state_dtype"):
+        make_config("tiny", {"state_dtype": "float16"})
+    with pytest.raises(SophiaError, match="set by the harness from --state-dtype"):
+        make_config("tiny", {"sophia_options": {"state_dtype": "bfloat16"}})

@@ -36,7 +36,9 @@ __all__ = ["OPTIMIZERS", "RESERVED_OPTIONS", "OptimizerSpec", "decay_groups"]
 # Keywords the harness sets from its own settings, not from sophia_options: where to set them.
 RESERVED_OPTIONS = {"params": "the model's parameters", "lr": "--lr", "betas": "--beta1/--beta2",
                     "weight_decay": "--weight-decay", "rho": "--rho",
-                    "refresh_every": "--refresh-every"}
+                    "refresh_every": "--refresh-every", "state_dtype": "--state-dtype"}
+# the harness's --state-dtype -> Sophia's state_dtype keyword
+_STATE_DTYPES = {"float32": None, "bfloat16": torch.bfloat16}
 
 # build(settings, model, rows, device): ``rows`` are the preset's hyperparameter rows by name.
 Builder = Callable[[OptimizerConfig, nn.Module, Mapping[str, OptimizerHparams],
@@ -132,6 +134,8 @@ def _sophia(cls: type[torch.optim.Optimizer], extra: Callable[[], dict[str, Any]
         keywords = {**extra(), **settings.sophia_options, "lr": settings.lr,
                     "betas": settings.betas, "weight_decay": settings.weight_decay,
                     "rho": settings.rho, "refresh_every": settings.refresh_every}
+        if settings.state_dtype != "float32":  # float32 is the constructor's default
+            keywords["state_dtype"] = _STATE_DTYPES[settings.state_dtype]
         return cls(decay_groups(_trainable(model), settings.weight_decay), **keywords)
 
     return build
