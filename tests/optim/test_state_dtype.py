@@ -440,3 +440,66 @@ def test_compiled_step_keeps_bf16_state_and_tracks_eager():
         torch.testing.assert_close(optimizers[0].state[p]["exp_avg"].float(),
                                    optimizers[1].state[q]["exp_avg"].float(),
                                    rtol=2**-7, atol=1e-8)
+
+
+# ----------------------------------------------------------------------- distributed
+
+
+def _distributed_bf16_run(rank: int, world_size: int, mode: str) -> dict:
+    """6 steps on this rank's half of each batch under DDP or FSDP2, bf16 state, refreshes
+    after steps 2, 4, 6; the full parameters and state at the end."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+    from torch.nn.parallel import DistributedDataParallel
+
+    model = _model(8, torch.float32)
+    if mode == "fsdp2":
+        fully_shard(model[0])
+        fully_shard(model[2])
+        fully_shard(model)
+        forward = model
+    else:
+        forward = DistributedDataParallel(model)
+    optimizer = SophiaG(forward.parameters(), lr=1e-2, refresh_every=2, state_dtype=BF16)
+    for t in range(6):
+        inputs, targets = _batch(t, torch.float32)
+        mine = slice(rank * 32, (rank + 1) * 32)
+        F.cross_entropy(forward(inputs[mine]), targets[mine]).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if optimizer.hessian_due():
+            sampled, n = sophia_pytorch.sampled_cross_entropy(
+                forward(inputs[mine]), generator=torch.Generator().manual_seed(100 * t + rank))
+            sampled.backward()
+            total = torch.tensor(n)
+            dist.all_reduce(total)
+            optimizer.update_hessian(scale=int(total))
+            optimizer.zero_grad(set_to_none=True)
+    full = lambda t: (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().clone()  # noqa: E731
+    named = list(model.named_parameters())
+    return {"params": {n: full(p) for n, p in named},
+            "state": {n: {k: full(optimizer.state[p][k]) for k in ("exp_avg", "hessian")}
+                      for n, p in named},
+            "unclipped": optimizer.unclipped_fraction()}
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
+def test_bf16_state_under_ddp_and_fsdp2_keeps_the_ranks_alike(mode, tmp_path):
+    """Under DDP the replicas round alike (the seed is the parameter's index, not the rank), so
+    they stay bitwise equal; under FSDP2 each rank rounds its shard and the gathered
+    parameters and bf16 state are one model. Both stay bf16 and move from their start."""
+    from tests._multiprocess import run_on_ranks
+
+    if mode == "fsdp2":
+        fused_kernel_available()  # built before forking
+    runs = run_on_ranks(_distributed_bf16_run, tmp_path, mode)
+    start = dict(_model(8, torch.float32).named_parameters())
+    for run in runs[1:]:
+        for name, value in runs[0]["params"].items():
+            assert torch.equal(run["params"][name], value)
+            for key in ("exp_avg", "hessian"):
+                assert run["state"][name][key].dtype == BF16
+                assert torch.equal(run["state"][name][key], runs[0]["state"][name][key])
+        assert run["unclipped"] == runs[0]["unclipped"]
+    assert all(not torch.equal(runs[0]["params"][n], p) for n, p in start.items())
+    assert any(bool(s["hessian"].any()) for s in runs[0]["state"].values())
