@@ -12,9 +12,10 @@ Sections (each a part of the report, with its figures and pass/fail, or "skipped
    ``count_as_tensor=True``) under ``torch.cuda.set_sync_debug_mode("error")``; a CUDA graph
    capture and replay of the step and of the refresh, in a child process (a failed capture
    must not poison this one), checked bitwise against eager steps.
-3. step time: SophiaG (foreach, compiled) against ``torch.optim.AdamW`` fused and foreach on
-   124M and 355M GPT-shaped float32 parameters; CUDA events, median of rounds, the ratio to
-   fused AdamW and the achieved bytes/s against a measured device-to-device copy.
+3. step time: SophiaG (foreach, foreach with bf16 state, compiled) against
+   ``torch.optim.AdamW`` fused and foreach on 124M and 355M GPT-shaped float32 parameters;
+   CUDA events, median of rounds, the ratio to fused AdamW and the achieved bytes/s against a
+   measured device-to-device copy.
 4. refresh cost and memory: the harness's gpt2-small GPT under bf16 autocast: time and peak
    memory of a training step, and of a step plus a Sophia-G refresh on a quarter of the batch.
 5. a short comparison: Sophia-G against AdamW with ``sophia_pytorch.harness.compare`` on a
@@ -90,7 +91,8 @@ TOLERANCES = {
 }
 BATCH_SAMPLES = 480.0
 EVENTS = ("step", "refresh", "step", "step", "refresh", "step")
-BYTES_PER_COORDINATE = {"SophiaG": 24, "AdamW": 28}  # float32: reads p g m h (+v), writes p m (+v)
+# float32: reads p g m h (+v), writes p m (+v); bf16 state: m and h are 2 bytes
+BYTES_PER_COORDINATE = {"SophiaG": 24, "SophiaG bf16 state": 18, "AdamW": 28}
 NOMINAL_BANDWIDTH_TBPS = {"H200": 4.8, "H100 SXM": 3.35, "H100 NVL": 3.9, "H100 PCIe": 2.0,
                           "H100": 3.35, "A100-SXM4-80GB": 2.04, "A100": 1.56}
 
@@ -817,6 +819,13 @@ def _time_set(ctx: Context, section: Section, set_name: str, shape: dict[str, in
     sophia = SophiaG(params, lr=1e-4, rho=0.04, foreach=True, fused=False)
     sophia.update_hessian(scale=BATCH_SAMPLES)
     rows["SophiaG foreach"] = (BYTES_PER_COORDINATE["SophiaG"], sophia.step)
+    # bf16 state (m, h 2 bytes each): no fused GPU kernel, so its foreach path also builds
+    # the stochastic-rounding hash in torch ops; this row says what that costs
+    sophia_bf16 = SophiaG(params, lr=1e-4, rho=0.04, foreach=True, fused=False,
+                          state_dtype=torch.bfloat16)
+    sophia_bf16.update_hessian(scale=BATCH_SAMPLES)
+    rows["SophiaG foreach, bf16 state"] = (BYTES_PER_COORDINATE["SophiaG bf16 state"],
+                                           sophia_bf16.step)
     # A compile takes ~1-2 min; the later sections (refresh cost, DDP, the ~4 min comparison)
     # keep ~300 s. The first set compiles when 200 s are left, the others only with room.
     if ctx.left() > (200 if first else 380):

@@ -11,7 +11,7 @@ Rows are interleaved: every round times a few steps of each optimizer in an orde
 between rounds, so load on a shared machine falls on all rows alike; medians are reported.
 
     python benchmarks/state_dtype.py                     # 41M and 124M
-    python benchmarks/state_dtype.py --sets 41M --rounds 5
+    python benchmarks/state_dtype.py --sets 41M --rounds 5 --threads 1
 """
 
 from __future__ import annotations
@@ -99,7 +99,11 @@ def main() -> None:
     parser.add_argument("--sets", nargs="+", choices=list(GPT_SETS), default=list(GPT_SETS))
     parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds (default 7)")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per round (default 3)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch.set_num_threads for every row (default: torch's)")
     args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
 
     from sophia_pytorch._kernel import loader
     from sophia_pytorch.functional import fused_kernel_available

@@ -11,15 +11,19 @@ the top half rounds the magnitude up exactly when r ≥ 2¹⁶ − (low 16 bits)
 probability (low bits)/2¹⁶; a carry moves into the exponent as it should, ±inf stay inf, and
 NaN becomes bf16's canonical NaN (0x7FC0).
 
-r is not drawn from a generator: it is the low 16 bits of ``hash32(index ^ key)``, where index
-is the element's offset in the tensor's memory and ``key = rounding_key(seed, counter,
-stream)`` mixes a per-tensor seed, a step counter and the stream (m or h). The same inputs
-always round the same way, on any path (for-loop, foreach, the fused C++ kernel, which
-computes the same integer hash) and after a resume from a checkpoint.
+r is not drawn from a generator: it is the top 16 bits of ``(index ^ key)·C mod 2³²`` (C odd),
+where index is the element's offset in the tensor's memory (mod 2³²) and ``key =
+rounding_key(seed, counter, stream)`` is a strong hash of a per-tensor seed, a step counter
+and the stream (m or h). Over steps the key is uniform, and multiplying by an odd C permutes
+the 32-bit values, so each element's r is uniform: the rounding is unbiased. Within one step
+the r of neighbouring elements follow a multiplicative (Weyl) sequence, spread evenly over
+[0, 2¹⁶). One multiply per element, not a full hash, keeps the fused kernel's bf16 step
+within its memory time. The same inputs always round the same way, on any path (for-loop,
+foreach, the fused C++ kernel, which computes the same integers) and after a resume.
 
-``hash32`` is C. Wellons' hash-prospector ``[16 21f0aaad 15 735a2d97 15]``. Both multipliers
-are below 2³¹, so in int64 tensors the product of a 32-bit value and a multiplier is below
-2⁶³: the hash is computed exactly, without relying on signed overflow.
+``hash32`` (for the keys) is C. Wellons' hash-prospector ``[16 21f0aaad 15 735a2d97 15]``.
+Both multipliers are below 2³¹, so in int64 tensors the product of a 32-bit value and a
+multiplier is below 2⁶³: everything is computed exactly, without relying on signed overflow.
 """
 
 from __future__ import annotations
@@ -94,7 +98,7 @@ def _dense(tensor: Tensor) -> bool:
 def stochastic_round_bf16(x: Tensor, key: int) -> Tensor:
     """``x`` (float32, any shape) rounded stochastically to bfloat16; unbiased: E[out] = x.
 
-    The random bits come from ``hash32(index ^ key)`` (see the module docstring), so the
+    The random bits come from ``(index ^ key)·C`` (see the module docstring), so the
     result is a pure function of x, the key and the memory layout. NaN becomes bf16's NaN.
     Under ``torch.compile`` it runs eagerly (a graph break), so it rounds as it does
     uncompiled.
@@ -102,7 +106,7 @@ def stochastic_round_bf16(x: Tensor, key: int) -> Tensor:
     if x.dtype != torch.float32:
         raise TypeError(f"stochastic_round_bf16 takes float32, got {x.dtype}")
     bits = x.view(torch.int32).to(torch.int64) & _MASK
-    noise = hash32((_memory_index(x) & _MASK) ^ (key & _MASK)) & 0xFFFF
+    noise = ((((_memory_index(x) & _MASK) ^ (key & _MASK)) * _MUL1) & _MASK) >> 16
     high = (bits + noise) >> 16
     high = torch.where(high >= 0x8000, high - 0x10000, high)
     high = torch.where(x.isnan(), _BF16_NAN, high)

@@ -14,8 +14,8 @@
 //
 // bfloat16 state (m and h stored as bf16, the optimizers' state_dtype): m and h are widened to
 // float32, the step is the float32 one, and the new m is stored with stochastic rounding whose
-// random bits are hash32(element index ^ key), exactly as sophia_pytorch._rounding does it with
-// torch's integer ops: the same bits on every path.
+// random bits are the top half of (element index ^ key)·0x21f0aaad mod 2^32, exactly as
+// sophia_pytorch._rounding does it with torch's integer ops: the same bits on every path.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -55,59 +55,73 @@ struct Bf16 {
   uint16_t bits;
 };
 
-// C. Wellons' hash-prospector [16 21f0aaad 15 735a2d97 15]; sophia_pytorch._rounding.hash32.
-inline uint32_t hash32(uint32_t x) {
-  x ^= x >> 16;
-  x *= 0x21f0aaadu;
-  x ^= x >> 15;
-  x *= 0x735a2d97u;
-  x ^= x >> 15;
-  return x;
-}
-
 // State element <-> float: float state as it is, bf16 widened exactly / stored with stochastic
 // rounding (add 16 random bits below bf16's mantissa, keep the top half; NaN -> 0x7FC0).
 inline float widen(float x) { return x; }
-inline double widen(double x) { return x; }
 inline float widen(Bf16 x) {
   const uint32_t bits = static_cast<uint32_t>(x.bits) << 16;
   float value;
   std::memcpy(&value, &bits, sizeof(value));
   return value;
 }
+// index: the element's offset in the tensor, modulo 2^32.
 template <typename S>
-inline S narrow(float x, uint32_t, int64_t) { return x; }
+inline S narrow(float x, uint32_t, uint32_t) { return x; }
 template <>
-inline Bf16 narrow<Bf16>(float x, uint32_t key, int64_t index) {
+inline Bf16 narrow<Bf16>(float x, uint32_t key, uint32_t index) {
   uint32_t bits;
   std::memcpy(&bits, &x, sizeof(bits));
-  const uint32_t noise = hash32(static_cast<uint32_t>(index) ^ key) & 0xFFFFu;
+  const uint32_t noise = ((index ^ key) * 0x21f0aaadu) >> 16;
   const bool nan = (bits & 0x7FFFFFFFu) > 0x7F800000u;
   return Bf16{static_cast<uint16_t>(nan ? 0x7FC0u : (bits + noise) >> 16)};
 }
 
-// θ and g share one dtype T (float or double) and the arithmetic is done in T; the state S is
-// T, or bf16 when T is float. Maximize negates g (a sign-bit flip, as torch's neg does, so
-// even a NaN gradient keeps its bits).
-template <typename T, typename S, bool Maximize>
-void step_full_precision(T* __restrict param, const T* __restrict grad, S* __restrict exp_avg,
-                         const S* __restrict hessian, int64_t begin, int64_t end,
-                         const Coefficients& c, uint32_t key) {
+// θ and g share one dtype T (float or double), as do m and h, and the arithmetic is done in T.
+// Maximize negates g (a sign-bit flip, as torch's neg does, so even a NaN gradient keeps its
+// bits).
+template <typename T, bool Maximize>
+void step_same_dtype(T* __restrict param, const T* __restrict grad, T* __restrict exp_avg,
+                     const T* __restrict hessian, int64_t begin, int64_t end,
+                     const Coefficients& c) {
   const T decay = static_cast<T>(c.decay), beta1 = static_cast<T>(c.beta1);
   const T one_minus_beta1 = static_cast<T>(c.one_minus_beta1), rho = static_cast<T>(c.rho);
   const T eps = static_cast<T>(c.eps), neg_lr = static_cast<T>(c.neg_lr);
 #pragma omp simd
   for (int64_t i = begin; i < end; ++i) {
     const T theta = param[i] * decay;
-    const T m = std::fma(Maximize ? -grad[i] : grad[i], one_minus_beta1,
-                         widen(exp_avg[i]) * beta1);
-    if constexpr (std::is_same_v<S, T>) {
-      exp_avg[i] = m;
-    } else {
-      exp_avg[i] = narrow<S>(m, key, i);
-    }
-    const T ratio = ceil_at(floor_at(m / floor_at(rho * widen(hessian[i]), eps), T(-1)), T(1));
+    const T m = std::fma(Maximize ? -grad[i] : grad[i], one_minus_beta1, exp_avg[i] * beta1);
+    exp_avg[i] = m;
+    const T ratio = ceil_at(floor_at(m / floor_at(rho * hessian[i], eps), T(-1)), T(1));
     param[i] = std::fma(ratio, neg_lr, theta);
+  }
+}
+
+// float32 θ and g, bf16 m and h: the float32 step on the widened state, m stored
+// stochastically rounded. The loop counts in 32 bits (the hash's index is 32-bit) from
+// pointers moved to ``begin``, so the vectorised loop carries no 64-bit index vectors.
+template <bool Maximize>
+void step_float_bf16_state(float* __restrict param, const float* __restrict grad,
+                           Bf16* __restrict exp_avg, const Bf16* __restrict hessian,
+                           int64_t begin, int64_t end, const Coefficients& c, uint32_t key) {
+  const float decay = static_cast<float>(c.decay), beta1 = static_cast<float>(c.beta1);
+  const float one_minus_beta1 = static_cast<float>(c.one_minus_beta1);
+  const float rho = static_cast<float>(c.rho), eps = static_cast<float>(c.eps);
+  const float neg_lr = static_cast<float>(c.neg_lr);
+  param += begin;
+  grad += begin;
+  exp_avg += begin;
+  hessian += begin;
+  const uint32_t first = static_cast<uint32_t>(begin);
+  const uint32_t count = static_cast<uint32_t>(end - begin);  // a chunk: < 2^32
+#pragma omp simd
+  for (uint32_t j = 0; j < count; ++j) {
+    const float theta = param[j] * decay;
+    const float m = std::fma(Maximize ? -grad[j] : grad[j], one_minus_beta1,
+                             widen(exp_avg[j]) * beta1);
+    exp_avg[j] = narrow<Bf16>(m, key, first + j);
+    const float ratio =
+        ceil_at(floor_at(m / floor_at(rho * widen(hessian[j]), eps), -1.0f), 1.0f);
+    param[j] = std::fma(ratio, neg_lr, theta);
   }
 }
 
@@ -124,7 +138,7 @@ void step_low_precision(P* __restrict param, const P* __restrict grad,
     const float theta = static_cast<float>(P(static_cast<float>(param[i]) * decay));
     const float g = static_cast<float>(grad[i]);
     const float m = std::fma(Maximize ? -g : g, one_minus_beta1, widen(exp_avg[i]) * beta1);
-    exp_avg[i] = narrow<S>(m, key, i);
+    exp_avg[i] = narrow<S>(m, key, static_cast<uint32_t>(i));
     const float ratio =
         ceil_at(floor_at(m / floor_at(rho * widen(hessian[i]), eps), -1.0f), 1.0f);
     const float step = static_cast<float>(P(ratio * neg_lr));
@@ -187,10 +201,14 @@ struct Chunk {
 template <typename P, typename S, bool Maximize>
 void update_chunk(void* param, const void* grad, void* exp_avg, const void* hessian,
                   int64_t begin, int64_t end, const Coefficients& c, uint32_t key) {
-  if constexpr (std::is_same_v<P, float> || std::is_same_v<P, double>) {
-    step_full_precision<P, S, Maximize>(static_cast<P*>(param), static_cast<const P*>(grad),
-                                        static_cast<S*>(exp_avg),
-                                        static_cast<const S*>(hessian), begin, end, c, key);
+  if constexpr (std::is_same_v<P, S>) {
+    step_same_dtype<P, Maximize>(static_cast<P*>(param), static_cast<const P*>(grad),
+                                 static_cast<S*>(exp_avg), static_cast<const S*>(hessian),
+                                 begin, end, c);
+  } else if constexpr (std::is_same_v<P, float>) {
+    step_float_bf16_state<Maximize>(static_cast<float*>(param), static_cast<const float*>(grad),
+                                    static_cast<Bf16*>(exp_avg),
+                                    static_cast<const Bf16*>(hessian), begin, end, c, key);
   } else {
     step_low_precision<P, S, Maximize>(static_cast<P*>(param), static_cast<const P*>(grad),
                                        static_cast<S*>(exp_avg), static_cast<const S*>(hessian),
