@@ -31,8 +31,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["M_STREAM", "H_STREAM", "hash32", "hash32_int", "rounding_key",
-           "stochastic_round_bf16"]
+__all__ = ["M_STREAM", "H_STREAM", "hash32_int", "rounding_key", "stochastic_round_bf16"]
 
 _MASK = 0xFFFFFFFF
 _MUL1, _MUL2 = 0x21F0AAAD, 0x735A2D97
@@ -50,15 +49,6 @@ def hash32_int(x: int) -> int:
     x = (x * _MUL2) & _MASK
     x ^= x >> 15
     return x
-
-
-def hash32(x: Tensor) -> Tensor:
-    """``hash32_int`` elementwise on an int64 tensor whose values lie in [0, 2³²)."""
-    x = x ^ (x >> 16)
-    x = (x * _MUL1) & _MASK
-    x = x ^ (x >> 15)
-    x = (x * _MUL2) & _MASK
-    return x ^ (x >> 15)
 
 
 def rounding_key(seed: int, counter: int, stream: int) -> int:
@@ -94,7 +84,8 @@ def _dense(tensor: Tensor) -> bool:
     return True
 
 
-@torch.compiler.disable  # inductor (torch 2.13) miscompiles its int64 bit operations
+# eager under torch.compile: inductor (torch 2.13) miscompiles its int64 bit operations
+@torch.compiler.disable  # type: ignore[untyped-decorator]  # torch leaves it unannotated
 def stochastic_round_bf16(x: Tensor, key: int) -> Tensor:
     """``x`` (float32, any shape) rounded stochastically to bfloat16; unbiased: E[out] = x.
 
