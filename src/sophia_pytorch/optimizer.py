@@ -611,6 +611,14 @@ class SophiaG(SophiaBase):
             factors of √2 until the fraction of unclipped coordinates (|m| < ρh, counted
             at that refresh) lies in the band — the official advice of keeping it in 0.1–0.5,
             automated. ``group["rho"]`` then holds the current ρ (default None: fixed ρ).
+        state_dtype: None (m and h in float32, or float64 for float64 parameters) or
+            ``torch.bfloat16``: m and h in bf16, 2 bytes each a parameter, for float32, bf16
+            and fp16 parameters. The update is computed in float32 and m and h are rounded
+            back stochastically (unbiased), the random bits a hash of the parameter's index,
+            the step (or refresh count) and the element, so every path rounds alike and a
+            resume is bit-identical. It is the optimizer's, not a group's: a loaded
+            ``state_dict`` is converted to it (float32 → bf16 to nearest, bf16 → float32
+            exactly) (default None).
 
     Migrating from the official ``SophiaG``: where it called ``update_hessian()`` and
     ``step(bs=bs)``, call ``update_hessian(scale=bs)`` and ``step()``; the trajectories agree.
@@ -735,6 +743,7 @@ class SophiaH(SophiaBase):
         bias_correction: as in :class:`SophiaG` (default False).
         refresh_at_start: as in :class:`SophiaG` (default False).
         unclipped_band: as in :class:`SophiaG` (default None).
+        state_dtype: as in :class:`SophiaG` (default None).
     """
 
     def update_hessian(
