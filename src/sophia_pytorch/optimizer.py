@@ -198,9 +198,12 @@ class SophiaBase(Optimizer):
                     f"parameters, not {param.dtype}: put such parameters in an optimizer "
                     "with state_dtype=None")
 
+    def __getstate__(self) -> dict[str, Any]:
+        return {**super().__getstate__(), "state_dtype": self.state_dtype}  # pickle, deepcopy
+
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        self.__dict__.setdefault("state_dtype", None)
+        self.__dict__.setdefault("state_dtype", None)  # pickled before state_dtype existed
         for group in self.param_groups:
             group.setdefault("maximize", False)
             group.setdefault("foreach", None)

@@ -513,3 +513,17 @@ def test_bf16_state_under_ddp_and_fsdp2_keeps_the_ranks_alike(mode, tmp_path):
         assert run["unclipped"] == runs[0]["unclipped"]
     assert all(not torch.equal(runs[0]["params"][n], p) for n, p in start.items())
     assert any(bool(s["hessian"].any()) for s in runs[0]["state"].values())
+
+
+def test_a_deep_copy_or_pickle_keeps_the_state_dtype_and_steps_alike():
+    import pickle
+
+    model = _model(9, torch.float32)
+    optimizer = SophiaG(model.parameters(), lr=1e-2, refresh_every=2, state_dtype=BF16)
+    _train(model, optimizer, range(3), torch.float32)
+    for clone in (copy.deepcopy(optimizer), pickle.loads(pickle.dumps(optimizer))):
+        assert clone.state_dtype == BF16
+        assert all(s["exp_avg"].dtype == BF16 for s in clone.state.values())
+        for p in clone.param_groups[0]["params"]:
+            p.grad = torch.ones_like(p)
+        clone.step()  # rounds: needs its state_dtype to make the keys
