@@ -151,7 +151,7 @@ def _ema_relative_bias(rounding: str, beta: float, steps: int, every: int = 1) -
 def test_round_to_nearest_biases_the_ema_and_stochastic_rounding_does_not(state, beta):
     """The decision to round m (and h) stochastically, in float64. With round-to-nearest an
     EMA stalls once (1 − β)·|x − m| falls below half of bf16's spacing: m stays short of x by
-    up to 2⁻⁸/(1 − β) of itself (7% for m, 26% for h) — a systematic error. Stochastic
+    up to 2⁻⁸/(1 − β) of itself (11% for m, 39% for h) — a systematic error. Stochastic
     rounding's error is noise: per coordinate its standard deviation is at most
     2⁻⁸/(2·√(1 − β²)) of the value (spacing ≤ 2⁻⁷ relative, variance ≤ spacing²/4 per update,
     damped by the EMA), so the mean over 4096 coordinates is within 5/√4096 of that."""
