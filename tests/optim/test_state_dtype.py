@@ -527,3 +527,19 @@ def test_a_deep_copy_or_pickle_keeps_the_state_dtype_and_steps_alike():
         for p in clone.param_groups[0]["params"]:
             p.grad = torch.ones_like(p)
         clone.step()  # rounds: needs its state_dtype to make the keys
+
+
+def test_bias_corrected_first_refresh_sets_bf16_h_to_a_neighbour_of_the_estimate():
+    """With bias_correction the first estimate replaces h (weight 1): the bf16 h is one of
+    the two bf16 neighbours of B·g⊙g, computed in float64."""
+    param = torch.zeros(3000, requires_grad=True)
+    param.grad = torch.randn(3000, generator=torch.Generator().manual_seed(10))
+    optimizer = SophiaG([param], bias_correction=True, state_dtype=BF16)
+    assert optimizer.update_hessian(scale=16.0)
+    expected = (16.0 * param.grad.double() ** 2).float().numpy()
+    low, high = _bf16_neighbours(expected)
+    stored = optimizer.state[param]["hessian"].double().numpy()
+    exact = expected.astype(np.float64)
+    # ĥ is computed in float32: allow its rounding too
+    assert np.all(np.abs(stored - exact) <= (high - low) + exact * 2.0**-23)
+    assert np.mean((stored == low) | (stored == high)) > 0.99
