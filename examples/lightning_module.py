@@ -29,7 +29,7 @@ except ImportError:  # the older package name
 
 from sophia_pytorch import SophiaG, SophiaH
 from sophia_pytorch.integrations.lightning import SophiaHessianCallback
-from sophia_pytorch.integrations.refresh import hutchinson_refresh
+from sophia_pytorch.refresh import hutchinson
 
 
 def zen_of_python() -> str:
@@ -106,7 +106,7 @@ class CharLMSophiaH(CharLM):
         sophia = optimizer.optimizer  # the SophiaH inside Lightning's wrapper
         if sophia.hessian_due():
             # double backward on this batch; unscales under 16-mixed, averages over DDP ranks
-            hutchinson_refresh(sophia, lambda: self.loss(batch), generator=self.probes,
+            hutchinson(sophia, lambda: self.loss(batch), generator=self.probes,
                                scaler=getattr(self.trainer.precision_plugin, "scaler", None))
         self.losses.append(float(loss.detach()))
 

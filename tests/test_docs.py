@@ -27,7 +27,7 @@ pytest.importorskip("mkdocs", reason="the docs extra (pip install -e '.[docs]')"
 yaml = pytest.importorskip("yaml")
 
 ROOT = Path(__file__).resolve().parents[1]
-INTEGRATIONS = ("transformers", "lightning", "refresh")
+INTEGRATIONS = ("transformers", "lightning")
 HARNESS_ENTRY_POINTS = (
     "sophia_pytorch.harness.config.make_config",
     "sophia_pytorch.harness.trainer.train",

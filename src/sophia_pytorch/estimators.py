@@ -95,6 +95,8 @@ def sampled_cross_entropy(
         raise ValueError(
             f"logits must have a class dimension last, got shape {tuple(logits.shape)}"
         )
+    if not logits.is_floating_point():
+        raise ValueError(f"sampled_cross_entropy needs floating-point logits, got {logits.dtype}")
     num_classes = logits.shape[-1]
     if num_classes == 1:
         raise ValueError(
@@ -109,7 +111,8 @@ def sampled_cross_entropy(
 
     with torch.no_grad():
         labels = _gumbel_max(flat_logits, generator).masked_fill(~keep, -100)
-    total = F.cross_entropy(flat_logits, labels, ignore_index=-100, reduction="sum")
+    per_position = F.cross_entropy(flat_logits, labels, ignore_index=-100, reduction="none")
+    total = per_position.to(_wide(per_position.dtype)).sum()
     return _mean_over_kept(total, keep, count_as_tensor, "sampled_cross_entropy")
 
 
@@ -130,9 +133,17 @@ def _kept_positions(outputs: Tensor, *, targets: Tensor | None = None, ignore_in
     return keep
 
 
+def _wide(dtype: torch.dtype) -> torch.dtype:
+    """The dtype sums and counts are taken in: float64 for float64, else float32 (a float16
+    sum or count overflows at 65,504)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def _mean_over_kept(total: Tensor, keep: Tensor, count_as_tensor: bool,
                     name: str) -> tuple[Tensor, int] | tuple[Tensor, Tensor]:
-    """``(total / B, B)`` with B the kept positions: an int (raising when 0), or a tensor."""
+    """``(total / B, B)`` with B the kept positions: an int (raising when 0), or a tensor.
+
+    ``total`` is float32 (float64) already; so is the mean, whatever the outputs' dtype."""
     count = keep.sum()
     if count_as_tensor:
         return total / count.clamp(min=1).to(total.dtype), count
@@ -154,7 +165,35 @@ def _check_event_dimension(outputs: Tensor, name: str) -> None:
 
 
 def _noise_dtype(outputs: Tensor) -> torch.dtype:
-    return torch.float64 if outputs.dtype == torch.float64 else torch.float32
+    return _wide(outputs.dtype)
+
+
+def _checked_variance(variance: float | Tensor, predictions: Tensor) -> float | Tensor:
+    """``variance`` if it is a finite σ² > 0 (a number, or a float tensor broadcasting to
+    ``predictions``' shape with every entry finite and > 0), detached; else ValueError."""
+    if not isinstance(variance, Tensor):
+        if isinstance(variance, bool) or not isinstance(variance, (int, float)) or not (
+                0 < variance < float("inf")):
+            raise ValueError(f"variance must be a finite number > 0 (σ², default 1.0), got "
+                             f"{variance!r}")
+        return float(variance)
+    if not variance.is_floating_point():
+        raise ValueError(f"variance must be a float tensor, got {variance.dtype}")
+    try:
+        shape = torch.broadcast_shapes(variance.shape, predictions.shape)  # type: ignore[no-untyped-call]
+    except RuntimeError:
+        shape = None
+    if shape != predictions.shape:
+        raise ValueError(
+            f"variance of shape {tuple(variance.shape)} does not broadcast to the predictions' "
+            f"shape {tuple(predictions.shape)}; give one σ² per output, e.g. shape "
+            f"({predictions.shape[-1]},), or a number"
+        )
+    variance = variance.detach()
+    if not bool(((variance > 0) & variance.isfinite()).all()):  # one host read
+        raise ValueError("variance must hold finite values > 0 (σ²); found 0, a negative, "
+                         "nan or inf")
+    return variance
 
 
 @overload
@@ -214,24 +253,23 @@ def sampled_gaussian_nll(
         over all data-parallel ranks, as ``SophiaG.update_hessian(scale=B)``.
     """
     _check_event_dimension(predictions, "sampled_gaussian_nll")
-    if isinstance(variance, Tensor):
-        if not variance.is_floating_point():
-            raise ValueError(f"variance must be a float tensor, got {variance.dtype}")
-    elif isinstance(variance, bool) or not isinstance(variance, (int, float)) or not (
-            0 < variance < float("inf")):
-        raise ValueError(f"variance must be a finite number > 0 (σ², default 1.0), got "
-                         f"{variance!r}")
+    wide = _wide(predictions.dtype)
+    variance_wide = _checked_variance(variance, predictions)
+    if isinstance(variance_wide, Tensor):
+        variance_wide = variance_wide.to(wide)
     keep = _kept_positions(predictions, mask=mask)
     flat = predictions.reshape(-1, predictions.shape[-1])
     with torch.no_grad():
-        noise = torch.empty(flat.shape, dtype=_noise_dtype(flat), device=flat.device)
+        noise = torch.empty(flat.shape, dtype=wide, device=flat.device)
         noise.normal_(generator=generator)
-        std = (variance.detach().expand_as(predictions).reshape(flat.shape).sqrt()
-               if isinstance(variance, Tensor) else variance ** 0.5)
-        targets = flat.detach() + (noise * std).to(flat.dtype)
-    variance_flat = (variance.detach().expand_as(predictions).reshape(flat.shape)
-                     if isinstance(variance, Tensor) else variance)
-    per_position = ((flat - targets).pow(2) / variance_flat).sum(-1) / 2
+        if isinstance(variance_wide, Tensor):
+            variance_wide = variance_wide.expand_as(predictions).reshape(flat.shape)
+        residual_draw = noise * variance_wide ** 0.5  # f − ŷ for ŷ = f + σ·noise
+    # f − ŷ, kept exact in float32 whatever f's dtype: (f − f) is 0 with gradient 1. Rounding
+    # ŷ = f + σ·noise to a bf16/fp16 f would lose the noise once |f| ≫ σ (at |f| = 3000 in
+    # bf16 every draw rounds to f and the estimate is 0).
+    residual = (flat.to(wide) - flat.detach().to(wide)) - residual_draw
+    per_position = (residual.pow(2) / variance_wide).sum(-1) / 2
     total = per_position.masked_fill(~keep, 0).sum()
     return _mean_over_kept(total, keep, count_as_tensor, "sampled_gaussian_nll")
 
@@ -295,7 +333,8 @@ def sampled_binary_cross_entropy(
         uniform = torch.empty(flat.shape, dtype=_noise_dtype(flat), device=flat.device)
         uniform.uniform_(generator=generator)
         targets = (uniform < torch.sigmoid(flat.to(uniform.dtype))).to(flat.dtype)
-    per_position = F.binary_cross_entropy_with_logits(flat, targets, reduction="none").sum(-1)
+    per_output = F.binary_cross_entropy_with_logits(flat, targets, reduction="none")
+    per_position = per_output.to(_wide(flat.dtype)).sum(-1)
     total = per_position.masked_fill(~keep, 0).sum()
     return _mean_over_kept(total, keep, count_as_tensor, "sampled_binary_cross_entropy")
 

@@ -180,7 +180,8 @@ def sophia_update(
             bfloat16 (then the step is computed in float32 and m is stochastically rounded
             back, see ``rounding_keys``).
         hessians: h, same shapes and dtype as ``exp_avgs``.
-        lr: step size, a float or a 0-dim tensor (units of θ per step).
+        lr: step size, a float or a one-element tensor (units of θ per step); the fused
+            kernel reads a tensor's value each step (as torch's CPU-fused AdamW takes one).
         beta1: EMA coefficient of m.
         rho: γ in the paper: scales h against |m| before clipping.
         weight_decay: decoupled, multiplied by ``lr``.
@@ -196,12 +197,14 @@ def sophia_update(
             draws its bits from a hash of the key and the element index, so every path
             rounds alike (default None: no bfloat16 state).
     """
+    if isinstance(lr, Tensor) and lr.dim() != 0:
+        lr = lr.reshape(())  # a one-element lr of any shape, as torch's optimizers take it
     foreach, fused = _default_paths(params, lr, foreach, fused)
     if fused:
         left = _kernel.fused_sophia_(
-            params, grads, exp_avgs, hessians,
-            lr=lr, beta1=beta1, rho=rho, weight_decay=weight_decay, eps=eps, maximize=maximize,
-            rounding_keys=rounding_keys,
+            params, grads, exp_avgs, hessians,  # the kernel takes a Tensor lr's value
+            lr=float(lr) if isinstance(lr, Tensor) else lr, beta1=beta1, rho=rho,
+            weight_decay=weight_decay, eps=eps, maximize=maximize, rounding_keys=rounding_keys,
         )
         if not left:
             return

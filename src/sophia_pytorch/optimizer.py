@@ -88,10 +88,6 @@ def _validate_hyperparameters(group: dict[str, Any]) -> None:
     _check_number("eps", group["eps"])
     if not group["eps"] > 0:  # eps = 0 makes 0/0 = NaN where m = 0 and h <= 0
         raise ValueError(f"Invalid eps: {group['eps']!r}; it must be > 0 (default 1e-15)")
-    if group.get("fused") and isinstance(group["lr"], Tensor):
-        raise ValueError("lr as a Tensor is not supported for fused=True: the fused kernel "
-                         "takes lr as a number. Pass a float lr, or fused=None to step with a "
-                         "Tensor lr on the for-loop path")
     refresh_every = group["refresh_every"]
     if isinstance(refresh_every, bool) or not isinstance(refresh_every, int) or refresh_every < 1:
         raise ValueError(f"Invalid refresh_every: {refresh_every!r}; it must be an int >= 1")
@@ -318,8 +314,8 @@ class SophiaBase(Optimizer):
             first_seed += len(group["params"])
             if not params:
                 continue
-            if group["fused"] and isinstance(group["lr"], Tensor):
-                _validate_hyperparameters(group)  # raises: a Tensor lr set after construction
+            if isinstance(group["lr"], Tensor):
+                _check_number("learning rate (lr)", group["lr"])  # one set after construction
             if torch.compiler.is_compiling():
                 for step in steps:
                     step += 1
@@ -590,7 +586,7 @@ class SophiaG(SophiaBase):
 
     Args:
         params: iterable of parameters or of dicts defining parameter groups.
-        lr: learning rate (default 1e-4); a float or a 0-dim tensor.
+        lr: learning rate (default 1e-4); a float or a tensor of one element (any shape).
         betas: (β1, β2), EMA coefficients of m and h (default (0.965, 0.99)).
         rho: γ, the clipping scale of h against |m| (default 0.04).
         weight_decay: decoupled weight decay (default 0.1).
@@ -599,9 +595,10 @@ class SophiaG(SophiaBase):
         foreach: use the multi-tensor path; None picks it on accelerators (default None).
         fused: use the one-pass CPU kernel of :mod:`sophia_pytorch._kernel`, bitwise equal to the
             for-loop; None takes it for CPU parameters when it can be built, else falls back
-            with one warning; True raises as torch's fused optimizers do: at construction if
-            it cannot be built or ``lr`` is a Tensor, at ``step()`` for a parameter it cannot
-            step (not on the CPU, e.g. CUDA or meta; not floating point) (default None).
+            with one warning (and for a Tensor ``lr``); True raises as torch's fused optimizers
+            do: at construction if it cannot be built, at ``step()`` for a parameter it cannot
+            step (not on the CPU, e.g. CUDA or meta; not floating point). With a Tensor ``lr``
+            the kernel reads its value each step, as torch's CPU-fused AdamW (default None).
         refresh_every: k, the Hessian refresh interval used by ``hessian_due()`` (default 10).
         bias_correction: keep h equal to its bias-corrected EMA, ``h_ema / (1 − β2^r)`` after
             r refreshes: the first estimate sets h instead of adding 1% of itself (with
@@ -732,7 +729,7 @@ class SophiaH(SophiaBase):
 
     Args:
         params: iterable of parameters or of dicts defining parameter groups.
-        lr: learning rate (default 1e-4); a float or a 0-dim tensor.
+        lr: learning rate (default 1e-4); a float or a tensor of one element (any shape).
         betas: (β1, β2) (default (0.965, 0.99)).
         rho: γ (default 0.04). Our choice, not the paper's tuning: the same as SophiaG,
             since both estimators target the diagonal of the mean loss's curvature.

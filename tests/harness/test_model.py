@@ -79,7 +79,8 @@ def test_gpt2_presets_have_the_paper_shapes(name, layers, heads, width):
     shape, run = config.model, config.run
     assert (shape.n_layer, shape.n_head, shape.n_embd) == (layers, heads, width)
     assert run.batch_size * run.grad_accum == 480 and shape.block_size == 1024
-    assert run.max_steps == 100_000 and config.optimizer.warmup_steps == 2000
+    warmup = 4000 if name == "gpt2-small" else 2000  # gpt2-small: Wen et al.'s Sophia warmup
+    assert run.max_steps == 100_000 and config.optimizer.warmup_steps == warmup
     assert config.optimizer.grad_clip == 1.0 and run.dtype == "bfloat16"
     assert config.optimizer.refresh_every == 10
     vocab = config.data.bpe_vocab_size
@@ -90,7 +91,6 @@ def test_gpt2_presets_have_the_paper_shapes(name, layers, heads, width):
 
 
 @pytest.mark.parametrize("name, adamw, sophiag", [
-    ("gpt2-small", (6e-4, 3e-5), (6e-4, 1.5e-5, 0.05)),
     ("gpt2-medium", (3e-4, 6e-5), (7e-4, 1e-5, 0.08)),
     ("gpt2-large", (2e-4, 1e-5), (3e-4, 1e-5, 0.05)),
 ])
@@ -100,6 +100,19 @@ def test_gpt2_presets_carry_the_paper_hyperparameters(name, adamw, sophiag):
     soph = make_config(name, {"optimizer": "sophiag"}).optimizer
     assert (soph.lr, soph.min_lr, soph.rho) == sophiag
     assert (soph.betas, soph.weight_decay) == ((0.965, 0.99), 0.2)
+
+
+def test_gpt2_small_carries_wen_et_als_tuned_130m_sophia_settings():
+    """lr 4e-3, β (0.95, 0.99), decay 0.2, floor 0, γ 0.0125 → ρ 0.0125 (the mapping:
+    tests/optim/test_rho_mapping.py), warmup 4000 (500 and 1000 diverged there); AdamW keeps
+    the Sophia paper's row."""
+    for name in ("sophiag", "sophiah"):
+        soph = make_config("gpt2-small", {"optimizer": name}).optimizer
+        assert (soph.lr, soph.min_lr, soph.betas, soph.weight_decay, soph.rho) == (
+            4e-3, 0.0, (0.95, 0.99), 0.2, 0.0125)
+        assert soph.warmup_steps == 4000
+    adam = make_config("gpt2-small", {"optimizer": "adamw"}).optimizer
+    assert (adam.lr, adam.min_lr, adam.betas, adam.weight_decay) == (6e-4, 3e-5, (0.9, 0.95), 0.1)
 
 
 @pytest.mark.slow

@@ -13,9 +13,9 @@ from sophia_pytorch.harness import registry, trainer
 from sophia_pytorch.harness.cli import main
 from sophia_pytorch.harness.config import PRESETS, make_config
 from sophia_pytorch.harness.errors import SophiaError
+from sophia_pytorch.harness.hessian import GaussNewtonBartlett, Hutchinson, NoRefresh
 from sophia_pytorch.harness.model import GPT, GPTConfig
 from sophia_pytorch.harness.optimizers import build_optimizer, build_refresh
-from sophia_pytorch.harness.refresh import GaussNewtonBartlett, HessianRefresh, Hutchinson
 from sophia_pytorch.harness.registry import OPTIMIZERS
 
 
@@ -35,8 +35,8 @@ class _Recording(torch.optim.SGD):
 
 
 @pytest.mark.parametrize("optimizer, refresh", [
-    ("sophiag", GaussNewtonBartlett), ("sophiah", Hutchinson), ("adamw", HessianRefresh),
-    ("lion", HessianRefresh), ("sophiag-official", GaussNewtonBartlett),
+    ("sophiag", GaussNewtonBartlett), ("sophiah", Hutchinson), ("adamw", NoRefresh),
+    ("lion", NoRefresh), ("sophiag-official", GaussNewtonBartlett),
 ])
 def test_each_optimizer_gets_its_hessian_refresh_once(optimizer, refresh):
     config = make_config("tiny", {"optimizer": optimizer})
@@ -45,7 +45,7 @@ def test_each_optimizer_gets_its_hessian_refresh_once(optimizer, refresh):
     chosen = build_refresh(config, built, model, autocast=contextlib.nullcontext,
                            device=torch.device("cpu"))
     assert type(chosen) is refresh
-    assert (chosen.unclipped_fraction() is None) == (refresh is HessianRefresh)
+    assert (chosen.unclipped_fraction() is None) == (refresh is NoRefresh)
 
 
 def _record_sophiag(monkeypatch) -> None:
@@ -85,7 +85,7 @@ def test_sophia_options_the_harness_owns_or_non_finite_are_refused(options, mess
 
 
 def test_sophia_options_for_another_optimizer_are_refused():
-    with pytest.raises(SophiaError, match="apply to sophiag and sophiah only, not adamw"):
+    with pytest.raises(SophiaError, match="apply to sophiag, sophiah, .* only, not adamw"):
         make_config("tiny", {"optimizer": "adamw", "sophia_options": {"eps": 1e-9}})
 
 
@@ -122,9 +122,24 @@ def test_the_official_variant_merges_official_defaults_under_the_presets_row(mon
                         raising=False)
     config = make_config("tiny", {"optimizer": "sophiag-official"})
     build_optimizer(config, _model())
-    row = PRESETS["tiny"].optimizers["sophiag"]
+    row = PRESETS["tiny"].optimizers["sophiag-official"]
     assert _Recording.seen["eps"] == 1e-9 and _Recording.seen["switch"] is False
     assert (_Recording.seen["lr"], _Recording.seen["betas"]) == (row.lr, row.betas)
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_the_official_variant_trains_with_the_authors_hyperparameters_not_sophiags(preset):
+    """Its row was Sophia-G's, which overrode every official value: it trained bit for bit
+    as sophiag while `sophia presets` listed the official values."""
+    official = sophia_pytorch.OFFICIAL_DEFAULTS
+    built = build_optimizer(make_config(preset, {"optimizer": "sophiag-official"}), _model())
+    group = built.param_groups[0]
+    assert group["betas"] == tuple(official["betas"]) and group["rho"] == official["rho"]
+    assert group["weight_decay"] == official["weight_decay"]
+    assert group["lr"] == PRESETS[preset].optimizers["sophiag"].lr
+    ours = build_optimizer(make_config(preset, {"optimizer": "sophiag"}), _model())
+    assert ours.param_groups[0]["betas"] != group["betas"] or \
+        ours.param_groups[0]["rho"] != group["rho"]
 
 
 def test_the_official_variant_builds_the_librarys_sophiag_with_its_official_keywords():
@@ -228,10 +243,10 @@ def test_adding_an_optimizer_is_one_registry_row(monkeypatch, tmp_path):
     assert type(built) is torch.optim.SGD
     refresh = build_refresh(config, built, model, autocast=contextlib.nullcontext,
                             device=torch.device("cpu"))
-    assert type(refresh) is HessianRefresh
+    assert type(refresh) is NoRefresh
     with pytest.raises(SophiaError, match="sgd cannot run under --parallel fsdp here"):
         make_config("tiny", {"optimizer": "sgd", "parallel": "fsdp"})
-    with pytest.raises(SophiaError, match="apply to sophiag and sophiah only, not sgd"):
+    with pytest.raises(SophiaError, match="apply to sophiag, sophiah, .* only, not sgd"):
         make_config("tiny", {"optimizer": "sgd", "sophia_options": {"eps": 1e-9}})
     result = trainer.train(tiny_config(tmp_path, optimizer="sgd", max_steps=2))
     assert result.steps == 2
@@ -262,16 +277,70 @@ def test_sophia_options_are_checked_against_the_constructors_signature():
     assert OPTIMIZERS["adamw"].unknown_options({"eps": 1}) == ["eps"]  # takes none
 
 
-@pytest.mark.parametrize("optimizer", ["sophiag", "sophiah", "sophiag-official"])
+@pytest.mark.parametrize("name, rest_class", [("muon-adamw", torch.optim.AdamW),
+                                              ("muon-sophiag", sophia_pytorch.SophiaG)])
+def test_muon_hybrids_fix_muon_at_its_row_and_tune_the_other_part(name, rest_class):
+    rows = PRESETS["tiny"].optimizers
+    model = _model()
+    built = build_optimizer(make_config("tiny", {"optimizer": name, "lr": 3 * rows[name].lr,
+                                                 "min_lr": 0.0}), model)
+    muon_group, decayed, plain = built.param_groups
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert muon_group["lr"] == rows["muon"].lr  # not scaled by the grid
+    assert muon_group["momentum"] == rows["muon"].betas[0]
+    assert isinstance(built.rest, rest_class)
+    assert decayed["lr"] == pytest.approx(3 * rows[name].lr)
+    assert decayed["betas"] == rows[name].betas
+    assert sorted(names[id(p)] for p in decayed["params"]) == ["wpe.weight", "wte.weight"]
+    assert plain["weight_decay"] == 0
+    every = [id(p) for group in built.param_groups for p in group["params"]]
+    assert sorted(every) == sorted(names)  # each parameter exactly once
+
+
+def test_muon_sophiag_refreshes_the_sophia_part_only():
+    config = make_config("tiny", {"optimizer": "muon-sophiag"})
+    model = _model()
+    built = build_optimizer(config, model)
+    refresh = build_refresh(config, built, model, autocast=contextlib.nullcontext,
+                            device=torch.device("cpu"))
+    assert type(refresh) is GaussNewtonBartlett and refresh.optimizer is built.rest
+    x = torch.randint(256, (4, 8))
+    for step in range(1, 11):  # one refresh falls due after k = 10 steps
+        built.zero_grad()
+        torch.nn.functional.cross_entropy(model(x).flatten(0, 1), x.flatten()).backward()
+        built.step()
+        refresh([(x, x)], key=step)
+    hessians = [built.rest.state[p]["hessian"] for g in built.rest.param_groups
+                for p in g["params"]]
+    assert all(h.abs().sum() > 0 for h in hessians)
+    assert all("hessian" not in built.muon.state[p] for p in built.muon.param_groups[0]["params"])
+    assert refresh.unclipped_fraction() is not None
+    again = build_optimizer(config, model)
+    again.load_state_dict(built.state_dict())
+    for group in built.rest.param_groups:
+        for p in group["params"]:
+            assert torch.equal(again.state[p]["hessian"], built.state[p]["hessian"])
+
+
+def test_sophia_presets_lists_every_optimizer_with_its_description(capsys):
+    assert main(["presets"]) == 0
+    shown = capsys.readouterr().out
+    for name, spec in OPTIMIZERS.items():
+        assert spec.description and f"{name} " in shown and spec.description in shown
+
+
+@pytest.mark.parametrize("optimizer", ["sophiag", "sophiah", "sophiag-official",
+                                       "muon-sophiag"])
 def test_state_dtype_bfloat16_reaches_sophia_and_float32_keeps_the_default(optimizer):
     for state_dtype, expected in (("bfloat16", torch.bfloat16), ("float32", None)):
         config = make_config("tiny", {"optimizer": optimizer, "state_dtype": state_dtype})
         built = build_optimizer(config, _model())
-        assert built.state_dtype == expected
+        sophia = built.rest if optimizer == "muon-sophiag" else built
+        assert sophia.state_dtype == expected
 
 
 def test_state_dtype_for_another_optimizer_is_refused():
-    with pytest.raises(SophiaError, match="--state-dtype bfloat16 applies to Sophia"):
+    with pytest.raises(SophiaError, match="--state-dtype bfloat16 applies to .* not adamw"):
         make_config("tiny", {"optimizer": "adamw", "state_dtype": "bfloat16"})
     with pytest.raises(SophiaError, match="state_dtype must be one of|state_dtype"):
         make_config("tiny", {"state_dtype": "float16"})

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from sophia_pytorch import SophiaG, SophiaH
-from sophia_pytorch.harness.refresh import GaussNewtonBartlett, Hutchinson
+from sophia_pytorch.harness.hessian import GaussNewtonBartlett, Hutchinson
 
 
 def _build(refresh_class, optimizer):

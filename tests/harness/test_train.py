@@ -91,7 +91,7 @@ def _crash_at(step):
     return on_step
 
 
-@pytest.mark.parametrize("optimizer", ["sophiag", "adamw", "muon"])
+@pytest.mark.parametrize("optimizer", ["sophiag", "adamw", "muon", "muon-sophiag"])
 def test_resume_after_a_crash_repeats_the_uninterrupted_run_bit_for_bit(tmp_path, optimizer):
     settings = dict(optimizer=optimizer, max_steps=8, checkpoint_every=3, grad_accum=2,
                     refresh_every=2, refresh_fraction=0.5, dropout=0.1)

@@ -1,4 +1,4 @@
-"""``sophia_pytorch.integrations.refresh``: the refresh both trainers run, against references
+"""``sophia_pytorch.refresh`` as the trainers call it (scaler, autocast), against references
 computed another way (float64, the same drawn labels, plain all-reduces of per-rank sums)."""
 
 from __future__ import annotations
@@ -7,11 +7,7 @@ import torch
 import torch.distributed as dist
 
 from sophia_pytorch import SophiaG, SophiaH, sampled_cross_entropy
-from sophia_pytorch.integrations.refresh import (
-    find_sophia,
-    gauss_newton_refresh,
-    hutchinson_refresh,
-)
+from sophia_pytorch.refresh import find_sophia, gauss_newton_bartlett, hutchinson
 from tests._multiprocess import run_on_ranks
 from tests.integrations.helpers import hessians_of
 
@@ -41,7 +37,8 @@ def _refresh_on_rank(rank: int, world_size: int) -> dict:
     model = _model()
     optimizer = SophiaG(model.parameters(), betas=(0.9, 0.0))  # β2 = 0: h is the estimate
     inputs, mask = _batch(rank)
-    folded = gauss_newton_refresh(optimizer, lambda: (model(inputs), mask), generator=_labels(rank))
+    folded = gauss_newton_bartlett(optimizer, [lambda: (model(inputs), mask)],
+                                   generator=_labels(rank))
     grads_after = [p.grad for p in model.parameters()]
     # Reference: the gradient of Σ (kept CE over both ranks) / B_total, by summing each rank's
     # sum-gradient with a plain all-reduce; same labels (same generator seed).
@@ -85,7 +82,7 @@ def _refreshed(scaler=None, dtype=torch.float32):
     model = _model().to(dtype)
     optimizer = SophiaG(model.parameters(), betas=(0.9, 0.0))
     inputs, mask = _batch(1)
-    folded = gauss_newton_refresh(optimizer, lambda: (model(inputs.to(dtype)), mask),
+    folded = gauss_newton_bartlett(optimizer, [lambda: (model(inputs.to(dtype)), mask)],
                                   generator=_labels(1), scaler=scaler)
     return folded, hessians_of(optimizer)
 
@@ -130,7 +127,7 @@ def test_hutchinson_refresh_with_a_gradscaler_matches_one_without():
         optimizer = SophiaH(model.parameters(), betas=(0.9, 0.0))
         if scaler is not None:
             scaler.scale(torch.ones(()))
-        assert hutchinson_refresh(optimizer, loss, generator=torch.Generator().manual_seed(5),
+        assert hutchinson(optimizer, loss, generator=torch.Generator().manual_seed(5),
                                   scaler=scaler)
         results.append(hessians_of(optimizer))
     for h, reference in zip(*results, strict=True):

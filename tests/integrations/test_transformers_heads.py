@@ -77,11 +77,12 @@ class Recorder(SophiaTrainer):
                                     None if mask is None else tuple(mask.shape)))
         return logits, mask
 
-    def _sampled_loss(self, outputs, **kwargs):
+    def hessian_loss_of(self, model, inputs):
         from sophia_pytorch.refresh import sampled_loss
 
-        self.losses_used.append(sampled_loss(self._chosen_loss))
-        return super()._sampled_loss(outputs, **kwargs)
+        chosen = super().hessian_loss_of(model, inputs)
+        self.losses_used.append(sampled_loss(chosen))
+        return chosen
 
 
 def _train(folder, model, rows, trainer_class=Recorder, **kwargs):

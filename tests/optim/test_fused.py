@@ -237,16 +237,19 @@ def test_sophiag_with_a_tensor_lr_and_fused_none_takes_the_for_loop(kernel):
         assert torch.equal(got, want)
 
 
-def test_fused_true_with_a_tensor_lr_raises_as_torch_does(kernel):
-    with pytest.raises(ValueError, match="lr as a Tensor is not supported for fused=True"):
-        SophiaG([torch.zeros(3, requires_grad=True)], lr=torch.tensor(0.1), fused=True)
+def test_fused_true_with_a_tensor_lr_steps_as_with_its_value(kernel):
+    """torch's CPU-fused AdamW takes a Tensor lr; so does fused=True, reading its value (it
+    used to refuse one at construction, and one set after it at step())."""
+    tensor_params, _ = _train(dict(fused=True), lr=torch.tensor(HYPER["lr"]))
+    float_params, _ = _train(dict(fused=True), lr=HYPER["lr"])
+    for got, want in zip(tensor_params, float_params, strict=True):
+        assert torch.equal(got, want)
     param = torch.zeros(3, requires_grad=True)
-    optimizer = SophiaG([param], fused=True)
-    optimizer.param_groups[0]["lr"] = torch.tensor(0.1)  # set after construction
+    optimizer = SophiaG([param], fused=True, weight_decay=0.0)
+    optimizer.param_groups[0]["lr"] = torch.tensor([[0.1]])  # set after construction, (1, 1)
     param.grad = torch.ones(3)
-    with pytest.raises(ValueError, match="lr as a Tensor is not supported for fused=True"):
-        optimizer.step()
-    assert torch.equal(param, torch.zeros(3))
+    optimizer.step()
+    assert torch.allclose(param, torch.full((3,), -0.1))
 
 
 @pytest.mark.parametrize("device, dtype", [("meta", torch.float32), ("cpu", torch.int64)])
@@ -276,14 +279,6 @@ def test_fused_none_on_a_param_the_kernel_cannot_step_takes_another_path_quietly
         warnings.simplefilter("error")
         SophiaG([param]).step()
     assert SophiaG([param]).defaults["fused"] is None
-
-
-def test_a_group_with_fused_true_and_a_tensor_lr_is_refused_by_add_param_group(kernel):
-    optimizer = SophiaG([torch.zeros(3, requires_grad=True)], fused=True)
-    with pytest.raises(ValueError, match="lr as a Tensor is not supported for fused=True"):
-        optimizer.add_param_group({"params": [torch.zeros(2, requires_grad=True)],
-                                   "lr": torch.tensor(0.1)})
-    assert len(optimizer.param_groups) == 1
 
 
 def test_sophiag_defaults_to_the_fused_kernel_on_cpu(kernel, monkeypatch):

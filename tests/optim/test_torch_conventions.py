@@ -62,8 +62,6 @@ def optim_error_inputs_func_sophia(device, dtype):
         (dict(eps=0.0), ValueError, "eps"),
         (dict(refresh_every=0), ValueError, "refresh_every"),
         (dict(fused=True, foreach=True), ValueError, "fused=True and foreach=True"),
-        (dict(lr=torch.tensor(1e-3), fused=True), ValueError,
-         "lr as a Tensor is not supported for fused=True"),
     ]
     inputs = [ErrorOptimizerInput(OptimizerInput(params=params(), kwargs=kwargs),
                                   error_type=error, error_regex=regex)

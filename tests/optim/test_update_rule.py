@@ -170,10 +170,9 @@ LR_KINDS = {
     # A Tensor lr in the parameters' precision (float32 for bf16, whose state is float32).
     "tensor-lr": lambda dtype: torch.tensor(LR, dtype=torch.promote_types(dtype, torch.float32)),
 }
-# Every (path, lr kind) but fused=True with a Tensor lr, which it refuses (test_fused.py).
-PATH_LR = [(path, kind) for path in PATHS for kind in LR_KINDS
-           if not (path == "fused" and kind == "tensor-lr")]
-TENSOR_LR_PATHS = [path for path in PATHS if path != "fused"]
+# Every (path, lr kind); fused=True reads a Tensor lr's value.
+PATH_LR = [(path, kind) for path in PATHS for kind in LR_KINDS]
+TENSOR_LR_PATHS = list(PATHS)
 
 
 @pytest.mark.parametrize(("path", "lr_kind"), PATH_LR, ids=[f"{p}-{k}" for p, k in PATH_LR])
@@ -300,3 +299,13 @@ def test_zero_eps_never_makes_a_parameter_nan(path):
     optimizer.step()
     assert torch.isfinite(theta).all(), theta
     torch.testing.assert_close(theta.detach(), torch.tensor([1.0, 1.9, -0.9], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+def test_a_one_element_tensor_lr_of_any_shape_steps_as_a_0_dim_one(path):
+    """A (1, 1) Tensor lr was accepted at construction and crashed the for-loop step; foreach
+    took only a 0-dim one."""
+    shaped, _, _, _ = _run_injected(torch.float32, PATHS[path], torch.tensor([[LR]]), steps=5)
+    flat, _, _, _ = _run_injected(torch.float32, PATHS[path], torch.tensor(LR), steps=5)
+    for got, want in zip(shaped, flat, strict=True):
+        assert torch.equal(got, want)

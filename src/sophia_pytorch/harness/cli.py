@@ -223,11 +223,14 @@ def _run_compare(args: argparse.Namespace) -> int:
 
 
 def _run_presets() -> int:
+    print("optimizers:")
+    for name, spec in OPTIMIZERS.items():
+        print(f"  {name:16s} {spec.description}")
     for name, preset in PRESETS.items():
         print(f"{name}: {preset.description}")
         for optimizer, hp in preset.optimizers.items():
-            rho = f" rho={hp.rho}" if optimizer.startswith("sophia") else ""
-            print(f"  {optimizer:8s} lr={hp.lr:g} min_lr={hp.min_lr:g} betas={hp.betas} "
+            rho = f" rho={hp.rho:g}" if OPTIMIZERS[optimizer].refresh is not None else ""
+            print(f"  {optimizer:16s} lr={hp.lr:g} min_lr={hp.min_lr:g} betas={hp.betas} "
                   f"wd={hp.weight_decay}{rho}")
     for name, spec in OPTIMIZERS.items():
         if spec.row != name:

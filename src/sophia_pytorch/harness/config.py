@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from .errors import SophiaError
+from .presets import PRESETS, OptimizerHparams, Preset
 from .registry import OPTIMIZERS, RESERVED_OPTIONS
 
 __all__ = [
@@ -75,22 +76,6 @@ def optimizer_names() -> tuple[str, ...]:
 def base_optimizer(name: str) -> str:
     """The preset row ``name`` takes: a variant's base, or ``name`` itself."""
     return OPTIMIZERS[name].row
-
-
-@dataclass(frozen=True)
-class OptimizerHparams:
-    """One optimizer's tuned hyperparameters in a preset (``rho`` is used by Sophia only).
-
-    For ``muon`` the row is Muon's (on the hidden matrices; ``betas[0]`` is its momentum,
-    ``betas[1]`` unused); its AdamW part (embeddings, norms, biases) takes the preset's
-    ``adamw`` row, its lr scaled alike when Muon's lr is (lr grid, ``--lr``).
-    """
-
-    lr: float
-    min_lr: float
-    betas: tuple[float, float]
-    weight_decay: float
-    rho: float = 0.0
 
 
 def setting(default: Any = dataclasses.MISSING, *, doc: str, flag: str | None = None,
@@ -236,9 +221,9 @@ class OptimizerConfig:
                               "--min-lr")
         _check_sophia_options(self)
         if self.state_dtype != "float32" and not OPTIMIZERS[self.name].takes_options:
-            raise SophiaError(f"--state-dtype {self.state_dtype} applies to Sophia (sophiag, "
-                              f"sophiah) only, not {self.name}; drop it or pick a Sophia "
-                              "optimizer")
+            takers = ", ".join(name for name, s in OPTIMIZERS.items() if s.takes_options)
+            raise SophiaError(f"--state-dtype {self.state_dtype} applies to Sophia's state "
+                              f"({takers}) only, not {self.name}; drop it or pick one of them")
 
 
 @dataclass
@@ -344,86 +329,6 @@ def _defaults() -> dict[str, Any]:
             if f.default is not dataclasses.MISSING and f.default is not None}
 
 
-@dataclass(frozen=True)
-class Preset:
-    """A named starting point: flat field values plus a hyperparameter row per optimizer."""
-
-    description: str
-    values: dict[str, Any]
-    optimizers: dict[str, OptimizerHparams] = field(default_factory=dict)
-
-
-def _gpt2(n_layer: int, n_head: int, n_embd: int, adamw: tuple, sophiag: tuple) -> Preset:
-    """The paper's GPT-2 recipe (Liu et al., 2023, Table/Appendix; nanoGPT on OpenWebText)."""
-    adam_lr, adam_min = adamw
-    sophia_lr, sophia_min, rho = sophiag
-    return Preset(
-        description=f"GPT-2 {n_layer}L/{n_head}H/{n_embd}: 480x1024 tokens/step, 100k steps, bf16",
-        values=dict(
-            n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=1024, dropout=0.0,
-            tokenizer="bpe", bpe_vocab_size=50304,
-            batch_size=8, grad_accum=60, max_steps=100_000, warmup_steps=2000, grad_clip=1.0,
-            refresh_every=10, refresh_fraction=0.25, dtype="bfloat16",
-            eval_every=1000, eval_batches=200, checkpoint_every=1000,
-        ),
-        optimizers={
-            "adamw": OptimizerHparams(adam_lr, adam_min, (0.9, 0.95), 0.1),
-            "sophiag": OptimizerHparams(sophia_lr, sophia_min, (0.965, 0.99), 0.2, rho),
-            # Not in the paper's tables: SophiaH borrows Sophia-G's row; Lion follows its
-            # paper's advice of a 3-10x smaller lr and a 3-10x larger decay than AdamW.
-            "sophiah": OptimizerHparams(sophia_lr, sophia_min, (0.965, 0.99), 0.2, rho),
-            "lion": OptimizerHparams(adam_lr / 5, adam_min / 5, (0.9, 0.99), 1.0),
-            # Not tuned at this size: Muon's usual lr 0.02, floor at AdamW's ratio.
-            "muon": OptimizerHparams(0.02, 0.02 * adam_min / adam_lr, (0.95, 0.0), 0.1),
-        },
-    )
-
-
-# Tuned on the lr grid; why Sophia's rho is far above the paper's 0.05 and why Sophia-G's
-# beta1 is 0.9, not the paper's 0.965: benchmarks/RESULTS.md, "Harness: tiny comparison" and
-# "Convergence".
-_TINY_ROWS = {
-    "adamw": OptimizerHparams(3e-3, 3e-4, (0.9, 0.95), 0.1),
-    "sophiag": OptimizerHparams(1e-3, 1e-4, (0.9, 0.99), 0.2, 2.0),
-    "sophiah": OptimizerHparams(1e-3, 1e-4, (0.965, 0.99), 0.2, 2.0),
-    "lion": OptimizerHparams(1e-3, 1e-4, (0.9, 0.99), 1.0),
-    # Muon's lr: the best of a 100-step pilot over 0.005-0.1 (docs/HARNESS.md).
-    "muon": OptimizerHparams(0.05, 0.005, (0.95, 0.0), 0.1),
-}
-
-PRESETS: dict[str, Preset] = {
-    "tiny": Preset(
-        description="0.8M parameters, bytes, context 64: hundreds of steps a minute on CPU",
-        # One thread: its matrices are too small for more to pay (docs/HARNESS.md).
-        values={"threads": 1},
-        optimizers=_TINY_ROWS,
-    ),
-    # Issue 16 §3: a step towards the paper's setting that one CPU can still run to 2000 steps
-    # in under an hour: BPE tokens, context 256, 5.3M parameters (3.2M outside the tied
-    # embedding), 8x256 = 2048 tokens a step (the tiny preset's tokens per step).
-    "small": Preset(
-        description="5.3M parameters, BPE 8192, context 256: 2000 steps in 35-40 minutes on "
-                    "one CPU core",
-        values=dict(
-            n_layer=4, n_head=4, n_embd=256, block_size=256, dropout=0.0,
-            tokenizer="bpe", bpe_vocab_size=8192,
-            batch_size=8, grad_accum=1, max_steps=2000, warmup_steps=100,
-            eval_every=100, eval_batches=16,  # 32k validation tokens
-        ),
-        # Tiny's rows, the lrs of AdamW and Sophia-G replaced by the best of a 200-step pilot
-        # (benchmarks/RESULTS.md, "Scale: the small preset"; Muon's pilot kept tiny's 0.05);
-        # Sophia-H borrows Sophia-G's row, Lion keeps tiny's (not piloted).
-        optimizers={
-            **_TINY_ROWS,
-            "adamw": OptimizerHparams(1e-3, 1e-4, (0.9, 0.95), 0.1),
-            "sophiag": OptimizerHparams(3.33e-4, 3.33e-5, (0.9, 0.99), 0.2, 2.0),
-            "sophiah": OptimizerHparams(3.33e-4, 3.33e-5, (0.9, 0.99), 0.2, 2.0),
-        },
-    ),
-    "gpt2-small": _gpt2(12, 12, 768, adamw=(6e-4, 3e-5), sophiag=(6e-4, 1.5e-5, 0.05)),
-    "gpt2-medium": _gpt2(24, 16, 1024, adamw=(3e-4, 6e-5), sophiag=(7e-4, 1e-5, 0.08)),
-    "gpt2-large": _gpt2(36, 20, 1280, adamw=(2e-4, 1e-5), sophiag=(3e-4, 1e-5, 0.05)),
-}
 
 
 def _suggest(name: str, choices: typing.Iterable[str]) -> str:
@@ -588,9 +493,9 @@ def validate(config: Config) -> None:
 def _check_sophia_options(optimizer: OptimizerConfig) -> None:
     options, spec = optimizer.sophia_options, OPTIMIZERS[optimizer.name]
     if options and not spec.takes_options:
-        takers = [name for name, s in OPTIMIZERS.items() if s.takes_options and s.row == name]
+        takers = [name for name, s in OPTIMIZERS.items() if s.takes_options]
         raise SophiaError(
-            f"sophia_options {sorted(options)} apply to {' and '.join(takers)} only, not "
+            f"sophia_options {sorted(options)} apply to {', '.join(takers)} only, not "
             f"{optimizer.name}; drop --sophia-option or pick a Sophia optimizer"
         )
     for key, value in options.items():

@@ -4,7 +4,7 @@ Every optimizer decays the matrices and embeddings (2-D and up) and not the norm
 What each optimizer is — its builder, preset row, refresh, FSDP support, constructor options —
 is its row in :data:`.registry.OPTIMIZERS`; :func:`build_optimizer` and :func:`build_refresh`
 read it, and the loop then talks to the optimizer and to the
-:class:`~.refresh.HessianRefresh` chosen for it, and never asks which optimizer runs.
+:class:`~.hessian.HessianRefresh` chosen for it, and never asks which optimizer runs.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from torch import nn
 
 from .config import PRESETS, Config
 from .errors import SophiaError
-from .refresh import HessianRefresh, SophiaRefresh
-from .registry import OPTIMIZERS, decay_groups
+from .hessian import HessianRefresh, NoRefresh, SophiaRefresh
+from .registry import OPTIMIZERS, OptimizerSettings, decay_groups
 
 __all__ = ["build_optimizer", "build_refresh", "decay_groups"]
 
@@ -36,9 +36,15 @@ def build_optimizer(config: Config, model: nn.Module,
     Raises:
         SophiaError: a value the optimizer's constructor refuses.
     """
-    spec = OPTIMIZERS[config.optimizer.name]
+    spec, resolved = OPTIMIZERS[config.optimizer.name], config.optimizer
+    assert resolved.lr is not None and resolved.weight_decay is not None \
+        and resolved.rho is not None, "config.resolve fills every row field"
+    settings = OptimizerSettings(
+        lr=resolved.lr, betas=resolved.betas, weight_decay=resolved.weight_decay,
+        rho=resolved.rho, refresh_every=resolved.refresh_every,
+        sophia_options=resolved.sophia_options, state_dtype=resolved.state_dtype)
     try:
-        return spec.build(config.optimizer, model, PRESETS[config.preset].optimizers, device)
+        return spec.build(settings, model, PRESETS[config.preset].optimizers, device)
     except ValueError as exc:
         raise SophiaError(f"{config.optimizer.name} refused its settings: {exc}; fix that "
                           "setting") from None
@@ -53,7 +59,7 @@ def build_refresh(config: Config, optimizer: torch.optim.Optimizer, model: nn.Mo
     """
     refresh = OPTIMIZERS[config.optimizer.name].refresh
     if refresh is None:
-        return HessianRefresh()
+        return NoRefresh()
     assert issubclass(refresh, SophiaRefresh), refresh  # the registry's refreshes are Sophia's
     run = config.run
     rows = max(1, round(config.optimizer.refresh_fraction * run.batch_size * run.grad_accum))

@@ -6,8 +6,9 @@ runs under FSDP2, and which constructor ``sophia_options`` go to. Adding an opti
 builder function and one row here (plus its rows in the presets, ``config.PRESETS``); nothing
 else asks "which optimizer is this?".
 
-A *variant* (``sophiag-official``) is a spec whose ``row`` is another optimizer's and whose
-``extra`` keywords change its constructor's defaults; the row and ``sophia_options`` win.
+A *variant* is a spec whose ``extra`` keywords change its constructor's defaults (the row and
+``sophia_options`` win); ``sophiag-official`` is one, with a row of its own that carries the
+authors' hyperparameters (``config._official_row``), so it trains as the authors' SophiaG.
 """
 
 from __future__ import annotations
@@ -23,15 +24,25 @@ from torch import nn
 import sophia_pytorch
 
 from .baselines.lion import Lion
-from .baselines.muon import MuonWithAdamW, hidden_matrices
-from .refresh import GaussNewtonBartlett, HessianRefresh, Hutchinson
+from .baselines.muon import MuonWithAdamW, MuonWithSophiaG, hidden_matrices
+from .hessian import GaussNewtonBartlett, HessianRefresh, Hutchinson
+from .presets import OptimizerHparams
 
-# A builder's ``settings`` is a resolved ``config.OptimizerConfig`` and ``rows`` a preset's
-# ``config.OptimizerHparams`` by name; typed loosely here, as config imports this module.
-OptimizerConfig = Any
-OptimizerHparams = Any
 
-__all__ = ["OPTIMIZERS", "RESERVED_OPTIONS", "OptimizerSpec", "decay_groups"]
+@dataclass(frozen=True)
+class OptimizerSettings:
+    """What a builder reads: the resolved hyperparameters of ``config.OptimizerSettings`` (every
+    row field filled in; ``optimizers.build_optimizer`` makes one from it)."""
+
+    lr: float
+    betas: tuple[float, float]
+    weight_decay: float
+    rho: float
+    refresh_every: int
+    sophia_options: Mapping[str, Any]
+    state_dtype: str = "float32"  # Sophia's m and h: "float32" or "bfloat16"
+
+__all__ = ["OPTIMIZERS", "RESERVED_OPTIONS", "OptimizerSettings", "OptimizerSpec", "decay_groups"]
 
 # Keywords the harness sets from its own settings, not from sophia_options: where to set them.
 RESERVED_OPTIONS = {"params": "the model's parameters", "lr": "--lr", "betas": "--beta1/--beta2",
@@ -41,7 +52,7 @@ RESERVED_OPTIONS = {"params": "the model's parameters", "lr": "--lr", "betas": "
 _STATE_DTYPES = {"float32": None, "bfloat16": torch.bfloat16}
 
 # build(settings, model, rows, device): ``rows`` are the preset's hyperparameter rows by name.
-Builder = Callable[[OptimizerConfig, nn.Module, Mapping[str, OptimizerHparams],
+Builder = Callable[[OptimizerSettings, nn.Module, Mapping[str, OptimizerHparams],
                     "torch.device | None"], torch.optim.Optimizer]
 
 
@@ -98,7 +109,7 @@ def _trainable(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def _adamw(settings: OptimizerConfig, model: nn.Module, rows: Mapping[str, OptimizerHparams],
+def _adamw(settings: OptimizerSettings, model: nn.Module, rows: Mapping[str, OptimizerHparams],
            device: torch.device | None) -> torch.optim.Optimizer:
     fused = device is not None and device.type == "cuda"
     return torch.optim.AdamW(decay_groups(_trainable(model), settings.weight_decay),
@@ -106,13 +117,13 @@ def _adamw(settings: OptimizerConfig, model: nn.Module, rows: Mapping[str, Optim
                              weight_decay=settings.weight_decay, fused=fused or None)
 
 
-def _lion(settings: OptimizerConfig, model: nn.Module, rows: Mapping[str, OptimizerHparams],
+def _lion(settings: OptimizerSettings, model: nn.Module, rows: Mapping[str, OptimizerHparams],
           device: torch.device | None) -> torch.optim.Optimizer:
     return Lion(decay_groups(_trainable(model), settings.weight_decay), lr=settings.lr,
                 betas=settings.betas, weight_decay=settings.weight_decay)
 
 
-def _muon(settings: OptimizerConfig, model: nn.Module, rows: Mapping[str, OptimizerHparams],
+def _muon(settings: OptimizerSettings, model: nn.Module, rows: Mapping[str, OptimizerHparams],
           device: torch.device | None) -> torch.optim.Optimizer:
     """Muon at the config's row on the hidden matrices; AdamW at the preset's adamw row,
     its lr scaled as the config's lr is to Muon's row, on the rest."""
@@ -121,21 +132,60 @@ def _muon(settings: OptimizerConfig, model: nn.Module, rows: Mapping[str, Optimi
     rest = [p for p in _trainable(model) if id(p) not in chosen]
     adamw, scale = rows["adamw"], settings.lr / rows["muon"].lr
     return MuonWithAdamW(matrices, decay_groups(rest, adamw.weight_decay), lr=settings.lr,
-                         momentum=settings.beta1, weight_decay=settings.weight_decay,
+                         momentum=settings.betas[0], weight_decay=settings.weight_decay,
                          adamw_lr=adamw.lr * scale, adamw_betas=adamw.betas,
                          adamw_weight_decay=adamw.weight_decay)
 
 
+def _muon_part(model: nn.Module, rows: Mapping[str, OptimizerHparams]
+               ) -> tuple[torch.optim.Muon, list[nn.Parameter]]:
+    """Muon at the preset's ``muon`` row (not scaled by the lr grid) on the hidden matrices,
+    and the trainable parameters it leaves to the other part."""
+    matrices = hidden_matrices(model)
+    chosen = {id(p) for p in matrices}
+    row = rows["muon"]
+    muon = torch.optim.Muon(matrices, lr=row.lr, momentum=row.betas[0],
+                            weight_decay=row.weight_decay)
+    return muon, [p for p in _trainable(model) if id(p) not in chosen]
+
+
+def _muon_adamw(settings: OptimizerSettings, model: nn.Module,
+                rows: Mapping[str, OptimizerHparams],
+                device: torch.device | None) -> torch.optim.Optimizer:
+    """Muon fixed at its row; AdamW at the config's row (the part the lr grid tunes)."""
+    muon, rest = _muon_part(model, rows)
+    adamw = torch.optim.AdamW(decay_groups(rest, settings.weight_decay), lr=settings.lr,
+                              betas=settings.betas, weight_decay=settings.weight_decay)
+    return MuonWithAdamW.from_parts(muon, adamw)
+
+
+def _muon_sophiag(settings: OptimizerSettings, model: nn.Module,
+                  rows: Mapping[str, OptimizerHparams],
+                  device: torch.device | None) -> torch.optim.Optimizer:
+    """Muon fixed at its row; SophiaG at the config's row (the part the lr grid tunes)."""
+    muon, rest = _muon_part(model, rows)
+    sophia = sophia_pytorch.SophiaG(decay_groups(rest, settings.weight_decay),
+                                    **_sophia_keywords(settings))
+    return MuonWithSophiaG(muon, sophia)
+
+
+def _sophia_keywords(settings: OptimizerSettings) -> dict[str, Any]:
+    """SophiaG/SophiaH's keywords from the settings: the sophia options, then the harness's
+    own (``state_dtype`` only where it is not the constructor's default, float32)."""
+    keywords = {**settings.sophia_options, "lr": settings.lr, "betas": settings.betas,
+                "weight_decay": settings.weight_decay, "rho": settings.rho,
+                "refresh_every": settings.refresh_every}
+    if settings.state_dtype != "float32":
+        keywords["state_dtype"] = _STATE_DTYPES[settings.state_dtype]
+    return keywords
+
+
 def _sophia(cls: type[torch.optim.Optimizer], extra: Callable[[], dict[str, Any]] = dict
             ) -> Builder:
-    def build(settings: OptimizerConfig, model: nn.Module,
+    def build(settings: OptimizerSettings, model: nn.Module,
               rows: Mapping[str, OptimizerHparams],
               device: torch.device | None) -> torch.optim.Optimizer:
-        keywords = {**extra(), **settings.sophia_options, "lr": settings.lr,
-                    "betas": settings.betas, "weight_decay": settings.weight_decay,
-                    "rho": settings.rho, "refresh_every": settings.refresh_every}
-        if settings.state_dtype != "float32":  # float32 is the constructor's default
-            keywords["state_dtype"] = _STATE_DTYPES[settings.state_dtype]
+        keywords = {**extra(), **_sophia_keywords(settings)}
         return cls(decay_groups(_trainable(model), settings.weight_decay), **keywords)
 
     return build
@@ -162,9 +212,19 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
     "lion": OptimizerSpec(_lion, row="lion", description="Lion (harness/baselines/lion.py)"),
     "muon": OptimizerSpec(_muon, row="muon", fsdp_refusal=_WHOLE_MATRICES,
                           description="torch's Muon on hidden matrices + AdamW on the rest"),
+    "muon-adamw": OptimizerSpec(
+        _muon_adamw, row="muon-adamw", fsdp_refusal=_WHOLE_MATRICES,
+        description="Muon (its preset row, fixed) on hidden matrices + AdamW on the rest, "
+                    "the lr grid tuning the AdamW part"),
+    "muon-sophiag": OptimizerSpec(
+        _muon_sophiag, row="muon-sophiag", refresh=GaussNewtonBartlett,
+        fsdp_refusal=_WHOLE_MATRICES, options_class=sophia_pytorch.SophiaG,
+        description="Muon (its preset row, fixed) on hidden matrices + SophiaG on embeddings, "
+                    "head and the rest, the lr grid tuning the SophiaG part"),
     "sophiag-official": OptimizerSpec(
-        _sophia(sophia_pytorch.SophiaG, _official_defaults), row="sophiag",
+        _sophia(sophia_pytorch.SophiaG, _official_defaults), row="sophiag-official",
         refresh=GaussNewtonBartlett, options_class=sophia_pytorch.SophiaG,
         extra=_official_defaults,
-        description="SophiaG with sophia_pytorch.OFFICIAL_DEFAULTS (the authors' update)"),
+        description="SophiaG with the authors' betas, rho and weight decay "
+                    "(sophia_pytorch.OFFICIAL_DEFAULTS) at the preset's Sophia-G lr"),
 }

@@ -18,8 +18,13 @@ import torch
 from torch import Tensor
 
 from ..optimizer import SophiaG, SophiaH
-from ..refresh import SampledLoss, refresh_generator, sampled_loss
-from .refresh import LogitsAndMask, gauss_newton_refresh
+from ..refresh import (
+    LogitsAndMask,
+    SampledLoss,
+    gauss_newton_bartlett,
+    refresh_generator,
+    sampled_loss,
+)
 
 __all__ = ["SophiaHessianCallback"]
 
@@ -123,7 +128,6 @@ class SophiaHessianCallback(_Callback):
         self.ignore_index = ignore_index
         self.seed = seed
         self.hessian_loss = hessian_loss
-        self._chosen_loss: str | SampledLoss = hessian_loss or "cross_entropy"
         self.refreshes = 0
         """Refreshes folded into h so far."""
         self.refreshes_skipped = 0
@@ -220,11 +224,10 @@ class SophiaHessianCallback(_Callback):
         """
         sophia = self._sophia(trainer)
         precision = trainer.precision_plugin
-        autocast = (precision.forward_context() if hasattr(precision, "forward_context")
-                    else contextlib.nullcontext())
-        folded = gauss_newton_refresh(
-            sophia, lambda: self.logits_and_mask(pl_module, batch),
-            loss=lambda outputs, **kwargs: sampled_loss(self._chosen_loss)(outputs, **kwargs),
+        autocast = (precision.forward_context if hasattr(precision, "forward_context")
+                    else contextlib.nullcontext)
+        folded = gauss_newton_bartlett(
+            sophia, [lambda: self.logits_and_mask(pl_module, batch)], loss=self.chosen_loss,
             generator=refresh_generator(self.seed, sophia.steps_taken(),
                                         rank=trainer.global_rank, device=pl_module.device),
             scaler=getattr(precision, "scaler", None), autocast=autocast,
@@ -238,7 +241,7 @@ class SophiaHessianCallback(_Callback):
 
     def logits_and_mask(self, pl_module: Any, batch: Any) -> LogitsAndMask:
         """``logits_fn(pl_module, batch)``, or the default for ``(inputs, targets)`` batches;
-        picks the sampled loss (``hessian_loss``) on the way.
+        the sampled loss is :attr:`chosen_loss`.
 
         Args:
             pl_module: the ``LightningModule``; the default calls ``pl_module(inputs)``.
@@ -249,7 +252,6 @@ class SophiaHessianCallback(_Callback):
             ``(logits, mask)``: logits of shape ``(..., C)`` and a ``(...)`` bool mask (or
             None) of the positions to sample.
         """
-        self._chosen_loss = self.hessian_loss or "cross_entropy"
         if self.logits_fn is not None:
             return self.logits_fn(pl_module, batch)
         if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
@@ -261,8 +263,8 @@ class SophiaHessianCallback(_Callback):
             )
         inputs, targets = batch
         logits = _output_logits(pl_module(inputs))
-        if self._chosen_loss in ("gaussian", "bernoulli"):
-            return logits, None  # every row, as the model's MSE or BCE
+        if self.chosen_loss != "cross_entropy" and not callable(self.chosen_loss):
+            return logits, None  # Gaussian, Bernoulli: every row, as the model's MSE or BCE
         if self.hessian_loss is None and targets.is_floating_point():
             raise ValueError(
                 f"SophiaHessianCallback got float targets {tuple(targets.shape)}: a regression "
@@ -276,6 +278,11 @@ class SophiaHessianCallback(_Callback):
                 "logits_fn=lambda pl_module, batch: (logits, mask)"
             )
         return logits, targets != self.ignore_index
+
+    @property
+    def chosen_loss(self) -> str | SampledLoss:
+        """The sampled loss of every refresh: ``hessian_loss``, or ``"cross_entropy"``."""
+        return self.hessian_loss or "cross_entropy"
 
     # ------------------------------------------------------------------------ helpers
     def _sophia(self, trainer: Any) -> SophiaG:

@@ -17,8 +17,15 @@ from torch import Tensor, nn
 from transformers import Trainer, TrainerCallback
 
 from ..optimizer import SophiaG, SophiaH
-from ..refresh import SampledLoss, refresh_generator, sampled_loss
-from .refresh import LogitsAndMask, find_sophia, gauss_newton_refresh, hutchinson_refresh
+from ..refresh import (
+    LogitsAndMask,
+    SampledLoss,
+    find_sophia,
+    gauss_newton_bartlett,
+    hutchinson,
+    refresh_generator,
+    sampled_loss,
+)
 
 __all__ = ["SophiaTrainer", "head_of"]
 
@@ -102,7 +109,7 @@ class SophiaTrainer(Trainer):
     in every Trainer from 4.46 to 5.x; ``training_step`` runs once per micro-batch, before the
     step, sometimes inside ``no_sync``, and its signature changed across versions (it takes and
     passes on ``*args, **kwargs``). The refresh runs the unwrapped model and averages its
-    gradients over ranks itself (:mod:`sophia_pytorch.integrations.refresh`), so DDP's reducer
+    gradients over ranks itself (:mod:`sophia_pytorch.refresh`), so DDP's reducer
     plays no part. A step that the GradScaler skipped does not advance the optimizer's count,
     so it triggers no second refresh. The label generator is seeded with ``args.seed`` and the
     rank, the probe generator with ``args.seed`` (the same probes on every rank), both keyed by
@@ -143,7 +150,6 @@ class SophiaTrainer(Trainer):
             sampled_loss(hessian_loss)  # an unknown name fails here, not at the first refresh
         self.shift_labels = shift_labels
         self.hessian_loss = hessian_loss
-        self._chosen_loss: str | SampledLoss = hessian_loss or "cross_entropy"
         self.hessian_refreshes = 0
         """Refreshes folded into h so far (not counting skipped ones)."""
         self.hessian_refreshes_skipped = 0
@@ -197,7 +203,7 @@ class SophiaTrainer(Trainer):
 
         The model's outputs without the labels; token-level LM logits shifted by one for
         causal LMs; the positions whose label is not -100 (for a softmax; every row for a
-        Gaussian or Bernoulli head). Also picks the sampled loss (``hessian_loss``).
+        Gaussian or Bernoulli head; the sampled loss is :meth:`hessian_loss_of`'s).
         Override it for a model whose outputs or batches look different.
 
         Args:
@@ -220,11 +226,11 @@ class SophiaTrainer(Trainer):
         head = head_of(model)
         token_level = logits.dim() == 3 and logits.shape[1] > 1
         labels = inputs.get("shift_labels", inputs.get("labels"))
-        self._chosen_loss = self._loss_for(model, head, labels)
+        chosen = self._loss_for(model, head, labels)
         if "shift_labels" not in inputs and labels is not None and token_level and self._shifts(
                 head, logits, labels):
             logits, labels = logits[..., :-1, :], labels[..., 1:]
-        if self._chosen_loss != "cross_entropy" and not callable(self._chosen_loss):
+        if chosen != "cross_entropy" and not callable(chosen):
             return logits, None  # Gaussian, Bernoulli: every row, as the model's loss
         if labels is None:
             if head == "sequence_classification":
@@ -281,8 +287,22 @@ class SophiaTrainer(Trainer):
             )
         return _PROBLEM_LOSSES[problem]
 
-    def _sampled_loss(self, outputs: Tensor, **kwargs: Any) -> tuple[Tensor, Tensor]:
-        return sampled_loss(self._chosen_loss)(outputs, **kwargs)
+    def hessian_loss_of(self, model: nn.Module, inputs: dict[str, Any]) -> str | SampledLoss:
+        """The sampled loss a refresh on ``inputs`` uses: ``hessian_loss``, or the one the
+        model's head and labels call for (a pure function of them: nothing is remembered
+        between calls).
+
+        Args:
+            model: the unwrapped model; its class and ``config.problem_type`` tell the head.
+            inputs: the micro-batch; its ``labels`` (``(B, T)`` or ``(B,)``) tell a
+                classifier's labels from a regression's.
+
+        Returns:
+            a name of ``sophia_pytorch.refresh.SAMPLED_LOSSES`` or the ``hessian_loss``
+            callable.
+        """
+        labels = inputs.get("shift_labels", inputs.get("labels"))
+        return self._loss_for(model, head_of(model), labels)
 
     def refresh_hessian(self, inputs: dict[str, Any]) -> bool:
         """One refresh of the optimizer's h on the micro-batch ``inputs``.
@@ -305,12 +325,13 @@ class SophiaTrainer(Trainer):
                 # transformers annotates compute_loss without an overload on return_outputs:
                 # with return_outputs=False (the default) it returns the loss tensor alone.
                 return self.compute_loss(model, inputs)  # type: ignore[return-value]
-            folded = hutchinson_refresh(sophia, loss_fn, generator=self._generator(sophia, 0),
-                                        scaler=scaler)
+            folded = hutchinson(sophia, loss_fn, generator=self._generator(sophia, 0),
+                                scaler=scaler)
         else:
-            folded = gauss_newton_refresh(
-                sophia, lambda: self.hessian_logits_and_mask(model, inputs),
-                loss=self._sampled_loss, scaler=scaler, synchronize=self.args.world_size > 1,
+            folded = gauss_newton_bartlett(
+                sophia, [lambda: self.hessian_logits_and_mask(model, inputs)],
+                loss=sampled_loss(self.hessian_loss_of(model, inputs)), scaler=scaler,
+                synchronize=self.args.world_size > 1,
                 generator=self._generator(sophia, self.args.process_index),
             )
         model.zero_grad(set_to_none=True)

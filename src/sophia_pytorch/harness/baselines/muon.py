@@ -1,11 +1,11 @@
-"""Muon (Jordan et al., 2024) on the hidden matrices and AdamW on the rest, as one optimizer.
+"""Muon (Jordan et al., 2024) on the hidden matrices and another optimizer on the rest, as one.
 
 Muon orthogonalises each 2-D update with a Newton-Schulz iteration, which only makes sense for
 the weight matrices inside the network; its authors keep AdamW for the embeddings, the
-(tied) output head, norms and biases. :class:`MuonWithAdamW` holds torch's ``Muon`` and
-``AdamW`` and shows the loop one optimizer: its ``param_groups`` are the two optimizers' own
-group dicts, so an lr scheduler that writes ``group["lr"]`` drives both, and its
-``state_dict`` holds both.
+(tied) output head, norms and biases (:class:`MuonWithAdamW`). :class:`MuonWithSophiaG` puts
+Sophia-G there instead: the embeddings and head are where a language model's curvature spans
+decades (it follows token frequency), the regime where Sophia's clipped preconditioning
+should pay. Both show the loop one optimizer (:class:`MuonWith`).
 """
 
 from __future__ import annotations
@@ -17,7 +17,9 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-__all__ = ["MuonWithAdamW", "hidden_matrices"]
+from ...optimizer import SophiaG
+
+__all__ = ["MuonWith", "MuonWithAdamW", "MuonWithSophiaG", "hidden_matrices"]
 
 
 def hidden_matrices(model: nn.Module) -> list[nn.Parameter]:
@@ -38,39 +40,33 @@ def hidden_matrices(model: nn.Module) -> list[nn.Parameter]:
     return list(found.values())
 
 
-class MuonWithAdamW(Optimizer):
-    """torch's Muon on ``muon_params`` and AdamW on ``adamw_groups``, stepped together.
+class MuonWith(Optimizer):
+    """torch's Muon on the hidden matrices and another optimizer on the rest, stepped together.
+
+    Its ``param_groups`` are the two optimizers' own group dicts (Muon's first), so an lr
+    scheduler that writes ``group["lr"]`` drives both; its ``state_dict`` holds both, under
+    ``"muon"`` and :attr:`rest_key`.
 
     Args:
-        muon_params: 2-D parameters (see :func:`hidden_matrices`).
-        adamw_groups: parameter groups for AdamW (e.g. embeddings decayed, vectors not).
-        lr: Muon's learning rate (torch's "original" shape adjustment, default 0.02).
-        momentum: Muon's momentum (default 0.95, Nesterov).
-        weight_decay: Muon's decoupled weight decay (default 0.1).
-        adamw_lr: AdamW's learning rate (default 3e-3).
-        adamw_betas: AdamW's betas (default (0.9, 0.95)).
-        adamw_weight_decay: AdamW's default decay for groups that do not set one (0.1).
+        muon: torch's ``Muon`` over the hidden matrices.
+        rest: the optimizer of every other trainable parameter (embeddings, head, norms).
     """
 
-    def __init__(self, muon_params: list[nn.Parameter], adamw_groups: list[dict[str, Any]], *,
-                 lr: float = 0.02, momentum: float = 0.95, weight_decay: float = 0.1,
-                 adamw_lr: float = 3e-3, adamw_betas: tuple[float, float] = (0.9, 0.95),
-                 adamw_weight_decay: float = 0.1) -> None:
-        self.muon = torch.optim.Muon(muon_params, lr=lr, momentum=momentum,
-                                     weight_decay=weight_decay)
-        self.adamw = torch.optim.AdamW(adamw_groups, lr=adamw_lr, betas=adamw_betas,
-                                       weight_decay=adamw_weight_decay)
+    rest_key = "rest"
+
+    def __init__(self, muon: torch.optim.Muon, rest: Optimizer) -> None:
+        self.muon, self.rest = muon, rest
         everything = [p for group in self._groups() for p in group["params"]]
         super().__init__(everything, {})
         self._share_groups()
 
     def _groups(self) -> list[dict[str, Any]]:
-        return [*self.muon.param_groups, *self.adamw.param_groups]
+        return [*self.muon.param_groups, *self.rest.param_groups]
 
     def _share_groups(self) -> None:
         # The very dicts of the two optimizers: whatever writes group["lr"] reaches them.
         self.param_groups = self._groups()
-        self.state = _States(self.muon.state, self.adamw.state)  # type: ignore[assignment]
+        self.state = _States(self.muon.state, self.rest.state)  # type: ignore[assignment]
 
     # torch's stubs type a closure as returning a float; closures return the loss Tensor.
     @overload
@@ -87,16 +83,75 @@ class MuonWithAdamW(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self.muon.step()
-        self.adamw.step()
+        self.rest.step()
         return loss
 
     def state_dict(self) -> dict[str, Any]:
-        return {"muon": self.muon.state_dict(), "adamw": self.adamw.state_dict()}
+        return {"muon": self.muon.state_dict(), self.rest_key: self.rest.state_dict()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.muon.load_state_dict(state_dict["muon"])
-        self.adamw.load_state_dict(state_dict["adamw"])
+        self.rest.load_state_dict(state_dict[self.rest_key])
         self._share_groups()  # loading replaced the two optimizers' group dicts
+
+
+class MuonWithAdamW(MuonWith):
+    """torch's Muon on ``muon_params`` and AdamW on ``adamw_groups``, stepped together.
+
+    Args:
+        muon_params: 2-D parameters (see :func:`hidden_matrices`).
+        adamw_groups: parameter groups for AdamW (e.g. embeddings decayed, vectors not).
+        lr: Muon's learning rate (torch's "original" shape adjustment, default 0.02).
+        momentum: Muon's momentum (default 0.95, Nesterov).
+        weight_decay: Muon's decoupled weight decay (default 0.1).
+        adamw_lr: AdamW's learning rate (default 3e-3).
+        adamw_betas: AdamW's betas (default (0.9, 0.95)).
+        adamw_weight_decay: AdamW's default decay for groups that do not set one (0.1).
+    """
+
+    rest_key = "adamw"
+
+    def __init__(self, muon_params: list[nn.Parameter], adamw_groups: list[dict[str, Any]], *,
+                 lr: float = 0.02, momentum: float = 0.95, weight_decay: float = 0.1,
+                 adamw_lr: float = 3e-3, adamw_betas: tuple[float, float] = (0.9, 0.95),
+                 adamw_weight_decay: float = 0.1) -> None:
+        super().__init__(
+            torch.optim.Muon(muon_params, lr=lr, momentum=momentum, weight_decay=weight_decay),
+            torch.optim.AdamW(adamw_groups, lr=adamw_lr, betas=adamw_betas,
+                              weight_decay=adamw_weight_decay))
+
+    @classmethod
+    def from_parts(cls, muon: torch.optim.Muon, adamw: torch.optim.AdamW) -> MuonWithAdamW:
+        """The pair from two built optimizers (each with its own lr)."""
+        pair = cls.__new__(cls)
+        MuonWith.__init__(pair, muon, adamw)
+        return pair
+
+    @property
+    def adamw(self) -> Optimizer:
+        """The AdamW part."""
+        return self.rest
+
+
+class MuonWithSophiaG(MuonWith):
+    """torch's Muon on the hidden matrices and a :class:`~sophia_pytorch.SophiaG` on the rest
+    (embeddings, the tied head, norms, biases): Sophia where curvature spreads over decades.
+
+    Its Hessian refresh feeds the SophiaG part, :attr:`hessian_optimizer`; the sampled-loss
+    backward then also writes the hidden matrices' gradients, which the next step's
+    ``zero_grad`` clears (the refresh runs after the step).
+    """
+
+    rest_key = "sophiag"
+
+    def __init__(self, muon: torch.optim.Muon, sophia: SophiaG) -> None:
+        super().__init__(muon, sophia)
+
+    @property
+    def hessian_optimizer(self) -> SophiaG:
+        """The SophiaG part, whose h the refresh updates."""
+        assert isinstance(self.rest, SophiaG)
+        return self.rest
 
 
 class _States(Mapping):

@@ -15,11 +15,12 @@ library's one refresh (:mod:`sophia_pytorch.refresh`), which these classes only 
 The draws of a refresh are seeded by :func:`sophia_pytorch.refresh.refresh_generator` from
 the run's seed, the step and the rank.
 
-Optimizers without a Hessian (AdamW, Lion, Muon) get the base class, which never refreshes.
+Optimizers without a Hessian (AdamW, Lion, Muon) get :class:`NoRefresh`.
 """
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import functools
 from collections.abc import Callable, Sequence
@@ -32,34 +33,49 @@ from .. import refresh as sophia_refresh
 from ..optimizer import SophiaBase, SophiaG, SophiaH
 from .model import lm_loss
 
-__all__ = ["GaussNewtonBartlett", "HessianRefresh", "Hutchinson", "SophiaRefresh"]
+__all__ = ["GaussNewtonBartlett", "HessianRefresh", "Hutchinson", "NoRefresh", "SophiaRefresh"]
 
 Batch = tuple[Tensor, Tensor]
 Autocast = Callable[[], contextlib.AbstractContextManager]
 _Sophia = TypeVar("_Sophia", bound=SophiaBase)
 
 
-class HessianRefresh:
-    """No Hessian: never refreshes, reports no clip statistic (AdamW, Lion, Muon)."""
+class HessianRefresh(abc.ABC):
+    """What the loop asks of a Hessian refresh, twice a step (see the module's docstring)."""
 
+    @abc.abstractmethod
     def __call__(self, micro_batches: Sequence[Batch], key: int) -> bool:
         """Refresh if one is owed, on ``micro_batches``; return whether it ran.
 
         ``key`` (an int) seeds the refresh's random draws together with the run's seed and
         rank: the loop passes the index of the step after which the refresh falls.
         """
+
+    @abc.abstractmethod
+    def unclipped_fraction(self) -> float | None:
+        """Sophia's share of coordinates the clip leaves alone; None without a Hessian."""
+
+
+class NoRefresh(HessianRefresh):
+    """No Hessian: never refreshes, reports no clip statistic (AdamW, Lion, Muon)."""
+
+    def __call__(self, micro_batches: Sequence[Batch], key: int) -> bool:
+        """Never refreshes: returns False."""
         return False
 
     def unclipped_fraction(self) -> float | None:
-        """Sophia's share of coordinates the clip leaves alone; None without a Hessian."""
+        """None: there is no clip."""
         return None
 
 
 class SophiaRefresh(HessianRefresh, Generic[_Sophia]):
     """Asks the optimizer whether a refresh is owed and seeds its random draws.
 
+    An optimizer that holds a Sophia for part of the model (``muon-sophiag``) names it as its
+    ``hessian_optimizer``; that part is refreshed.
+
     Raises:
-        TypeError: when ``optimizer`` is not the Sophia the subclass refreshes.
+        TypeError: when ``optimizer`` is not (and holds no) Sophia the subclass refreshes.
     """
 
     same_draws_on_every_rank = False
@@ -69,6 +85,7 @@ class SophiaRefresh(HessianRefresh, Generic[_Sophia]):
     def __init__(self, optimizer: torch.optim.Optimizer, model: nn.Module, *, rows: int,
                  autocast: Autocast, seed: int, rank: int, world_size: int,
                  device: torch.device) -> None:
+        optimizer = getattr(optimizer, "hessian_optimizer", optimizer)
         if not isinstance(optimizer, self.sophia_class):
             raise TypeError(
                 f"{type(self).__name__} refreshes a sophia_pytorch "

@@ -1,0 +1,287 @@
+"""The tables of docs/WHEN_TO_USE_SOPHIA.md, recomputed from the committed results.
+
+Every table in the guide sits between ``<!-- table:NAME -->`` and ``<!-- /table -->`` and is
+this module's :func:`render` of NAME, so a figure and its data cannot drift apart
+(tests/test_guide_tables.py checks each block). Comparisons are paired by seed (the same data
+order and initialisation): the gap is ``loss(optimizer) − loss(reference)`` per seed, its mean
+and a 95% Student-t interval over seeds; "not resolved" where that interval spans 0.
+
+    python experiments/value/tables.py                 # print every table
+    python experiments/value/tables.py --write GUIDE   # rewrite the guide's table blocks
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import statistics
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+GUIDE = ROOT / "docs" / "WHEN_TO_USE_SOPHIA.md"
+MAP = next((p for p in (ROOT / "experiments" / "map", ROOT / "benchmarks" / "map") if p.exists()),
+           ROOT / "experiments" / "map")
+VALUE = ROOT / "experiments" / "value"
+OUTSIDE = VALUE / "outside_evidence.json"
+
+# Two-sided 95% quantiles of Student's t with df degrees of freedom (df = seeds − 1).
+_T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
+         9: 2.262, 10: 2.228, 11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131,
+         16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093, 20: 2.086}
+
+
+@dataclass(frozen=True)
+class Run:
+    """One finished run as a comparison's results.json records it."""
+
+    optimizer: str
+    variant: str  # "" or what sets the run apart within its optimizer (e.g. "no refresh")
+    lr: float
+    seed: int
+    steps: int
+    final: float
+    evals: tuple[tuple[int, float], ...]  # (step, validation loss)
+
+    @property
+    def label(self) -> str:
+        return f"{self.optimizer} ({self.variant})" if self.variant else self.optimizer
+
+
+def load(paths: Iterable[Path]) -> list[Run]:
+    """Every run of the results files, each (label, lr, seed, steps) once."""
+    found: dict[tuple, Run] = {}
+    for path in sorted(paths):
+        results = json.loads(path.read_text())
+        base = results["base_config"]["optimizer"]
+        never = base["refresh_every"] >= results["base_config"]["run"]["max_steps"]
+        for record in results["runs"]:
+            variant = "never refreshed: h = 0" if never and record["optimizer"].startswith(
+                "sophia") else ""
+            run = Run(record["optimizer"], variant, record["lr"], record["seed"],
+                      record["steps"], record["final_val_loss"],
+                      tuple((e["step"], e["val_loss"]) for e in record["evals"]))
+            found.setdefault((run.label, run.lr, run.seed, run.steps), run)
+    return list(found.values())
+
+
+@dataclass(frozen=True)
+class Gap:
+    """Paired per-seed gaps ``other − reference`` with their mean and 95% interval."""
+
+    values: tuple[float, ...]
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.values)
+
+    def interval(self) -> tuple[float, float] | None:
+        if len(self.values) < 2:
+            return None
+        half = _T975[len(self.values) - 1] * statistics.stdev(self.values) / math.sqrt(
+            len(self.values))
+        return self.mean - half, self.mean + half
+
+    def verdict(self) -> str:
+        interval = self.interval()
+        if interval is None:
+            return "one seed"
+        low, high = interval
+        if low > 0:
+            return "behind"
+        if high < 0:
+            return "ahead"
+        return "not resolved"
+
+    def text(self) -> str:
+        interval = self.interval()
+        shown = f"{self.mean:+.3f}"
+        if interval is not None:
+            shown += f" [{interval[0]:+.3f}, {interval[1]:+.3f}]"
+        return shown
+
+
+def paired(runs: list[Run], reference: list[Run]) -> Gap:
+    """The per-seed gaps of ``runs`` to ``reference`` over the seeds both have."""
+    by_seed = {r.seed: r.final for r in reference}
+    return Gap(tuple(r.final - by_seed[r.seed] for r in sorted(runs, key=lambda r: r.seed)
+                     if r.seed in by_seed))
+
+
+def _finals(runs: list[Run]) -> str:
+    values = [r.final for r in sorted(runs, key=lambda r: r.seed)]
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.fmean(values):.3f} ({min(values):.3f}–{max(values):.3f})"
+
+
+def _seeds(runs: list[Run]) -> str:
+    return ",".join(str(r.seed) for r in sorted(runs, key=lambda r: r.seed))
+
+
+def _best_lr_runs(runs: list[Run], label: str) -> list[Run]:
+    """The runs of ``label`` at the lr with the most seeds (ties: the lowest seed-0 loss) —
+    the grid's winner, at which the extra seeds were run."""
+    mine = [r for r in runs if r.label == label]
+    by_lr: dict[float, list[Run]] = {}
+    for run in mine:
+        by_lr.setdefault(run.lr, []).append(run)
+    return max(by_lr.values(), key=lambda group: (len(group), -min(r.final for r in group)))
+
+
+def _lr_runs(runs: list[Run], label: str, lr: float) -> list[Run]:
+    return [r for r in runs if r.label == label and math.isclose(r.lr, lr)]
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- the tables
+def batch_map() -> str:
+    """The tiny preset's first 200 steps at 8-256 sequences a step: each optimizer at its
+    grid's best lr against AdamW at its row's lr (3e-3), paired by seed."""
+    rows, pooled = [], {}
+    for batch in (8, 32, 128, 256):
+        folders = [MAP / f"b{batch}-s200"]
+        if batch == 256:
+            folders.append(MAP / "b256-s200-adamw-x1")
+        runs = load(folder / "results.json" for folder in folders)
+        reference = _lr_runs(runs, "adamw", 3e-3)
+        rows.append([str(batch), "adamw", "0.003", _seeds(reference), _finals(reference),
+                     "—", "—"])
+        for label in ("sophiag", "lion", "muon"):
+            if not any(r.label == label for r in runs):
+                continue
+            mine = _best_lr_runs(runs, label)
+            gap = paired(mine, reference)
+            pooled.setdefault(label, []).extend(gap.values)
+            rows.append([str(batch), label, f"{mine[0].lr:.3g}", _seeds(mine), _finals(mine),
+                         gap.text(), gap.verdict()])
+    for label, values in pooled.items():  # every (batch, seed) pair as one sample
+        gap = Gap(tuple(values))
+        behind = sum(value > 0 for value in values)
+        rows.append(["all", label, "", f"{len(values)} pairs, {behind} behind AdamW", "",
+                     gap.text(), gap.verdict()])
+    return _table(["batch (sequences)", "optimizer", "lr", "seeds", "final val loss",
+                   "gap to AdamW, mean [95% interval]", "verdict"], rows)
+
+
+def _small_runs() -> list[Run]:
+    return load([MAP / "small-2000" / "results.json",
+                 *VALUE.glob("small-*/results*.json")])
+
+
+def small_rung() -> str:
+    """The small preset (5.3M, 2000 steps, fully decayed): every optimizer and control at
+    today's rows, paired with AdamW by seed."""
+    runs = [r for r in _small_runs() if r.steps == 2000]
+    reference = _lr_runs(runs, "adamw", 1e-3)
+    rows = []
+    labels = sorted({r.label for r in runs}, key=lambda label: (label != "adamw", label))
+    for label in labels:
+        for lr in sorted({r.lr for r in runs if r.label == label}):
+            mine = _lr_runs(runs, label, lr)
+            gap = paired(mine, reference) if label != "adamw" else None
+            rows.append([label, f"{lr:.3g}", _seeds(mine), _finals(mine),
+                         gap.text() if gap and gap.values else "—",
+                         gap.verdict() if gap and gap.values else "—"])
+    return _table(["optimizer", "lr", "seeds", "final val loss",
+                   "gap to AdamW (lr 1e-3), same seeds, mean [95% interval]", "verdict"], rows)
+
+
+def small_curve() -> str:
+    """Seed 0's validation loss every 200 steps on the small preset, and the gaps to AdamW."""
+    runs = {r.label: r for r in _small_runs() if r.seed == 0 and r.steps == 2000
+            and r.lr == {"adamw": 1e-3, "sophiag": 3.33e-4, "muon": 0.05}.get(r.label)}
+    labels = [label for label in ("adamw", "sophiag", "muon") if label in runs]
+    curves = {label: dict(runs[label].evals) for label in labels}
+    rows = []
+    for step in range(200, 2001, 200):
+        row = [str(step)] + [f"{curves[label][step]:.3f}" for label in labels]
+        row += [f"{curves[label][step] - curves['adamw'][step]:+.3f}" for label in labels[1:]]
+        rows.append(row)
+    return _table(["step", *labels, *(f"{label} − adamw" for label in labels[1:])], rows)
+
+
+def hybrids() -> str:
+    """Muon beside Sophia-G against Muon beside AdamW on the tiny preset, 800 steps: each
+    tuned on the part that differs, then 5 seeds at the best; AdamW alone for scale."""
+    runs = load(VALUE.glob("tiny-800/results*.json"))
+    if not runs:
+        return "(no runs committed yet)"
+    reference = _best_lr_runs(runs, "muon-adamw") if any(
+        r.label == "muon-adamw" for r in runs) else []
+    rows = []
+    for label in ("muon-adamw", "muon-sophiag", "adamw"):
+        if not any(r.label == label for r in runs):
+            continue
+        grid = sorted({r.lr for r in runs if r.label == label and r.seed == 0})
+        grid_text = ", ".join(f"{lr:.3g}: {_lr_runs(runs, label, lr)[0].final:.3f}"
+                              for lr in grid if any(r.seed == 0 for r in
+                                                    _lr_runs(runs, label, lr)))
+        mine = _best_lr_runs(runs, label)
+        gap = paired(mine, reference) if label != "muon-adamw" and reference else None
+        rows.append([label, grid_text, f"{mine[0].lr:.3g}", _seeds(mine), _finals(mine),
+                     gap.text() if gap and gap.values else "—",
+                     gap.verdict() if gap and gap.values else "—"])
+    return _table(["optimizer", "seed-0 lr grid (lr: final)", "best lr", "seeds",
+                   "final val loss", "gap to muon-adamw, same seeds, mean [95% interval]",
+                   "verdict"], rows)
+
+
+def outside() -> str:
+    """The outside evidence: final losses from other groups' tuned comparisons, with sources
+    (experiments/value/outside_evidence.json)."""
+    evidence = json.loads(OUTSIDE.read_text())
+    rows = [[row["study"], row["model"], row["data"], f"{row['adamw']:.3f}",
+             f"{row['sophia']:.3f}", f"{row['sophia'] - row['adamw']:+.3f}", row["source"]]
+            for row in evidence["rows"]]
+    return _table(["study", "model", "tokens", "AdamW", "Sophia", "Sophia − AdamW", "source"],
+                  rows)
+
+
+TABLES: dict[str, Callable[[], str]] = {
+    "outside": outside, "batch-map": batch_map, "small-rung": small_rung,
+    "small-curve": small_curve, "hybrids": hybrids,
+}
+_BLOCK = re.compile(r"(<!-- table:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(\n<!-- /table -->)", re.S)
+
+
+def render(name: str) -> str:
+    """The markdown of table ``name`` (a key of :data:`TABLES`)."""
+    return TABLES[name]()
+
+
+def blocks(text: str) -> dict[str, str]:
+    """The table blocks of a guide's text: name -> body."""
+    return {m["name"]: m["body"] for m in _BLOCK.finditer(text)}
+
+
+def rewrite(text: str) -> str:
+    """``text`` with every table block replaced by its fresh :func:`render`."""
+    return _BLOCK.sub(lambda m: m.group(1) + render(m["name"]) + m.group(4), text)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
+    parser.add_argument("--write", type=Path, metavar="GUIDE",
+                        help="rewrite the table blocks of GUIDE in place")
+    args = parser.parse_args()
+    if args.write:
+        fresh = rewrite(args.write.read_text())
+        temporary = args.write.with_suffix(".tmp")
+        temporary.write_text(fresh)
+        temporary.replace(args.write)
+        return
+    for name in TABLES:
+        print(f"## {name}\n\n{render(name)}\n")
+
+
+if __name__ == "__main__":
+    main()
