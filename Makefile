@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 test: $(STAMP)
-	$(VENV)/bin/ruff check src tests benchmarks examples
+	$(VENV)/bin/ruff check src tests benchmarks experiments examples
 	$(PY) -m mypy
 	$(VENV)/bin/mkdocs build --strict --quiet --site-dir $$(mktemp -d)
 	$(PY) -m pytest -q
@@ -34,7 +34,7 @@ compare: $(STAMP)
 	$(VENV)/bin/sophia compare
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check src tests benchmarks examples
+	$(VENV)/bin/ruff check src tests benchmarks experiments examples
 
 # Static types (strict on the library and integrations, ordinary on the harness: pyproject.toml).
 typecheck: $(STAMP)

@@ -5,6 +5,15 @@
 
 Everything Sophia adds to an AdamW loop is in ``train``: the optimizer, and every
 ``refresh_every`` steps one extra forward/backward on labels drawn from the model itself.
+The README's example is this loop (its lr, ρ and weight decay are ``HYPERPARAMETERS``).
+
+ρ is checked, not assumed: the script measures the share of coordinates the clip leaves
+alone (``optimizer.unclipped_fraction()``, the official code's "win rate") after every step
+and exits with an error if its mean over the second half of training leaves 0.1-0.5, the
+official advice (checked on runs of 200 steps or more). Below 0.1 Sophia is mostly a sign
+step (signed momentum); above 0.5 the clip rarely acts. ρ = 0.4 keeps it there on this model
+with ``update_hessian(scale=num_samples)``; another model or another ``scale`` convention
+needs its own ρ (or ``unclipped_band``).
 """
 
 from __future__ import annotations
@@ -20,6 +29,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from sophia_pytorch import SophiaG, sampled_cross_entropy
+
+HYPERPARAMETERS = {"lr": 3e-3, "rho": 0.4, "weight_decay": 0.1}
+UNCLIPPED_BAND = (0.1, 0.5)
+CHECKED_FROM_STEPS = 200  # a shorter run ends while h is still warming up
 
 
 def zen_of_python() -> str:
@@ -64,15 +77,15 @@ def batches(data: torch.Tensor, context: int, batch_size: int, generator: torch.
 
 def train(steps: int = 200, refresh_every: int = 10, precision: str = "fp32",
           device: str = "cpu", seed: int = 0) -> dict:
-    """Train and return ``{"losses": [per step], "refreshes": count, "parameters": count}``."""
+    """Train; return ``{"losses": [per step], "refreshes": count, "parameters": count,
+    "unclipped": the mean unclipped fraction over the second half of the steps}``."""
     torch.manual_seed(seed)
     text = zen_of_python()
     alphabet = sorted(set(text))
     data = torch.tensor([alphabet.index(c) for c in text])
     context, batch_size = 32, 16
     model = TinyCharLM(len(alphabet), context).to(device)
-    optimizer = SophiaG(model.parameters(), lr=3e-3, rho=0.05, weight_decay=0.1,
-                        refresh_every=refresh_every)
+    optimizer = SophiaG(model.parameters(), **HYPERPARAMETERS, refresh_every=refresh_every)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda t: 0.5 * (1 + math.cos(math.pi * min(t, steps) / steps)))
     dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
@@ -80,7 +93,7 @@ def train(steps: int = 200, refresh_every: int = 10, precision: str = "fp32",
     scaler = torch.amp.GradScaler(device, enabled=precision == "fp16")
     labels = torch.Generator(device=device).manual_seed(seed + 1)  # the refresh's own draws
 
-    losses, refreshes = [], 0
+    losses, unclipped, refreshes = [], [], 0
     stream = batches(data, context, batch_size, torch.Generator().manual_seed(seed))
     for _, (inputs, targets) in zip(range(steps), stream):
         inputs, targets = inputs.to(device), targets.to(device)
@@ -102,8 +115,11 @@ def train(steps: int = 200, refresh_every: int = 10, precision: str = "fp32",
             refreshes += optimizer.update_hessian(
                 scale=num_samples, grad_scale=scaler.get_scale() if scaler.is_enabled() else None)
             optimizer.zero_grad(set_to_none=True)
+        unclipped.append(optimizer.unclipped_fraction())
     parameters = sum(p.numel() for p in model.parameters())
-    return {"losses": losses, "refreshes": refreshes, "parameters": parameters}
+    second_half = unclipped[len(unclipped) // 2:]
+    return {"losses": losses, "refreshes": refreshes, "parameters": parameters,
+            "unclipped": sum(second_half) / max(len(second_half), 1)}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -121,7 +137,14 @@ def main(argv: list[str] | None = None) -> dict:
     losses = result["losses"]
     print(f"{result['parameters']:,} parameters, {args.steps} steps, "
           f"{result['refreshes']} Hessian refreshes: loss {losses[0]:.3f} -> "
-          f"{sum(losses[-10:]) / len(losses[-10:]):.3f} (mean of the last 10 steps)")
+          f"{sum(losses[-10:]) / len(losses[-10:]):.3f} (mean of the last 10 steps); "
+          f"unclipped fraction {result['unclipped']:.2f} (mean of the second half)")
+    low, high = UNCLIPPED_BAND
+    if args.steps >= CHECKED_FROM_STEPS and not low <= result["unclipped"] <= high:
+        raise SystemExit(
+            f"unclipped fraction {result['unclipped']:.2f} is outside {low}-{high}: rho "
+            f"{HYPERPARAMETERS['rho']} does not suit this run; raise rho if it is below "
+            f"{low}, lower it if above {high} (or pass unclipped_band=({low}, {high}))")
     return result
 
 

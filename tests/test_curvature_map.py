@@ -1,29 +1,21 @@
-"""benchmarks/curvature_map.py (issue 16 §1): its batched update rules are the optimizers they
+"""experiments/curvature_map.py: its batched update rules are the optimizers they
 stand for, and its quick map shows gradient descent slowing with κ where Sophia need not."""
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 import sophia_pytorch
+from experiments import curvature_map as curvature_map_module
 from sophia_pytorch.harness.baselines.lion import Lion
-
-_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "curvature_map.py"
 
 
 @pytest.fixture(scope="module")
 def curvature_map():
-    spec = importlib.util.spec_from_file_location("curvature_map", _PATH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["curvature_map"] = module
-    spec.loader.exec_module(module)
-    return module
+    return curvature_map_module
 
 
 def _small_softmax(curvature_map):
@@ -32,7 +24,7 @@ def _small_softmax(curvature_map):
 
 
 def _reference(name: str, params: list[torch.Tensor], config: dict) -> torch.optim.Optimizer:
-    """The optimizer class each batched rule stands for, as the issue names it."""
+    """The optimizer class each batched rule stands for."""
     if name == "GD":
         return torch.optim.SGD(params, lr=config["lr"])
     if name == "GD+momentum":

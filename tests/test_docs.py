@@ -16,6 +16,7 @@ import subprocess
 import sys
 import zlib
 from functools import cache
+from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
@@ -290,3 +291,138 @@ def test_sphinx_roles_become_markdown_on_the_site() -> None:
                        ":class:`~.config.Config`") == \
         "see `sophia_pytorch.sampled_cross_entropy` and `Config`"
     assert markdown_of("Every ``step()``::\n\n    x") == "Every ``step()``:\n\n    x"
+
+
+# ------------------------------------------------------------------ the built HTML, read
+class _Page(HTMLParser):
+    """The links (href, text) and blockquotes (text) of one built page."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.links: list[tuple[str, str]] = []
+        self.blockquotes: list[str] = []
+        self.scripts: list[str] = []
+        self._href: str | None = None
+        self._text: list[str] = []
+        self._quote_depth = 0
+        self._quote: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        values = dict(attrs)
+        if tag == "a" and values.get("href"):
+            self._href, self._text = values["href"], []
+        elif tag == "blockquote":
+            self._quote_depth += 1
+        elif tag == "script" and values.get("src"):
+            self.scripts.append(values["src"] or "")
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "a" and self._href is not None:
+            self.links.append((self._href, "".join(self._text).strip()))
+            self._href = None
+        elif tag == "blockquote" and self._quote_depth:
+            self._quote_depth -= 1
+            if not self._quote_depth:
+                self.blockquotes.append(" ".join("".join(self._quote).split()))
+                self._quote = []
+
+    def handle_data(self, data: str) -> None:
+        if self._href is not None:
+            self._text.append(data)
+        if self._quote_depth:
+            self._quote.append(data)
+
+
+def _page(path: Path) -> _Page:
+    page = _Page()
+    page.feed(path.read_text(encoding="utf-8"))
+    return page
+
+
+def _pages(site: Path) -> dict[str, _Page]:
+    return {str(p.relative_to(site)): _page(p) for p in site.rglob("*.html")
+            if p.name != "404.html"}
+
+
+def test_the_blockquote_check_sees_a_line_that_starts_with_a_greater_than_sign() -> None:
+    markdown = pytest.importorskip("markdown")
+    page = _Page()
+    page.feed(markdown.markdown("a finite number\n> 0 or a tensor"))
+    assert page.blockquotes == ["0 or a tensor"]
+
+
+@pytest.mark.slow
+def test_no_page_turns_a_greater_than_sign_into_a_blockquote(site: tuple[Path, bool]) -> None:
+    """The docs quote nothing (notes are admonitions), so a blockquote on the site is a line
+    of a docstring or of RESULTS.md that began with ">" ("> 0", "> 2000") and lost it."""
+    found = {name: page.blockquotes for name, page in _pages(site[0]).items()
+             if page.blockquotes}
+    assert found == {}, "reflow these so that no line starts with '>'"
+
+
+def _file_named(text: str) -> str | None:
+    """The file a link's text names (``docs/HARNESS.md``, ``RESULTS.md``), or None."""
+    match = re.fullmatch(r"`?([\w./-]+\.md)`?", text)
+    return match[1] if match else None
+
+
+def test_the_link_check_sees_a_text_that_names_another_file() -> None:
+    assert _file_named("benchmarks/RESULTS.md") == "benchmarks/RESULTS.md"
+    assert _file_named("Measured results") is None
+    assert not _names_its_target("results.html", "benchmarks/RESULTS.md")
+    assert _names_its_target("HARNESS.html#presets", "docs/HARNESS.md")
+
+
+def _names_its_target(href: str, text: str) -> bool:
+    named = _file_named(text)
+    target = href.split("#")[0].split("/")[-1]
+    return named is None or Path(target).stem == Path(named).stem
+
+
+@pytest.mark.slow
+def test_a_link_whose_text_names_a_file_opens_that_file(site: tuple[Path, bool]) -> None:
+    """A link reading ``experiments/RESULTS.md`` must not open another page (results.html,
+    which on GitHub is one include line)."""
+    wrong = [(name, href, text) for name, page in _pages(site[0]).items()
+             for href, text in page.links if not _names_its_target(href, text)]
+    assert wrong == []
+
+
+def test_where_to_go_next_on_the_home_page_lists_every_guide() -> None:
+    """Its own list, not the sidebar (which the theme fills from the nav on every page)."""
+    config = yaml.load((ROOT / "mkdocs.yml").read_text(), Loader=_IgnoreTags)
+    guides = next(item["Guides"] for item in config["nav"]
+                  if isinstance(item, dict) and "Guides" in item)
+    pages = {page for entry in guides for page in entry.values()}
+    home = (ROOT / "docs" / "index.md").read_text(encoding="utf-8")
+    section = home.split("## Where to go next", 1)[1].split("\n## ", 1)[0]
+    assert sorted(pages - set(re.findall(r"\]\(([^)#]+)", section))) == []
+
+
+@pytest.mark.slow
+def test_search_works_from_the_file_system(site: tuple[Path, bool]) -> None:
+    """The offline plugin inlines the index into a script, and the Worker shim that lets the
+    search run from file:// is our vendored copy on every page, not unpkg.com's."""
+    out = site[0]
+    assert (out / "search" / "search_index.js").read_text().startswith("var __index = ")
+    for name, page in _pages(out).items():
+        shims = [src for src in page.scripts if "iframe-worker" in src]
+        assert shims and all(not src.startswith(("http:", "https:", "//")) for src in shims), \
+            name
+        assert (out / name).parent.joinpath(shims[0]).resolve().is_file(), name
+
+
+def test_the_home_pages_code_fits_its_column() -> None:
+    """80 characters: wider lines scroll sideways in Material's content column."""
+    text = (ROOT / "docs" / "index.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"```\w*\n(.*?)```", text, flags=re.DOTALL)
+    assert blocks
+    wide = [line for block in blocks for line in block.splitlines() if len(line) > 80]
+    assert wide == []
+
+
+def test_every_test_the_testing_page_names_exists() -> None:
+    text = (ROOT / "docs" / "TESTING.md").read_text(encoding="utf-8")
+    named = re.findall(r"tests/[\w/]+\.py|tests/\w+(?=[ `])", text)
+    assert len(named) > 20
+    assert [path for path in named if not (ROOT / path).exists()] == []

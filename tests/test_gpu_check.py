@@ -1,28 +1,22 @@
-"""benchmarks/gpu_check.py: the GPU check runs end to end on the CPU (--dry-run), keeps its
+"""benchmarks.gpu_check: the GPU check runs end to end on the CPU (--dry-run), keeps its
 budget by skipping, and keeps its report when a section crashes."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
+from benchmarks import gpu_check as gpu_check_module
+
 TITLES = ("Correctness", "No host sync", "Step time", "Refresh cost", "A short comparison",
           "DDP over NCCL")
 
 
 @pytest.fixture(scope="module")
 def gpu_check():
-    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["gpu_check"] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop("gpu_check", None)
+    return gpu_check_module
 
 
 def _sections(out: Path) -> dict[int, dict]:
@@ -83,3 +77,19 @@ def test_a_crashing_section_is_recorded_and_the_next_still_runs(gpu_check, tmp_p
     assert sections[2]["status"] == "pass"
     assert {sections[n]["status"] for n in (3, 4, 5, 6)} == {"skipped"}
     assert sections[3]["reason"] == "not asked for"
+
+
+@pytest.mark.parametrize("how", ["module", "folder"])
+def test_the_check_starts_as_a_module_and_as_a_folder_from_anywhere(tmp_path, how):
+    """``python -m benchmarks.gpu_check`` from the checkout, and ``python benchmarks/gpu_check``
+    (the form its child processes use) from any folder."""
+    import subprocess
+    import sys
+
+    root = Path(gpu_check_module.__file__).resolve().parents[2]
+    command = ([sys.executable, "-m", "benchmarks.gpu_check", "--help"] if how == "module"
+               else [sys.executable, str(root / "benchmarks" / "gpu_check"), "--help"])
+    done = subprocess.run(command, cwd=root if how == "module" else tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "--dry-run" in done.stdout and "python -m benchmarks.gpu_check" in done.stdout

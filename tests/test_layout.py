@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -131,3 +132,37 @@ def test_the_declared_python_floor_has_every_stdlib_module_the_package_imports()
     assert not too_new, f"requires-python {floor} lacks {too_new}; raise the floor"
     assert pyproject["tool"]["ruff"]["target-version"] == f"py{floor[0]}{floor[1]}"
     assert _floor(pyproject["tool"]["mypy"]["python_version"]) == floor
+
+
+ROOT = PACKAGE.parents[1]
+MAX_LINES = 800
+# "Issue 16", "issue 16 §3", "#16": a reader of the product does not have the tracker.
+ISSUE_REFERENCE = re.compile(r"issue[ _]?\d+|§\s?\d", re.IGNORECASE)
+
+
+def test_no_module_of_the_product_or_its_tools_is_over_800_lines() -> None:
+    long = {str(p.relative_to(ROOT)): n for folder in ("src", "benchmarks")
+            for p in (ROOT / folder).rglob("*.py")
+            if (n := len(p.read_text(encoding="utf-8").splitlines())) > MAX_LINES}
+    assert not long, f"split these into modules of at most {MAX_LINES} lines: {long}"
+
+
+def test_the_product_and_the_test_names_cite_no_issue_numbers() -> None:
+    found = [f"{p.relative_to(ROOT)}:{i}" for p in (ROOT / "src").rglob("*.py")
+             for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1)
+             if ISSUE_REFERENCE.search(line)]
+    for path in (ROOT / "tests").rglob("test_*.py"):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        named = [node for node in ast.walk(tree)
+                 if isinstance(node, ast.Module | ast.FunctionDef | ast.ClassDef)]
+        for node in named:
+            text = f"{getattr(node, 'name', '')} {ast.get_docstring(node) or ''}"
+            if ISSUE_REFERENCE.search(text):
+                found.append(f"{path.relative_to(ROOT)}:{getattr(node, 'lineno', 1)}")
+    assert not found, f"say what the code does, not which issue asked for it: {found}"
+
+
+def test_a_check_for_issue_references_finds_one() -> None:
+    assert ISSUE_REFERENCE.search("def test_small_preset_is_the_issue_16_scale_step")
+    assert ISSUE_REFERENCE.search("# Issue 16 §3: a step towards")
+    assert not ISSUE_REFERENCE.search("an issue with the scale; 16 steps")

@@ -1,24 +1,14 @@
-"""benchmarks/map_restore.py: a committed results.json becomes a compare folder that
+"""experiments/map_restore.py: a committed results.json becomes a compare folder that
 ``compare`` extends, reading the old runs back and training only the new one."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
-from pathlib import Path
 
+from experiments import map_restore
 from sophia_pytorch.harness.compare.runner import compare
 from tests.harness.helpers import tiny_config
-
-_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "map_restore.py"
-
-
-def _map_restore():
-    spec = importlib.util.spec_from_file_location("map_restore", _PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_restored_runs_are_read_back_and_only_new_runs_train(tmp_path, capsys):
@@ -30,7 +20,7 @@ def test_restored_runs_are_read_back_and_only_new_runs_train(tmp_path, capsys):
     shutil.copy(first / "results.json", committed)
     shutil.rmtree(first)  # what a clone has: the results.json, no run folders
 
-    written, refused = _map_restore().restore(committed, tmp_path / "again")
+    written, refused = map_restore.restore(committed, tmp_path / "again")
     assert len(written) == 2 and refused == []
     capsys.readouterr()
     compare(base, optimizers=["adamw", "sophiag"], lr_multipliers=[1.0, 2.0], seeds=[0],
@@ -49,7 +39,7 @@ def test_restored_runs_are_read_back_and_only_new_runs_train(tmp_path, capsys):
 def test_a_restored_run_with_other_settings_is_trained_not_mixed_in(tmp_path, capsys):
     base = tiny_config(tmp_path, max_steps=4, eval_every=2)
     compare(base, optimizers=["adamw"], seeds=[0], out_dir=tmp_path / "first")
-    _map_restore().restore(tmp_path / "first" / "results.json", tmp_path / "again")
+    map_restore.restore(tmp_path / "first" / "results.json", tmp_path / "again")
     capsys.readouterr()
     compare(tiny_config(tmp_path, max_steps=6, eval_every=2), optimizers=["adamw"], seeds=[0],
             out_dir=tmp_path / "again", overwrite=True)
@@ -71,7 +61,7 @@ def test_a_run_trained_at_another_lr_than_todays_row_is_not_restored(tmp_path, c
                                         min_lr=rows["adamw"].min_lr / 3)  # retuned since
     rows["sophiag"] = dataclasses.replace(rows["sophiag"], betas=(0.95, 0.99))
     monkeypatch.setitem(PRESETS, "tiny", dataclasses.replace(PRESETS["tiny"], optimizers=rows))
-    written, refused = _map_restore().restore(tmp_path / "first" / "results.json",
+    written, refused = map_restore.restore(tmp_path / "first" / "results.json",
                                               tmp_path / "again")
     assert written == []
     assert any(line.startswith("adamw-x1-seed0: trained at lr 0.003") for line in refused)

@@ -23,8 +23,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 GUIDE = ROOT / "docs" / "WHEN_TO_USE_SOPHIA.md"
-MAP = next((p for p in (ROOT / "experiments" / "map", ROOT / "benchmarks" / "map") if p.exists()),
-           ROOT / "experiments" / "map")
+MAP = ROOT / "experiments" / "map"
 VALUE = ROOT / "experiments" / "value"
 OUTSIDE = VALUE / "outside_evidence.json"
 

@@ -197,7 +197,7 @@ def sophia_update(
             draws its bits from a hash of the key and the element index, so every path
             rounds alike (default None: no bfloat16 state).
     """
-    if isinstance(lr, Tensor) and lr.dim() != 0:
+    if isinstance(lr, Tensor) and lr.dim() != 0 and lr.numel() == 1:
         lr = lr.reshape(())  # a one-element lr of any shape, as torch's optimizers take it
     foreach, fused = _default_paths(params, lr, foreach, fused)
     if fused:

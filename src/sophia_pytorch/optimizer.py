@@ -635,9 +635,9 @@ class SophiaG(SophiaBase):
                 number >= 0 or a 0-dim tensor (read without a host sync unless
                 ``grad_scale`` is given, so its value is checked only then).
             grad_scale: the loss scale the gradients carry, when they were produced by
-                ``scaler.scale(loss).backward()`` (``scaler.get_scale()``), a finite number
-                > 0 or a 0-dim tensor; g is unscaled by it, and a non-finite g skips the
-                refresh. The scaler itself is not touched.
+                ``scaler.scale(loss).backward()`` (``scaler.get_scale()``), a finite
+                number greater than 0 or a 0-dim tensor; g is unscaled by it, and a
+                non-finite g skips the refresh. The scaler itself is not touched.
 
         Returns:
             True when the estimate was folded in; False when skipped (non-finite gradient

@@ -64,19 +64,26 @@ def test_compare_muon_against_adamw_prints_where_the_report_is(tmp_path, capsys)
 @pytest.mark.parametrize("args, message", [
     (["train", "--preset", "gpt5"], "unknown preset 'gpt5'"),
     (["train", "--optimizer", "sophia-g"], "unknown optimizer 'sophia-g' (did you mean "),
-    (["train", "--lr", "fast"], "bad value 'fast' for lr: expected float"),
+    (["train", "--lr", "fast"], "bad value 'fast' for --lr: expected float"),
+    (["train", "--tokenizer", "bpx"],
+     "unknown tokenizer 'bpx' (did you mean 'bpe'?) in --tokenizer"),
+    (["train", "--n-layers", "2"],
+     "unrecognized arguments: --n-layers 2 (did you mean '--n-layer'?)"),
+    (["train", "--hessian-every", "2"], "--hessian-every is now --refresh-every"),
     (["train", "--n-layer", "0"], "n_layer must be at least 1"),
     (["train", "--data", "/no/such/corpus.txt"], "data path '/no/such/corpus.txt' does not exist"),
     (["train", "--resume", "/no/such/run"], "does not exist"),
     (["train", "--config", "/no/such.toml"], "config file '/no/such.toml' does not exist"),
     (["train", "--warp-speed", "9"], "unrecognized arguments: --warp-speed 9"),
-    (["train", "--hessian-every", "2"], "unrecognized arguments: --hessian-every 2"),
     (["train", "--refresh-every", "0"], "refresh_every must be at least 1"),
     (["compare", "--optimizers", "adamw,sgd"], "unknown optimizer 'sgd'"),
     (["fly"], "invalid choice: 'fly'"),
+    (["trian"], "invalid choice: 'trian' (choose from 'train', 'compare', 'presets') (did you "
+                "mean 'train'?)"),
 ])
 def test_user_errors_are_one_line_with_exit_status_2(tmp_path, capsys, args, message):
-    assert main(args + ["--cache-dir", str(tmp_path)] if args[0] != "fly" else args) == 2
+    assert main(args + ["--cache-dir", str(tmp_path)] if args[0] in ("train", "compare")
+                else args) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err
     assert err.count("\n") == 1
@@ -99,3 +106,71 @@ def test_tensorboard_without_the_package_names_the_install(tmp_path, capsys, mon
                              str(tmp_path / "run"))]
     assert main(args) == 2
     assert "pip install tensorboard" in capsys.readouterr().err
+
+
+def test_train_help_lists_every_optimizer_and_each_setting_with_choices(capsys):
+    from sophia_pytorch.harness.config import TOKENIZERS, optimizer_names
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps the help
+    assert f"the optimizer; one of {', '.join(optimizer_names())}" in text
+    assert f"one of {', '.join(TOKENIZERS)}" in text
+    assert "registry" not in text
+
+
+@pytest.mark.parametrize("names, message", [
+    ("sophiag,adamww", "unknown optimizer 'adamww' (did you mean 'adamw'?) in --optimizers"),
+    ("sophiag,,adamw", "--optimizers 'sophiag,,adamw' has an empty item"),
+    ("sophiag,adamw,", "has an empty item"),
+    (",", "has an empty item"),
+    ("adamw,sophiag,adamw", "--optimizers names adamw twice"),
+])
+def test_a_bad_optimizer_list_is_refused_before_anything_trains(tmp_path, capsys, names,
+                                                               message):
+    out = tmp_path / "cmp"
+    assert main(["compare", *_small(tmp_path, "--max-steps", "2"), "--optimizers", names,
+                 "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1
+    assert not out.exists()
+
+
+def test_an_empty_item_in_the_lr_grid_is_refused(tmp_path, capsys):
+    assert main(["compare", *_small(tmp_path), "--lr-grid", "1,,3"]) == 2
+    assert "--lr-grid '1,,3' has an empty item" in capsys.readouterr().err
+
+
+def _corpus(tmp_path, chars: int):
+    path = tmp_path / "small.txt"
+    path.write_text(corpus_slice(tmp_path / "data").read_text()[:chars], encoding="utf-8")
+    return path
+
+
+def _train_on(tmp_path, data, *flags):
+    return main(["train", "--data", str(data), "--cache-dir", str(tmp_path / "c"),
+                 "--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--max-steps", "1",
+                 "--no-progress", "--out-dir", str(tmp_path / "run"), *flags])
+
+
+def test_an_empty_validation_split_advises_more_text_or_a_larger_val_fraction(tmp_path, capsys):
+    # 1000 bytes: four chunks of 256 tokens, and the first validation chunk is the 20th.
+    assert _train_on(tmp_path, _corpus(tmp_path, 1000), "--block-size", "8") == 2
+    err = capsys.readouterr().err
+    assert "the validation split of" in err and "has 0 tokens" in err
+    assert "more text (--data)" in err and "a larger --val-fraction (now 0.05" in err
+    assert "block" not in err  # a shorter context cannot fill an empty split
+
+
+def test_an_empty_validation_split_is_filled_by_the_advised_val_fraction(tmp_path, capsys):
+    assert _train_on(tmp_path, _corpus(tmp_path, 1000), "--block-size", "8",
+                     "--val-fraction", "0.3", "--eval-batches", "1") == 0
+
+
+def test_a_short_validation_split_names_the_flags_that_help(tmp_path, capsys):
+    # 5120 bytes: twenty chunks of 256 tokens, one of them validation: under --block-size 300.
+    assert _train_on(tmp_path, _corpus(tmp_path, 5120), "--block-size", "300") == 2
+    err = capsys.readouterr().err
+    assert "the validation split of" in err and "has 256 tokens" in err
+    assert "--val-fraction" in err and "a smaller --block-size" in err
+    assert "block_size" not in err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -10,7 +11,14 @@ import pytest
 
 from sophia_pytorch.harness import trainer
 from sophia_pytorch.harness.compare import runner
-from sophia_pytorch.harness.compare.report import reach
+from sophia_pytorch.harness.compare.records import RunRecord
+from sophia_pytorch.harness.compare.report import (
+    SECONDS_CAPTION,
+    reach,
+    seed_band,
+    tokens_per_step,
+    write_report,
+)
 from sophia_pytorch.harness.compare.runner import compare
 from sophia_pytorch.harness.errors import SophiaError
 from sophia_pytorch.harness.jsonio import write_json
@@ -50,9 +58,88 @@ def test_compare_runs_the_grid_then_seeds_and_writes_the_report(tmp_path):
                                                           entry["final_val_loss"], "step")
     report = summary.report_path.read_text()
     assert "steps to target" in report and "sophiag" in report
-    for name in ("val_loss_vs_steps.png", "val_loss_vs_seconds.png", "val_loss_vs_tokens.png",
-                 "lr_grid.png"):
+    for name in ("val_loss_vs_steps.png", "val_loss_vs_seconds.png", "lr_grid.png"):
         assert (tmp_path / "cmp" / name).stat().st_size > 1000
+    # One batch for every run: tokens are steps times it, and no third plot repeats the first.
+    assert not (tmp_path / "cmp" / "val_loss_vs_tokens.png").exists()
+    assert f"tokens are steps x {base.tokens_per_step}" in report
+    assert all(run["evals"][0]["step"] == 0 for run in runs)  # the curves start untrained
+    assert "adamw steps to match" in summary.headline
+
+
+def _record(optimizer: str, seed: int, losses: list[float], *, every: int = 10,
+            tokens_per_step: int = 100, seconds_per_step: float = 0.5) -> RunRecord:
+    evals = [{"step": i * every, "val_loss": loss, "seconds": i * every * seconds_per_step,
+              "tokens": i * every * tokens_per_step} for i, loss in enumerate(losses)]
+    steps = evals[-1]["step"]
+    return RunRecord(optimizer=optimizer, lr=1e-3, lr_multiplier=1.0, seed=seed,
+                     final_val_loss=losses[-1], steps=steps, train_seconds=steps * 0.5,
+                     hessian_seconds=0.0, tokens=steps * tokens_per_step, skipped_steps=0,
+                     run_dir="", evals=evals)
+
+
+def test_seed_band_is_the_mean_and_the_min_max_over_seeds_at_each_step():
+    runs = [_record("adamw", 0, [5.0, 3.0, 2.0]), _record("adamw", 1, [5.0, 4.0, 2.5]),
+            _record("adamw", 2, [5.0, 3.5, math.nan])]  # seed 2 diverged at the last point
+    x, mean, low, high = seed_band(runs, "step")
+    assert x == [0, 10, 20]
+    assert mean == pytest.approx([5.0, 3.5, 2.25])
+    assert low == [5.0, 3.0, 2.0] and high == [5.0, 4.0, 2.5]
+
+
+def _base_config(batch_size: int = 4) -> dict:
+    return {"preset": "tiny", "model": {"block_size": 16},
+            "data": {"source": "slice.txt"},
+            "run": {"batch_size": batch_size, "grad_accum": 2, "max_steps": 20}}
+
+
+def _written_figures(monkeypatch) -> dict[str, dict]:
+    """Capture each saved figure's title, caption and line labels by file name."""
+    import matplotlib.figure
+
+    seen: dict[str, dict] = {}
+    real = matplotlib.figure.Figure.savefig
+
+    def savefig(figure, path, *args, **kwargs):
+        axes = figure.axes[0]
+        seen[Path(path).name] = {"title": axes.get_title(),
+                                 "caption": " ".join(t.get_text() for t in figure.texts),
+                                 "bands": len(axes.collections),
+                                 "first_x": [line.get_xdata()[0] for line in axes.lines
+                                             if len(line.get_xdata()) > 2]}
+        return real(figure, path, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", savefig)
+    return seen
+
+
+def test_plots_are_titled_banded_over_seeds_and_start_at_step_0(tmp_path, monkeypatch):
+    seen = _written_figures(monkeypatch)
+    records = [_record("adamw", s, [5.0, 3.0 + s / 10, 2.0 + s / 10]) for s in (0, 1, 2)]
+    records += [_record("sophiag", s, [5.0, 3.5 + s / 10, 2.5 + s / 10]) for s in (0, 1, 2)]
+    write_report(tmp_path, records=records, best_multipliers={"adamw": 1.0, "sophiag": 1.0},
+                 base_config=_base_config(), optimizers=["sophiag", "adamw"],
+                 lr_multipliers=[1.0], seeds=[0, 1, 2], total_seconds=1.0)
+    assert set(seen) == {"val_loss_vs_steps.png", "val_loss_vs_seconds.png"}
+    for figure in seen.values():
+        assert figure["title"].startswith("preset tiny: 8 x 16 tokens a step, 3 seeds (0, 1, 2)")
+        assert figure["bands"] == 2  # one min-max band per optimizer
+        assert figure["first_x"] == [0, 0]  # both curves from the untrained model
+    assert "other work on it slows a run" in seen["val_loss_vs_seconds.png"]["caption"]
+    assert seen["val_loss_vs_steps.png"]["caption"] == ""
+    assert SECONDS_CAPTION in (tmp_path / "report.md").read_text()
+
+
+def test_the_tokens_plot_is_drawn_only_where_the_batches_differ(tmp_path, monkeypatch):
+    seen = _written_figures(monkeypatch)
+    records = [_record("adamw", 0, [5.0, 3.0, 2.0], tokens_per_step=100),
+               _record("sophiag", 0, [5.0, 3.5, 2.5], tokens_per_step=400)]
+    write_report(tmp_path, records=records, best_multipliers={"adamw": 1.0, "sophiag": 1.0},
+                 base_config=_base_config(), optimizers=["sophiag", "adamw"],
+                 lr_multipliers=[1.0], seeds=[0], total_seconds=1.0)
+    assert "val_loss_vs_tokens.png" in seen and seen["val_loss_vs_tokens.png"]["bands"] == 0
+    assert tokens_per_step(records) == [100, 400]
+    assert "no separate tokens plot" not in (tmp_path / "report.md").read_text()
 
 
 def test_compare_runs_a_variant_beside_its_base_under_its_own_name(tmp_path):

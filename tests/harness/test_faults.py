@@ -1,4 +1,4 @@
-"""Issue 15 part A: nothing lost, nothing silent. Each fault is the real one where this
+"""Nothing lost, nothing silent. Each fault is the real one where this
 machine allows it (a real signal to a real ``sophia train``, a real write failure)."""
 
 from __future__ import annotations
@@ -518,15 +518,21 @@ def test_a_checkpoint_cut_short_is_one_line(tmp_path, capsys):
     _one_line_error(capsys, "checkpoint", "--resume")
 
 
-def test_a_signal_after_the_last_step_lets_the_run_finish(tmp_path, monkeypatch):
+def test_a_signal_after_the_last_evaluation_lets_the_run_finish(tmp_path, monkeypatch):
     from sophia_pytorch.harness import trainer
 
-    real = trainer.Trainer.__init__
-    monkeypatch.setattr(trainer.Trainer, "__init__", lambda self, config, **kwargs: real(
-        self, config, **{**kwargs, "on_step": _signal_at(3)}))
+    real = trainer.Trainer.save
+
+    def save_then_signal(self, name="checkpoint.pt"):  # the last step's final save
+        real(self, name)
+        if self.state.step == 3:
+            signal.raise_signal(signal.SIGINT)
+
+    monkeypatch.setattr(trainer.Trainer, "save", save_then_signal)
     run = tmp_path / "run"
     assert main(["train", *_small(tmp_path, "--max-steps", "3", "--out-dir", str(run))]) == 0
     assert [row["step"] for row in _steps(run)] == [1, 2, 3]
+    # (a signal during the last step's evaluation stops it: tests/harness/test_no_silent_faults.py)
 
 
 def test_compare_with_eval_every_0_reports_finite_final_losses(tmp_path, capsys):

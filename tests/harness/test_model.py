@@ -57,8 +57,8 @@ def test_tiny_preset_has_about_a_million_parameters():
     assert 0.5e6 < count < 1.5e6
 
 
-def test_small_preset_is_the_issue_16_scale_step():
-    """BPE ~8k, context 256, 5-10M parameters, 2000 steps (issue 16 §3)."""
+def test_small_preset_is_bpe_context_256_and_5_to_10m_parameters():
+    """BPE ~8k, context 256, 5-10M parameters, 2000 steps."""
     config = make_config("small")
     shape, data = config.model, config.data
     assert data.tokenizer == "bpe" and data.bpe_vocab_size == 8192

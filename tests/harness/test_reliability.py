@@ -1,4 +1,4 @@
-"""Issue 11: settings honoured or refused, runs never overwritten, checkpoints verified,
+"""Settings honoured or refused, runs never overwritten, checkpoints verified,
 every failure a one-line error (exit 2) that names the fix and loses nothing."""
 
 from __future__ import annotations

@@ -38,10 +38,22 @@ def _mean(values: list[float]) -> float:
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_plain_loop_learns_and_refreshes_every_k_steps(precision):
     """fp16: autocast and a GradScaler, whose scale update_hessian undoes."""
-    result = _example("plain_loop").main(["--precision", precision])
+    example = _example("plain_loop")
+    result = example.main(["--precision", precision])
     losses = result["losses"]
     assert len(losses) == 200 and result["refreshes"] == 200 // 10
     assert _mean(losses[-10:]) < 0.5 * _mean(losses[:10]), losses
+    low, high = example.UNCLIPPED_BAND
+    assert (low, high) == (0.1, 0.5)  # the official "win rate" advice
+    assert low <= result["unclipped"] <= high
+
+
+def test_plain_loop_exits_with_advice_when_rho_leaves_the_unclipped_band(monkeypatch):
+    example = _example("plain_loop")
+    monkeypatch.setitem(example.HYPERPARAMETERS, "rho", 0.003)  # almost every step clipped
+    with pytest.raises(SystemExit, match=r"unclipped fraction 0\.\d+ is outside 0\.1-0\.5.*"
+                                         r"raise rho"):
+        example.main([])
 
 
 def test_hf_trainer_example_learns_and_refreshes_every_k_steps():

@@ -9,7 +9,12 @@ tensors and plain Python values, so they load with ``torch.load(weights_only=Tru
 Every record of the file (each tensor's bytes, the pickle) carries the CRC-32 that
 ``torch.save`` computes as it writes the zip; ``torch.load`` does not check it, so
 :func:`load_checkpoint` does, streaming the file once before unpickling: flipped bytes inside
-a tensor would otherwise load and train to garbage. The check costs the save nothing (a
+a tensor would otherwise load and train to garbage. A record whose zip entry says it is a
+folder (a name ending in ``/``, or the MS-DOS directory attribute 0x10 in its external
+attributes) is refused too: its bytes and CRC-32 are intact, but torch's zip reader then
+hands back uninitialised memory for that tensor. Flipping any one bit of any record's
+headers gives either that refusal or the very tensors saved
+(``tests/harness/test_no_silent_faults.py`` sweeps them). The check costs the save nothing (a
 separate SHA-256 over every tensor cost a full extra pass, see
 ``benchmarks/checkpoint_checksum.py``). Checkpoints written with that SHA-256
 (``payload_sha256``) still load and are checked against it.
@@ -39,6 +44,7 @@ __all__ = ["load_checkpoint", "payload_checksum", "rng_state", "save_checkpoint"
 CHECKSUM = "payload_sha256"  # checkpoints before the zip's CRC-32 was checked
 RECORD_CHECK = "record_crc32"  # the marker of a checkpoint checked by its records' CRC-32
 _READ_BYTES = 1 << 22
+_DOS_DIRECTORY = 0x10  # MS-DOS's folder attribute, in a zip entry's external attributes
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
@@ -100,7 +106,8 @@ class _Sink:
 
 def verify_records(path: str | Path) -> str | None:
     """Read every record of the zip ``path`` once, checking its CRC-32; the name of the
-    first record that does not match (or cannot be read), or None when all match.
+    first record that does not match, cannot be read or is marked as a folder (torch would
+    read it as empty, see the module docstring), or None when all are whole files.
 
     Stored (uncompressed) records, all that ``torch.save`` writes, are read straight into
     one reused buffer and fed to ``zlib.crc32``; others go through ``zipfile``.
@@ -110,6 +117,8 @@ def verify_records(path: str | Path) -> str | None:
         buffer = memoryview(bytearray(_READ_BYTES))
         with open(path, "rb", buffering=0) as file:
             for info in infos:
+                if _is_folder(info):
+                    return info.filename
                 try:
                     if info.compress_type == zipfile.ZIP_STORED:
                         crc = _stored_crc32(file, info, buffer)
@@ -123,6 +132,13 @@ def verify_records(path: str | Path) -> str | None:
                 if crc != info.CRC:
                     return info.filename
     return None
+
+
+def _is_folder(info: zipfile.ZipInfo) -> bool:
+    """Whether a zip reader may take record ``info`` for a folder: its name ends in ``/``
+    (all ``zipfile`` looks at) or its external attributes carry the MS-DOS directory bit
+    (what torch's reader, miniz, also looks at). ``torch.save`` writes neither."""
+    return info.filename.endswith("/") or bool(info.external_attr & _DOS_DIRECTORY)
 
 
 def _stored_crc32(file: Any, info: zipfile.ZipInfo, buffer: memoryview) -> int | None:
@@ -167,12 +183,15 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
             f"checkpoint {str(path)!r} does not exist; pass the run folder or checkpoint.pt "
             "of an earlier run to --resume"
         )
+    damaged = None
     try:
         damaged = verify_records(path)
         state = torch.load(path, map_location="cpu", weights_only=True)
     except MemoryError:
         raise
     except Exception as exc:  # any way a file fails to unpickle: not one of ours, or torn
+        if damaged is not None:  # the pickle's own record is the damaged one
+            raise _damaged(path, damaged) from None
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if "weights_only" in first_line:  # torch's advice (weights_only=False) is not ours
             first_line = "not a tensors-only checkpoint"
@@ -182,11 +201,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         ) from None
     if isinstance(state, dict) and state.pop(RECORD_CHECK, False) is True:
         if damaged is not None:
-            raise SophiaError(
-                f"checkpoint {str(path)!r} is damaged (record {damaged} does not match its "
-                "checksum, a CRC-32); point --resume at another checkpoint or start without "
-                "--resume"
-            )
+            raise _damaged(path, damaged)
         return state
     if isinstance(state, dict) and CHECKSUM not in state and state.get("format") == 1:
         return state  # written before checksums (sophia 0.1 runs): nothing to check against
@@ -201,6 +216,15 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
             "point --resume at another checkpoint or start without --resume"
         )
     return state
+
+
+def _damaged(path: Path, record: str) -> SophiaError:
+    """The error for checkpoint ``path`` whose ``record`` failed :func:`verify_records`."""
+    return SophiaError(
+        f"checkpoint {str(path)!r} is damaged (record {record} does not match its checksum, "
+        "a CRC-32, or its zip entry is marked as a folder); point --resume at another "
+        "checkpoint or start without --resume"
+    )
 
 
 def payload_checksum(state: Any) -> str:

@@ -9,17 +9,22 @@ User errors print one line, ``error: <problem>; <fix>``, and exit with status 2.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import re
 import signal
 import sys
 import tomllib
 from pathlib import Path
 from typing import Any, NoReturn
 
+from .config import _RENAMED as RENAMED
 from .config import (
     FLAT,
     OPTIMIZERS,
     PRESETS,
     ROW_FIELDS,
+    SECTIONS,
+    coerce,
     field_doc,
     field_type,
     flatten,
@@ -28,7 +33,7 @@ from .config import (
     optimizer_names,
     to_dict,
 )
-from .errors import Interrupted, SophiaError, os_error_message
+from .errors import Interrupted, SophiaError, did_you_mean, os_error_message
 
 __all__ = ["main"]
 
@@ -40,14 +45,54 @@ _TOML_HELP = "TOML settings: [model], [data], [optimizer], [run] tables, or flat
 
 class _Parser(argparse.ArgumentParser):
     """argparse with one-line errors (no usage block), in the same form as SophiaError's,
-    and no abbreviated flags (``--lr`` must not quietly mean ``--lr-grid``)."""
+    and no abbreviated flags (``--lr`` must not quietly mean ``--lr-grid``). ``commands``:
+    the subcommands' parsers by name (the top-level parser's), for their flags' names."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
+        self.commands: dict[str, argparse.ArgumentParser] = {}
 
     def error(self, message: str) -> NoReturn:
+        choice = re.search(r"invalid choice: '(.*?)' \(choose from (.*)\)", message)
+        if choice:  # a mistyped subcommand
+            message += did_you_mean(choice[1], re.findall(r"'([^']*)'", choice[2]))
         raise SophiaError(f"{message}; see `{self.prog} --help`")
+
+
+def _flag(name: str) -> str:
+    """The command-line flag of flat setting ``name`` (``block_size`` -> ``--block-size``)."""
+    return "--" + name.replace("_", "-")
+
+
+def _choices(name: str) -> tuple[str, ...]:
+    """The values flat setting ``name`` may take, or () for a free value."""
+    if name == "optimizer":
+        return optimizer_names()
+    section, attribute = FLAT[name]
+    field = next(f for f in dataclasses.fields(SECTIONS[section]) if f.name == attribute)
+    return tuple(field.metadata.get("choices") or ())
+
+
+def _help(name: str) -> str:
+    """The setting's doc, with its choices spelled out (``--optimizer``: every name)."""
+    doc = "the optimizer" if name == "optimizer" else field_doc(name)
+    choices = _choices(name)
+    return f"{doc}; one of {', '.join(choices)}" if choices else doc
+
+
+def _from_flag(name: str, value: str) -> Any:
+    """A command-line value converted to the setting's type; errors name the flag."""
+    choices = _choices(name)
+    if choices and value not in choices:
+        raise SophiaError(f"unknown {name.replace('_', ' ')} {value!r}"
+                          f"{did_you_mean(value, choices)} in {_flag(name)}; choose one of "
+                          f"{', '.join(choices)}")
+    try:
+        return coerce(name, value)
+    except SophiaError:
+        raise SophiaError(f"bad value {value!r} for {_flag(name)}: expected "
+                          f"{field_type(name).__name__}") from None
 
 
 def _add_config_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
@@ -56,10 +101,10 @@ def _add_config_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = (
     for name in FLAT:
         if name in (*skip, "sophia_options"):
             continue
-        flag = "--" + name.replace("_", "-")
+        flag = _flag(name)
         default = ("the preset's row for the optimizer" if FLAT[name][1] in ROW_FIELDS
                    else f"tiny: {tiny[name]!r}")
-        text = f"({default}) {field_doc(name)}".replace("%", "%%")
+        text = f"({default}) {_help(name)}".replace("%", "%%")
         if field_type(name) is bool:
             group.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction,
                                default=None, help=text)
@@ -71,7 +116,7 @@ def _add_config_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = (
                             "(bias_correction=true, eps=1e-12); repeatable")
 
 
-def _build_parser() -> argparse.ArgumentParser:
+def _build_parser() -> _Parser:
     parser = _Parser(prog="sophia", description="Train a GPT with Sophia and compare optimizers.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
@@ -94,8 +139,8 @@ def _build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--preset", default=None, help=f"one of {', '.join(PRESETS)} (tiny)")
     compare.add_argument("--config", dest="config_file", metavar="FILE.toml", help=_TOML_HELP)
     compare.add_argument("--optimizers", default="sophiag,adamw",
-                         help=f"comma-separated, from {', '.join(optimizer_names())} "
-                              "(sophiag,adamw)")
+                         help=f"comma-separated, each once, from "
+                              f"{', '.join(optimizer_names())} (sophiag,adamw)")
     compare.add_argument("--lr-grid", default="1",
                          help="comma-separated multipliers of each optimizer's preset lr; the "
                               "best (lowest final val loss, first seed) is kept (1). There is "
@@ -110,8 +155,25 @@ def _build_parser() -> argparse.ArgumentParser:
                          help="retrain runs whose folder holds a run with other settings")
     _add_config_flags(compare, skip=_COMPARE_OWN)
 
-    commands.add_parser("presets", help="list the presets and their optimizer settings")
+    presets = commands.add_parser("presets", help="list the presets and their optimizer settings")
+    parser.commands = {"train": train, "compare": compare, "presets": presets}
     return parser
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """argparse's parse, with a "did you mean" for a mistyped flag."""
+    parser = _build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        command = parser.commands[args.command]
+        flags = [s for action in command._actions for s in action.option_strings]
+        typed = next((e.partition("=")[0] for e in extra if e.startswith("--")), "")
+        renamed = RENAMED.get(typed[2:].replace("-", "_"))
+        hint = (f" ({typed} is now {_flag(renamed)})" if renamed
+                else did_you_mean(typed, flags) if typed else "")
+        raise SophiaError(f"unrecognized arguments: {' '.join(extra)}{hint}; see "
+                          f"`{command.prog} --help`")
+    return args
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -126,7 +188,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     for name in FLAT:
         given = getattr(args, name, None)
         if given is not None:
-            values[name] = given
+            values[name] = _from_flag(name, given) if isinstance(given, str) else given
     if getattr(args, "sophia_option", None):
         values["sophia_options"] = {**values.get("sophia_options", {}),
                                     **_parse_options(args.sophia_option)}
@@ -153,14 +215,33 @@ def _parse_options(items: list[str]) -> dict[str, Any]:
 
 
 def _parse_list(text: str, kind: type, name: str) -> list:
+    """``"a,b"`` as ``[kind("a"), kind("b")]``; an empty item (``a,,b``, a trailing comma) or
+    a value ``kind`` refuses is a SophiaError naming the flag ``name``."""
+    if not text.strip():
+        raise SophiaError(f"{name} is empty; give at least one value")
+    texts = [item.strip() for item in text.split(",")]
+    if "" in texts:
+        raise SophiaError(f"{name} {text!r} has an empty item (two commas in a row, or one at "
+                          f"an end); write the values separated by single commas")
     try:
-        items = [kind(item.strip()) for item in text.split(",") if item.strip()]
+        return [kind(item) for item in texts]
     except ValueError:
         raise SophiaError(f"bad {name} {text!r}: expected comma-separated {kind.__name__}s") \
             from None
-    if not items:
-        raise SophiaError(f"{name} is empty; give at least one value")
-    return items
+
+
+def _optimizer_list(text: str) -> list[str]:
+    """``--optimizers``: known names, each once; an unknown one gets a "did you mean"."""
+    names = _parse_list(text, str, "--optimizers")
+    for name in names:
+        if name not in optimizer_names():
+            raise SophiaError(f"unknown optimizer {name!r}{did_you_mean(name, optimizer_names())}"
+                              f" in --optimizers; choose from {', '.join(optimizer_names())}")
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise SophiaError(f"--optimizers names {', '.join(twice)} twice; name each optimizer "
+                          "once (--lr-grid and --seeds give it more runs)")
+    return names
 
 
 def _run_train(args: argparse.Namespace) -> int:
@@ -194,7 +275,7 @@ def _run_compare(args: argparse.Namespace) -> int:
     from .compare.runner import compare, default_out_dir
 
     overrides = _overrides(args)
-    optimizers = _parse_list(args.optimizers, str, "--optimizers")
+    optimizers = _optimizer_list(args.optimizers)
     base = make_config(overrides.pop("preset", "tiny"), overrides)
     out = Path(args.out) if args.out else default_out_dir(base.preset)
     num_seeds = _parse_list(args.seeds, int, "--seeds")[0]
@@ -241,7 +322,7 @@ def _run_presets() -> int:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``sophia`` console script; returns the exit status."""
     try:
-        args = _build_parser().parse_args(argv)
+        args = _parse_args(argv)
         if args.command == "train":
             return _run_train(args)
         if args.command == "compare":

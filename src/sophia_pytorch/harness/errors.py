@@ -4,13 +4,15 @@ a full disk) and for a run that diverged."""
 from __future__ import annotations
 
 import contextlib
+import difflib
 import errno
 import importlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DivergedError", "Interrupted", "SophiaError", "os_error_message", "require", "writing"]
+__all__ = ["DivergedError", "Interrupted", "SophiaError", "did_you_mean", "os_error_message",
+           "require", "writing"]
 
 
 class SophiaError(Exception):
@@ -57,6 +59,13 @@ _FIXES = {
     errno.ENAMETOOLONG: "shorten the path",
     errno.EFBIG: "the file is larger than this file system or limit allows",
 }
+
+
+def did_you_mean(name: str, choices: Iterable[str]) -> str:
+    """`` (did you mean 'adamw'?)`` for the choice closest to ``name`` (difflib's ratio of
+    at least 0.6), or ``""`` when none is close; appended to an "unknown NAME" message."""
+    close = difflib.get_close_matches(name, list(choices), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def os_error_message(exc: OSError, option: str, path: str | Path | None = None) -> str | None:

@@ -90,7 +90,7 @@ def _gpt2(n_layer: int, n_head: int, n_embd: int, adamw: tuple, sophiag: tuple,
 
 
 # Tuned on the lr grid; why Sophia's rho is far above the paper's 0.05 and why Sophia-G's
-# beta1 is 0.9, not the paper's 0.965: benchmarks/RESULTS.md, "Harness: tiny comparison" and
+# beta1 is 0.9, not the paper's 0.965: experiments/RESULTS.md, "Harness: tiny comparison" and
 # "Convergence".
 _TINY_ROWS = {
     "adamw": OptimizerHparams(3e-3, 3e-4, (0.9, 0.95), 0.1),
@@ -124,7 +124,7 @@ PRESETS: dict[str, Preset] = {
             eval_every=100, eval_batches=16,  # 32k validation tokens
         ),
         # Tiny's rows, the lrs of AdamW and Sophia-G replaced by the best of a 200-step pilot
-        # (benchmarks/RESULTS.md, "Scale: the small preset"; Muon's pilot kept tiny's 0.05);
+        # (experiments/RESULTS.md, "Scale: the small preset"; Muon's pilot kept tiny's 0.05);
         # Sophia-H borrows Sophia-G's row, Lion keeps tiny's (not piloted).
         optimizers={
             **_TINY_ROWS,

@@ -11,6 +11,7 @@ use is refused by :class:`RunLock`. Only rank 0 of a data-parallel job writes he
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -26,7 +27,7 @@ from .jsonio import dumps, write_atomically
 
 __all__ = ["RUN_FILES", "RUN_FOLDERS", "RunLock", "RunLog", "clear_run", "holds_run",
            "is_main_process", "is_sophia_run", "make_run_dir", "prepare_run_dir", "run_paths",
-           "sharded_folder"]
+           "set_aside", "sharded_folder"]
 
 RUN_FILES = ("checkpoint.pt", "log.jsonl", "config.json", "record.json", "stable.pt")
 """The files a run writes in its folder; each is written through a temporary file
@@ -35,6 +36,7 @@ RUN_FOLDERS = ("tensorboard",)
 """The folders a run writes, besides the FSDP2 shard folders of :func:`sharded_folder`."""
 _SHARDED = re.compile(r"checkpoint-\d{8}")
 _CONFIG_SECTIONS = {"preset", "model", "data", "optimizer", "run"}
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)  # POSIX: opening a symlink fails with ELOOP
 
 
 def sharded_folder(step: int) -> str:
@@ -138,6 +140,28 @@ def clear_run(folder: str | Path) -> None:
             path.unlink(missing_ok=True)
 
 
+def set_aside(folder: Path, names: list[str]) -> Path:
+    """Move the run files ``names`` of ``folder`` into a new folder beside them,
+    ``set-aside-<time>[-N]``, with a copy of the whole ``log.jsonl``; return that folder.
+
+    For a resume that branches off a run's history (``stable.pt`` resumed in its own folder
+    after the run went further): what the other branch wrote is kept, out of the way of the
+    live one. Each file is moved with a rename, and the folder is not one of
+    :func:`run_paths`, so ``--overwrite`` keeps it.
+    """
+    stem = folder / f"set-aside-{time.strftime('%Y%m%d-%H%M%S')}"
+    aside, number = stem, 1
+    while aside.exists():
+        number += 1
+        aside = stem.with_name(f"{stem.name}-{number}")
+    aside.mkdir()
+    if (folder / "log.jsonl").exists():
+        write_atomically(aside / "log.jsonl", (folder / "log.jsonl").read_bytes(), sync=True)
+    for name in names:
+        os.replace(folder / name, aside / name)
+    return aside
+
+
 def make_run_dir(out_dir: str, preset: str, optimizer: str) -> Path:
     """``out_dir``, or a new ``runs/<preset>-<optimizer>-<time>[-N]`` when it is empty."""
     if out_dir:
@@ -196,7 +220,7 @@ class RunLock:
         """Take the lock, or raise SophiaError naming the process that holds it."""
         with writing("--out-dir", self.folder):
             self.folder.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            fd = self._open()
         if not self._lock(fd):
             os.close(fd)
             raise SophiaError(
@@ -206,6 +230,26 @@ class RunLock:
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self._fd = fd
+
+    def _open(self) -> int:
+        """Open (or create) the lock file itself, never a file a symlink there points to:
+        taking the lock truncates it and writes our PID, which would destroy that file."""
+        if self.path.is_symlink():  # O_NOFOLLOW alone: Windows has none
+            raise self._symlink_error()
+        try:
+            return os.open(self.path, os.O_RDWR | os.O_CREAT | _NOFOLLOW, 0o666)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:  # made a symlink since the check above
+                raise self._symlink_error() from None
+            raise
+
+    def _symlink_error(self) -> SophiaError:
+        target = os.readlink(self.path) if self.path.is_symlink() else "?"
+        return SophiaError(
+            f"the lock file {str(self.path)!r} is a symlink (to {target!r}), not a file a "
+            "sophia run made; locking would overwrite what it points to: remove the symlink, "
+            "or choose another --out-dir"
+        )
 
     def _lock(self, fd: int) -> bool:
         if fcntl is not None:

@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING
 
 from torch.optim import Optimizer
 
+from .errors import SophiaError
+
 if TYPE_CHECKING:
     from .config import Config
 
@@ -112,6 +114,31 @@ class LRSchedule:
         """Set each group's lr for step ``step``; ``base_lrs``: the groups' built lrs."""
         for group, base in zip(optimizer.param_groups, base_lrs, strict=True):
             group["lr"] = self.lr(step, base)
+
+    def check(self) -> None:
+        """Refuse a wsd decay that trains no step at a decayed lr.
+
+        The decay's first step still trains at the peak (the lr falls linearly to reach
+        ``min_lr`` at ``max_steps``, after the last step), so a decay of one step, or none
+        (a warmup reaching into it), would end the run at its peak lr with nothing to say so.
+
+        Raises:
+            SophiaError: naming the flag to change and its smallest working value.
+        """
+        start = self.decay_start()
+        if start is None or self.max_steps - start >= 2:
+            return
+        settings = (f"--schedule wsd with --max-steps {self.max_steps}, --decay-fraction "
+                    f"{self.decay_fraction:g} and --warmup-steps {self.warmup_steps} decays "
+                    f"over {self.max_steps - start} step(s), trained at the peak lr: no step "
+                    "trains at a decayed lr")
+        if self.max_steps < 2:
+            fix = "give --max-steps 2 or more, or --schedule cosine"
+        elif self.warmup_steps > self.max_steps - 2:
+            fix = f"give --warmup-steps {self.max_steps - 2} or less"
+        else:  # round(fraction * max_steps) >= 2 from 2 / max_steps up
+            fix = f"give --decay-fraction {math.ceil(2e3 / self.max_steps) / 1e3:g} or more"
+        raise SophiaError(f"{settings}; {fix}")
 
     def decay_start(self) -> int | None:
         """The step a wsd schedule starts its decay (None for cosine)."""

@@ -50,7 +50,15 @@ from .jsonio import write_json
 from .memory import check_memory, estimate_memory, memory_errors_are_user_errors
 from .model import GPT, GPTConfig, lm_loss
 from .optimizers import build_optimizer, build_refresh
-from .rundir import RunLock, RunLog, make_run_dir, prepare_run_dir, run_paths, sharded_folder
+from .rundir import (
+    RunLock,
+    RunLog,
+    make_run_dir,
+    prepare_run_dir,
+    run_paths,
+    set_aside,
+    sharded_folder,
+)
 from .schedule import LRSchedule
 
 __all__ = ["TrainResult", "TrainState", "Trainer", "build_optimizer", "estimate_memory",
@@ -93,6 +101,8 @@ class TrainState:
         skipped_steps: steps skipped for a non-finite loss or gradient.
         bad_in_row: the current streak of skipped steps.
         evals: one row per evaluation: step, val_loss, seconds, tokens.
+        eval_due: a signal stopped the evaluation due at ``step``: a resumed run does it
+            (and the checkpoint after it) before its next step.
     """
 
     step: int = 0
@@ -103,13 +113,15 @@ class TrainState:
     skipped_steps: int = 0
     bad_in_row: int = 0
     evals: list[dict[str, float]] = field(default_factory=list)
+    eval_due: bool = False
 
     def state_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for f in fields(self):
-            setattr(self, f.name, state[f.name])
+        for f in fields(self):  # checkpoints before eval_due have none due
+            setattr(self, f.name, state.get(f.name, False) if f.name == "eval_due"
+                    else state[f.name])
         self.evals = [dict(row) for row in self.evals]
 
 
@@ -134,16 +146,23 @@ def wrap_model(model: nn.Module, config: Config, device: torch.device | None = N
 
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: BatchSampler, num_batches: int,
-             autocast: Callable[[], contextlib.AbstractContextManager]) -> float:
-    """Mean validation loss (nats/token) over the fixed batches 0..num_batches-1."""
+             autocast: Callable[[], contextlib.AbstractContextManager],
+             stop: Callable[[], bool] | None = None) -> float | None:
+    """Mean validation loss (nats/token) over the fixed batches 0..num_batches-1; None when
+    ``stop()``, asked before each batch, says to stop (a signal: a long evaluation must not
+    outlast a scheduler's grace period)."""
     was_training = model.training
     model.eval()
     total = 0.0
-    for index in range(num_batches):
-        x, y = batches.get(index)
-        with autocast():
-            total += lm_loss(model(x), y).item()
-    model.train(was_training)
+    try:
+        for index in range(num_batches):
+            if stop is not None and stop():
+                return None
+            x, y = batches.get(index)
+            with autocast():
+                total += lm_loss(model(x), y).item()
+    finally:
+        model.train(was_training)
     return total / num_batches
 
 
@@ -187,6 +206,7 @@ class Trainer:
         self.run_dir = make_run_dir(config.run.out_dir, config.preset, config.optimizer.name)
         self.lock = RunLock(self.run_dir) if self.env.is_main else None
         self.log: RunLog | None = None
+        self._signal: int | None = None  # the first SIGINT/SIGTERM while fitting
         created = not self.run_dir.exists()
         if self.lock is not None:
             self.lock.acquire()
@@ -201,6 +221,7 @@ class Trainer:
 
     def _build(self, resume: str | Path | None) -> None:
         config, run, shape = self.config, self.config.run, self.config.model
+        LRSchedule.from_config(config).check()  # before the data: tokenizing may take long
         self.dtype = pick_dtype(run.dtype, self.device)
         self.tokens_per_step = config.tokens_per_step * self.env.world_size
         if run.threads:
@@ -234,13 +255,17 @@ class Trainer:
         self.state = TrainState()
         self.last_train_loss = math.nan
         self.last_saved_step: int | None = None
+        branched = False
         if resume is not None:
             self._resume(resume)
+            branched = self._set_aside_other_branch(Path(resume))
         self.log = RunLog(self.run_dir, keep_until_step=self.state.step if resume else None,
                           tensorboard=run.tensorboard)
         if self.env.is_main:
             with writing("--out-dir", self.run_dir):
                 write_json(self.run_dir / "config.json", to_dict(config))
+        if branched:  # checkpoint.pt is this branch's from its first step on
+            self.save()
 
     def close(self, *, remove_if_empty: bool = False) -> None:
         """Close the log and let go of the run folder.
@@ -271,9 +296,11 @@ class Trainer:
         """Train up to ``max_steps``, evaluating and checkpointing on schedule, and always
         evaluating after the last step.
 
-        A SIGINT or SIGTERM stops the run at the next step boundary: it saves a checkpoint
-        there (outside a streak of skipped steps) and raises :class:`~.errors.Interrupted`
-        naming the command that continues it; a second signal stops at once, unsaved.
+        A SIGINT or SIGTERM stops the run at the next step boundary, or inside an
+        evaluation (at its next batch; the resumed run evaluates that step again first): it
+        saves a checkpoint there (outside a streak of skipped steps) and raises
+        :class:`~.errors.Interrupted` naming the command that continues it; a second signal
+        stops at once, unsaved.
         """
         config, run, state = self.config, self.config.run, self.state
         bar = None
@@ -283,7 +310,9 @@ class Trainer:
         self.model.train()
         with self._stopping_on_signals():
             try:
-                if state.step == 0 and run.eval_every:
+                if state.eval_due:  # a signal stopped it: done now, as the step's schedule
+                    self._after_step(owed=True)
+                elif state.step == 0 and run.eval_every and not state.evals:
                     self.evaluate()
                 while state.step < run.max_steps:
                     self._step_with_schedule(bar)
@@ -308,23 +337,31 @@ class Trainer:
                 f"{state.step}) had a non-finite loss or gradient", lower_lr=True)
         if self.on_step is not None:
             self.on_step(record)
+        self._after_step()
+
+    def _after_step(self, *, owed: bool = False) -> None:
+        """The evaluation and checkpoints due after step ``state.step``; ``owed``: those of
+        a resumed step whose evaluation a signal stopped (then checkpoint.pt is saved
+        after it in any case, so that a later resume does not evaluate the step twice)."""
+        run, state = self.config.run, self.state
         last = state.step == run.max_steps
-        if last or (run.eval_every and state.step % run.eval_every == 0):
+        if owed or last or (run.eval_every and state.step % run.eval_every == 0):
             self.evaluate()
         # No checkpoint inside a bad streak: the last one must predate it.
-        if last or (run.checkpoint_every and state.step % run.checkpoint_every == 0
-                    and not state.bad_in_row):
+        if owed or last or (run.checkpoint_every and state.step % run.checkpoint_every == 0
+                            and not state.bad_in_row):
             self.save()
-        if state.step == self.schedule.decay_start() and not last:
+        if 0 < state.step == self.schedule.decay_start() and not last:
             self.save(STABLE_CHECKPOINT)  # where a longer run can branch off
 
     # --------------------------------------------------------------- SIGINT, SIGTERM
     @contextlib.contextmanager
     def _stopping_on_signals(self) -> Any:
         """While training, the first SIGINT/SIGTERM asks for a stop at the step boundary
-        (:meth:`fit` saves there); a second one stops at once. Python lets only the main
-        thread set handlers: elsewhere signals keep their handlers."""
-        self._signal: int | None = None
+        or the next batch of an evaluation (:meth:`fit` saves there); a second one stops at
+        once. Python lets only the main thread set handlers: elsewhere signals keep their
+        handlers."""
+        self._signal = None
         if threading.current_thread() is not threading.main_thread():
             yield
             return
@@ -362,6 +399,8 @@ class Trainer:
                 f"same command and --overwrite (it replaces {self.run_dir})", signum)
         kept = "saved" if self.last_saved_step == state.step else "not saved; the last " \
             f"checkpoint is at step {self.last_saved_step}"
+        if state.eval_due and self.last_saved_step == state.step:
+            kept += ", its evaluation stopped: the resumed run does it first"
         return Interrupted(
             f"{name} at step {state.step} ({kept}); continue with "
             f"`sophia train --resume {self.run_dir}`", signum)
@@ -422,10 +461,19 @@ class Trainer:
 
     # ------------------------------------------------------------- evaluation, saving
     def evaluate(self) -> float:
-        """Validation loss on the fixed batches; logged and kept in ``state.evals``."""
+        """Validation loss on the fixed batches; logged and kept in ``state.evals``.
+
+        Raises:
+            Interrupted: a signal came before or during it (see :meth:`fit`): nothing is
+                logged, the checkpoint saved here says the evaluation is still due.
+        """
         state = self.state
         val_loss = evaluate(self.train_model, self.val_batches, self.config.run.eval_batches,
-                            self.autocast)
+                            self.autocast, self._stop_requested)
+        if val_loss is None:
+            state.eval_due = True
+            raise self._interrupted()
+        state.eval_due = False
         row = {"step": state.step, "val_loss": val_loss, "seconds": state.train_seconds,
                "tokens": state.tokens}
         state.evals.append(row)
@@ -541,6 +589,42 @@ class Trainer:
         self.state.load_state_dict(train_state)
         self.last_saved_step = self.state.step
         set_rng_state(checkpoint["rng"])
+
+    def _set_aside_other_branch(self, resume: Path) -> bool:
+        """Whether this resume branches off its own folder's history: it resumes a
+        checkpoint there (``stable.pt``) older than another one there (``checkpoint.pt`` of
+        the run that went on; resuming checkpoint.pt itself continues the run, never
+        branches, even past a ``stable.pt``). Then that newer checkpoint (and the record of
+        its run) is moved aside with a copy of the log (:func:`~.rundir.set_aside`), so
+        that the log keeps only this branch's rows and a later ``--resume <folder>``
+        continues this branch, not the other. Every rank learns the answer (all then
+        save)."""
+        resumed = resume / "checkpoint.pt" if resume.is_dir() else resume
+        newer = []
+        continuing = resumed.resolve() == (self.run_dir / "checkpoint.pt").resolve()
+        if self.env.is_main and _same_folder(resume, self.run_dir) and not continuing:
+            for name in ("checkpoint.pt", STABLE_CHECKPOINT):
+                path = self.run_dir / name
+                if not path.exists() or path.resolve() == resumed.resolve():
+                    continue
+                try:
+                    step = _train_state(load_checkpoint(path), self.config)["step"]
+                except (SophiaError, KeyError):  # unreadable: not this branch's either
+                    step = None
+                if step is None or step > self.state.step:
+                    newer.append(name)
+        if newer:
+            names = [*newer, *(["record.json"] if (self.run_dir / "record.json").exists()
+                               else [])]
+            with writing("--out-dir", self.run_dir):
+                aside = set_aside(self.run_dir, names)
+            print(f"note: {resumed.name} (step {self.state.step}) is older than {newer[0]} in "
+                  f"{self.run_dir}: a new branch; the other's {', '.join(names)} and log are "
+                  f"set aside in {aside}, and `sophia train --resume {self.run_dir}` continues "
+                  "this one", file=sys.stderr)
+        if self.env.world_size > 1:
+            return distributed.mean_over_ranks(float(bool(newer))) > 0
+        return bool(newer)
 
     def result(self) -> TrainResult:
         """The run's evaluations and timings so far."""

@@ -26,11 +26,15 @@ from ..errors import require
 from ..jsonio import write_json
 from .records import CompareSummary
 
-__all__ = ["reach", "write_report"]
+__all__ = ["reach", "seed_band", "tokens_per_step", "write_report"]
 
 PLOTS = (("step", "steps", "val_loss_vs_steps.png"),
          ("seconds", "training wall-clock (s)", "val_loss_vs_seconds.png"),
          ("tokens", "tokens", "val_loss_vs_tokens.png"))
+# Under the seconds plot and in report.md: a busy machine reads as a slow optimizer.
+SECONDS_CAPTION = ("Seconds are this machine's wall-clock of training (evaluation excluded); "
+                   "other work on it slows a run without changing its steps. Read speed from "
+                   "the steps plot, or from benchmarks/step_time.py on a quiet machine.")
 
 
 def reach(evals: list[dict[str, float]], target: float, key: str) -> float | None:
@@ -137,32 +141,79 @@ def _machine() -> dict[str, Any]:
             "sophia_pytorch": provenance["version"], "commit": provenance["commit"]}
 
 
+def tokens_per_step(records: list[Any]) -> list[float]:
+    """The distinct tokens per optimizer step among ``records`` (runs with steps), sorted."""
+    return sorted({r.tokens / r.steps for r in records if r.steps})
+
+
+def seed_band(runs: list[Any], key: str) -> tuple[list[float], list[float], list[float],
+                                                  list[float]]:
+    """Across ``runs`` (one optimizer at one lr, several seeds): at each evaluated step, the
+    mean ``key`` (step, seconds or tokens), and the mean, min and max validation loss over
+    the seeds evaluated there (a diverged seed drops out where its loss stops being finite).
+    """
+    by_step: dict[float, list[tuple[float, float]]] = {}
+    for run in runs:
+        for row in run.evals:
+            if math.isfinite(row["val_loss"]):
+                by_step.setdefault(row["step"], []).append((row[key], row["val_loss"]))
+    steps = sorted(by_step)
+    losses = [[loss for _, loss in by_step[s]] for s in steps]
+    return ([statistics.fmean(x for x, _ in by_step[s]) for s in steps],
+            [statistics.fmean(v) for v in losses], [min(v) for v in losses],
+            [max(v) for v in losses])
+
+
+def _title(base_config: dict[str, Any], seeds: list[int]) -> str:
+    run, model = base_config["run"], base_config["model"]
+    seed_text = f"seed {seeds[0]}" if len(seeds) == 1 else \
+        f"{len(seeds)} seeds ({', '.join(map(str, seeds))})"
+    return (f"preset {base_config['preset']}: {run['batch_size'] * run['grad_accum']} x "
+            f"{model['block_size']} tokens a step, {seed_text}")
+
+
 def _plot(out: Path, records: list[Any], best: dict[str, float], optimizers: list[str],
-          headline: dict[str, Any]) -> list[Path]:
+          headline: dict[str, Any], base_config: dict[str, Any], seeds: list[int]) -> list[Path]:
     matplotlib = require("matplotlib")
     matplotlib.use("Agg")
     plt = require("matplotlib.pyplot")
     colors = {name: f"C{i}" for i, name in enumerate(optimizers)}
     targets = [e["target"] for o in headline["optimizers"].values() for e in o["per_seed"]]
+    title = _title(base_config, seeds)
     paths = []
     for key, label, filename in PLOTS:
-        figure, axes = plt.subplots(figsize=(7, 4.5))
+        if key == "tokens" and len(tokens_per_step(records)) < 2:
+            continue  # one batch size: the same curves as the steps plot, rescaled
+        figure, axes = plt.subplots(figsize=(7, 4.8 if key == "seconds" else 4.5))
         for optimizer in optimizers:
             runs = [r for r in records
                     if r.optimizer == optimizer and r.lr_multiplier == best[optimizer]]
-            for i, run in enumerate(runs):
-                points = [(e[key], e["val_loss"]) for e in run.evals if e["step"] > 0]
-                axes.plot(*zip(*points, strict=True), color=colors[optimizer],
-                          alpha=0.9 if i == 0 else 0.45,
-                          label=f"{optimizer} (lr {run.lr:.2g})" if i == 0 else None)
+            if not runs:
+                continue
+            x, mean, low, high = seed_band(runs, key)
+            if not x:
+                continue
+            several = len(runs) > 1
+            axes.plot(x, mean, color=colors[optimizer], marker="." if len(x) < 30 else None,
+                      label=f"{optimizer} (lr {runs[0].lr:.2g})"
+                            + (f", mean of {len(runs)} seeds" if several else ""))
+            if several:
+                axes.fill_between(x, low, high, color=colors[optimizer], alpha=0.2,
+                                  linewidth=0)
         if targets:
             axes.axhline(statistics.fmean(targets), color="gray", linestyle="--", linewidth=1,
                          label=f"{headline['reference']} final (target)")
+        axes.set_title(title + (", band: min-max over seeds" if len(seeds) > 1 else ""),
+                       fontsize=9.5)
         axes.set_xlabel(label)
         axes.set_ylabel("validation loss (nats/token)")
         axes.grid(alpha=0.3)
         axes.legend()
-        figure.tight_layout()
+        if key == "seconds":
+            figure.text(0.01, 0.01, SECONDS_CAPTION, fontsize=7, wrap=True, va="bottom")
+            figure.tight_layout(rect=(0, 0.07, 1, 1))
+        else:
+            figure.tight_layout()
         figure.savefig(out / filename, dpi=110)
         plt.close(figure)
         paths.append(out / filename)
@@ -173,6 +224,7 @@ def _plot(out: Path, records: list[Any], best: dict[str, float], optimizers: lis
                           if r.optimizer == optimizer and r.seed == records[0].seed)
             axes.plot(*zip(*grid, strict=True), marker="o", color=colors[optimizer],
                       label=optimizer)
+        axes.set_title(f"{_title(base_config, [records[0].seed])}: the lr grid", fontsize=9.5)
         axes.set_xscale("log")
         axes.set_xlabel("peak learning rate")
         axes.set_ylabel("final validation loss")
@@ -199,7 +251,8 @@ def write_report(out: Path, *, records: list[Any], best_multipliers: dict[str, f
     }
     results_path = out / "results.json"
     write_json(results_path, results)
-    plot_paths = _plot(out, records, best_multipliers, optimizers, headline)
+    plot_paths = _plot(out, records, best_multipliers, optimizers, headline, base_config,
+                       seeds)
     reference, settings = headline["reference"], base_config["run"]
     lines = [
         f"# Optimizer comparison: preset `{base_config['preset']}`",
@@ -219,11 +272,11 @@ def write_report(out: Path, *, records: list[Any], best_multipliers: dict[str, f
         f"Target: {reference}'s final validation loss at its tuned lr, per seed. Mean "
         "(min-max) over seeds; ratios are to "
         f"{reference}'s own steps/seconds to the same target (lower is better). The last column "
-        f"reads the other way: the steps {reference} needed to reach each optimizer's final "
-        "loss (not reached: that optimizer ended below it).",
+        f"reads the other way: the steps {reference} needed to match each optimizer's final "
+        f"loss (not reached: that optimizer ended below {reference}).",
         "",
         "| optimizer | tuned lr | final val loss | steps to target | x steps | "
-        f"seconds to target | x seconds | seeds reached | {reference} steps to this final loss |",
+        f"seconds to target | x seconds | seeds reached | {reference} steps to match |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for optimizer, row in headline["optimizers"].items():
@@ -233,8 +286,15 @@ def write_report(out: Path, *, records: list[Any], best_multipliers: dict[str, f
             f"{_fmt(row['seconds_ratio'], 2)} | {row['reached']}/{row['seeds']} | "
             f"{_fmt(row['reference_steps_to_final'])} |"
         )
-    lines += ["", "## Plots", ""]
+    lines += ["", "## Plots", "",
+              "Each optimizer at its tuned lr, from the evaluation at step 0; with several "
+              "seeds, the line is their mean and the band their min-max.", ""]
     lines += [f"![{p.stem}]({p.name})" for p in plot_paths]
+    lines += ["", SECONDS_CAPTION]
+    per_step = tokens_per_step(records)
+    if len(per_step) == 1:
+        lines += ["", f"Every run took {per_step[0]:.0f} tokens a step, so tokens are steps "
+                      f"x {per_step[0]:.0f}: no separate tokens plot."]
     lines += ["", "## Every run", "",
               "| optimizer | lr | seed | final val loss | steps | train s | Hessian s | "
               "skipped |", "|---|---|---|---|---|---|---|---|"]
@@ -248,8 +308,9 @@ def write_report(out: Path, *, records: list[Any], best_multipliers: dict[str, f
               "Logs: `runs/*/log.jsonl`; everything above: `results.json`.", ""]
     report_path = out / "report.md"
     report_path.write_text("\n".join(lines))
+    match = f"{reference} steps to match"
     text = [f"{'optimizer':10s} {'tuned lr':>9s} {'final val':>10s} {'steps to target':>16s} "
-            f"{'x steps':>8s} {'x seconds':>9s} {reference + ' steps to its final':>26s}"]
+            f"{'x steps':>8s} {'x seconds':>9s} {match:>26s}"]
     for optimizer, row in headline["optimizers"].items():
         ratio = f"{row['step_ratio']['mean']:.2f}" if row["step_ratio"] else "-"
         seconds_ratio = f"{row['seconds_ratio']['mean']:.2f}" if row["seconds_ratio"] else "-"
@@ -259,5 +320,8 @@ def write_report(out: Path, *, records: list[Any], best_multipliers: dict[str, f
         backwards = f"{backwards['mean']:.0f}" if backwards else "not reached"
         text.append(f"{optimizer:10s} {row['lr']:9.3g} {final_loss:10.4f} {steps:>16s} "
                     f"{ratio:>8s} {seconds_ratio:>9s} {backwards:>26s}")
+    text += [f"target: {reference}'s final val loss, per seed; x steps, x seconds: to the "
+             f"target, over {reference}'s own;",
+             f"{match}: the steps {reference} took to reach this optimizer's final val loss"]
     return CompareSummary(out_dir=out, report_path=report_path, results_path=results_path,
                           plot_paths=plot_paths, headline="\n".join(text), results=results)

@@ -37,7 +37,7 @@ from ..config import (
     optimizer_names,
     to_dict,
 )
-from ..errors import DivergedError, SophiaError, writing
+from ..errors import DivergedError, SophiaError, did_you_mean, writing
 from ..jsonio import write_json
 from ..rundir import RunLock, clear_run, holds_run, is_sophia_run
 from ..trainer import train
@@ -148,9 +148,22 @@ class _Runs:
               f"{record.train_seconds:.1f} s", file=sys.stderr, flush=True)
         return record
 
-    def _resumable(self, folder: Path, wanted: dict[str, Any],
-                   saved: dict[str, Any] | None) -> Path | None:
-        """The checkpoint to resume, or None after clearing a folder this run may reuse."""
+    def check(self, keys: list[tuple[str, float, int]]) -> None:
+        """Refuse, before any run trains, a comparison one of whose runs ``keys`` (optimizer,
+        multiplier, seed) would be refused once reached: settings that do not validate, or a
+        folder holding a run with other settings or files no sophia run wrote. (Refused
+        halfway, a comparison would leave a run trained with the mistaken settings, which
+        then blocks the corrected command.)"""
+        for key in keys:
+            folder, wanted = self.folder(*key), identity(self.config(*key))
+            saved = _read_record(folder / RECORD)
+            if saved is None or identity(saved["config"]) != wanted:
+                self._plan(folder, wanted, saved)
+
+    def _plan(self, folder: Path, wanted: dict[str, Any],
+              saved: dict[str, Any] | None) -> Path | None:
+        """The checkpoint in ``folder`` to resume (None: clear the folder and train anew),
+        or a SophiaError when the folder may not be trained into."""
         checkpoint = folder / "checkpoint.pt"
         found = saved["config"] if saved is not None else \
             load_checkpoint(checkpoint)["config"] if checkpoint.exists() else None
@@ -161,14 +174,20 @@ class _Runs:
             )
         if found is not None and identity(found) == wanted and saved is None:
             return folder  # killed mid-training, after a checkpoint
-        if folder.exists():  # a run killed before its first checkpoint, or --overwrite
-            if holds_run(folder) and not is_sophia_run(folder):
-                raise SophiaError(
-                    f"{folder} holds files that no sophia run wrote; compare into another --out"
-                )
-            with RunLock(folder), writing("--out", folder):  # not one another process runs
-                clear_run(folder)
+        if folder.exists() and holds_run(folder) and not is_sophia_run(folder):
+            raise SophiaError(
+                f"{folder} holds files that no sophia run wrote; compare into another --out"
+            )
         return None
+
+    def _resumable(self, folder: Path, wanted: dict[str, Any],
+                   saved: dict[str, Any] | None) -> Path | None:
+        """The checkpoint to resume, or None after clearing a folder this run may reuse."""
+        resume = self._plan(folder, wanted, saved)
+        if resume is None and folder.exists():  # killed before a checkpoint, or --overwrite
+            with RunLock(folder), writing("--out", folder):  # not while another process runs
+                clear_run(folder)
+        return resume
 
 
 def _read_record(path: Path) -> dict[str, Any] | None:
@@ -208,7 +227,8 @@ def compare(base: Config, *, optimizers: list[str] | tuple[str, ...] = ("sophiag
     refuse_shared_rows(overrides or {})
     for name in optimizers:
         if name not in optimizer_names():
-            raise SophiaError(f"unknown optimizer {name!r} in --optimizers; choose from "
+            raise SophiaError(f"unknown optimizer {name!r}{did_you_mean(name, optimizer_names())} "
+                              f"in --optimizers; choose from "
                               f"{', '.join(optimizer_names())}")
     if not seeds or not lr_multipliers:
         raise SophiaError("compare needs at least one seed and one lr multiplier")
@@ -220,6 +240,10 @@ def compare(base: Config, *, optimizers: list[str] | tuple[str, ...] = ("sophiag
     started = time.perf_counter()
     best: dict[str, float] = {}
     all_seeds = list(dict.fromkeys(seeds))
+    # Any multiplier may turn out best, so the later seeds' folders are checked at each.
+    runs.check([(optimizer, multiplier, seed) for optimizer in optimizers
+                for multiplier in dict.fromkeys(lr_multipliers)
+                for seed in dict.fromkeys(seeds)])
     for optimizer in optimizers:
         found = runs.found(optimizer)
         grid = list(dict.fromkeys([*lr_multipliers, *(m for m, s in found if s == seeds[0])]))

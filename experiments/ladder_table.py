@@ -6,8 +6,8 @@ validation loss (mean and range over seeds), how many seeds reached the referenc
 and in what share of the reference's steps, and — read the other way — the share of the rung
 the reference needed to reach this optimizer's final loss.
 
-    python benchmarks/ladder_table.py runs/ladder-200 runs/ladder-800 runs/ladder-3200
-    python benchmarks/ladder_table.py runs/small-2000 --curve 100   # and the curves
+    python experiments/ladder_table.py runs/ladder-200 runs/ladder-800 runs/ladder-3200
+    python experiments/ladder_table.py runs/small-2000 --curve 100   # and the curves
 """
 
 from __future__ import annotations

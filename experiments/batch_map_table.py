@@ -1,14 +1,14 @@
-"""The batch-size map (issue 16 §2) as tables and one plot, from ``sophia compare`` folders.
+"""The batch-size map as tables and one plot, from ``sophia compare`` folders.
 
 Reads every ``b<BATCH>-s<STEPS>/results.json`` under the map folder that
-``benchmarks/batch_map.sh`` fills, and prints, per batch size and length, each optimizer's
+``experiments/batch_map.sh`` fills, and prints, per batch size and length, each optimizer's
 tuned lr (and whether it sat at the edge of its grid), its final validation loss (mean,
 min–max over seeds), its gap to AdamW's final loss paired by seed, how many seeds reached
 AdamW's final loss and in what multiple of AdamW's steps, and — read the other way — the share
 of the run AdamW needed to reach this optimizer's final loss. Two views: equal steps (every
 batch size for the same number of steps) and equal tokens (runs grouped by batch × steps).
 
-    python benchmarks/batch_map_table.py runs/map [--plot docs/img/batch_map.png]
+    python experiments/batch_map_table.py runs/map [--plot docs/img/batch_map.png]
 """
 
 from __future__ import annotations

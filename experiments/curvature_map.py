@@ -1,4 +1,4 @@
-"""Curvature map (issue 16 §1): steps to reach f* + ε against the condition number κ.
+"""Curvature map: steps to reach f* + ε against the condition number κ.
 
 The paper's theorem says Sophia's runtime does not depend on the condition number. This script
 measures it, beside gradient descent, heavy-ball momentum, AdamW and Lion, on three families of
@@ -37,11 +37,11 @@ means the same early and late). Everything is float64 on the CPU with one thread
 
 Usage::
 
-    python benchmarks/curvature_map.py --out runs/curvature_map            # the full map
-    python benchmarks/curvature_map.py --quick --out /tmp/cm               # seconds, for tests
+    python experiments/curvature_map.py --out runs/curvature_map            # the full map
+    python experiments/curvature_map.py --quick --out /tmp/cm               # seconds, for tests
     # on a shared machine, one process per family and variant, then one table and plot:
-    python benchmarks/curvature_map.py --families softmax --variants noisy --out runs/cm/sn
-    python benchmarks/curvature_map.py --merge runs/cm/*/results.json --out runs/cm/all
+    python experiments/curvature_map.py --families softmax --variants noisy --out runs/cm/sn
+    python experiments/curvature_map.py --merge runs/cm/*/results.json --out runs/cm/all
 
 Writes ``table.md``, ``results.json`` and ``curvature_map.png`` into ``--out`` and prints the
 table.

@@ -16,9 +16,9 @@ variants given as constructor keywords — and prints, at a few steps and per pa
 
 Usage::
 
-    python benchmarks/sophia_diagnosis.py                       # AdamW vs SophiaG, 200 steps
-    python benchmarks/sophia_diagnosis.py --sophia bias_correction=true --sophia rho=0.5
-    python benchmarks/sophia_diagnosis.py --steps 800 --seeds 0,1,2 --no-adamw
+    python experiments/sophia_diagnosis.py                       # AdamW vs SophiaG, 200 steps
+    python experiments/sophia_diagnosis.py --sophia bias_correction=true --sophia rho=0.5
+    python experiments/sophia_diagnosis.py --steps 800 --seeds 0,1,2 --no-adamw
 
 Each run prints its final validation loss (the harness's 8 fixed batches); runs use one thread.
 """

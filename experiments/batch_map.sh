@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# Issue 16 §2: the tiny preset's model at 8, 32, 128 and 256 sequences a step (a 32x span),
+# The batch-size map: the tiny preset's model at 8, 32, 128 and 256 sequences a step (a 32x span),
 # each optimizer lr-tuned per batch size on a x1/3, 1, 3 grid (seed 0), 3 seeds at the best.
 # Batches of 32 and more are 32-row micro-batches accumulated (grad_accum), so every batch size
 # from 32 up is evaluated on the same 8x32 validation rows; batch 8 evaluates 32 batches of 8
 # (also 256 rows). One thread per compare; run two queues side by side.
 #
-#   benchmarks/batch_map.sh QUEUE        # QUEUE: a | b | c | d | e | BATCH:STEPS (see below)
-#   python benchmarks/batch_map_table.py runs/map   # the table and the plot
+#   experiments/batch_map.sh QUEUE        # QUEUE: a | b | c | d | e | BATCH:STEPS (see below)
+#   python experiments/batch_map_table.py runs/map   # the table and the plot
 #
 # compare reuses finished runs, so a killed queue continues where it stopped (losing only the
 # run in flight).

@@ -16,7 +16,7 @@ back a run trained at others. Row fields the report does not record for an optim
 optimizers other than ``base_config``'s) are assumed unchanged. The numbers are those of the
 code that trained them: the report's ``machine.commit``.
 
-    python benchmarks/map_restore.py benchmarks/map/b256-s200/results.json runs/map/b256-s200
+    python experiments/map_restore.py experiments/map/b256-s200/results.json runs/map/b256-s200
 """
 
 from __future__ import annotations
