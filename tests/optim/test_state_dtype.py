@@ -249,16 +249,21 @@ def _groups(model: torch.nn.Module) -> list[dict]:
 
 
 @pytest.mark.parametrize("maximize", [False, True])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16],
+                         ids=["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("name", ["SophiaG", "SophiaH"])
 def test_for_loop_foreach_and_fused_are_bitwise_equal(name, dtype, maximize):
     """Two groups, 25 steps, refreshes every 5: parameters and bf16 m and h agree bit for bit
-    on every path (the fused kernel hashes exactly as torch's integer ops do)."""
+    on every path (the fused kernel hashes exactly as torch's integer ops do). For float16
+    parameters the foreach path rounds θ differently from the for-loop whatever the state
+    (as it does with float32 state), so there the fused path is held to the for-loop only."""
     if not fused_kernel_available():
         pytest.skip("fused kernel unavailable")
     cls = SophiaG if name == "SophiaG" else SophiaH
     runs = []
-    for path in PATHS.values():
+    for label, path in PATHS.items():
+        if dtype == torch.float16 and label == "foreach":
+            continue
         model = _model(0, dtype)
         optimizer = cls(_groups(model), lr=1e-2, refresh_every=5, maximize=maximize,
                         state_dtype=BF16, **path)
