@@ -34,3 +34,15 @@ def tiny_config(folder: Path, **overrides) -> Config:
     )
     values.update(overrides)
     return make_config(values.pop("preset", "tiny"), values)
+
+
+def one_line_error(capsys, *fragments: str) -> str:
+    """The one ``error:`` line on stderr, holding every fragment (``note:`` lines before it,
+    e.g. what a resume does to the lr, are information, not part of the error)."""
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    err = "".join(line for line in err.splitlines(keepends=True) if not line.startswith("note: "))
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    for fragment in fragments:
+        assert fragment in err, (fragment, err)
+    return err

@@ -17,7 +17,7 @@ import pytest
 
 from sophia_pytorch.harness.cli import main
 from sophia_pytorch.harness.rundir import RunLog
-from tests.harness.helpers import corpus_slice
+from tests.harness.helpers import corpus_slice, one_line_error
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -33,18 +33,6 @@ def _snapshot(folder: Path) -> dict[str, bytes | None]:
     """Every file and folder under ``folder`` (folders as None), by relative path."""
     return {str(p.relative_to(folder)): (p.read_bytes() if p.is_file() else None)
             for p in sorted(folder.rglob("*")) if p.name != ".lock"}
-
-
-def _one_line_error(capsys, *fragments: str) -> str:
-    """The one ``error:`` line on stderr (``note:`` lines before it, e.g. what a resume does
-    to the lr, are information, not part of the error)."""
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    err = "".join(line for line in err.splitlines(keepends=True) if not line.startswith("note: "))
-    assert err.startswith("error: ") and err.count("\n") == 1, err
-    for fragment in fragments:
-        assert fragment in err, (fragment, err)
-    return err
 
 
 def _steps(run: Path) -> list[dict]:
@@ -75,7 +63,7 @@ def test_a_folder_sophia_did_not_write_is_refused_and_nothing_of_it_deleted(
     flags = ["--overwrite"] if overwrite else []
     assert main(["train", *_small(tmp_path, "--max-steps", "2", "--out-dir", str(folder)),
                  *flags]) == 2
-    _one_line_error(capsys, "config.json", "no sophia run wrote", "another --out-dir")
+    one_line_error(capsys, "config.json", "no sophia run wrote", "another --out-dir")
     assert _snapshot(folder) == before
 
 
@@ -98,7 +86,7 @@ def test_a_run_without_a_checkpoint_is_not_offered_for_resume(tmp_path, capsys):
     (run / "checkpoint.pt").unlink()
     capsys.readouterr()
     assert main(["train", *_small(tmp_path, "--max-steps", "2", "--out-dir", str(run))]) == 2
-    err = _one_line_error(capsys, "without a checkpoint", "--overwrite")
+    err = one_line_error(capsys, "without a checkpoint", "--overwrite")
     assert "--resume" not in err
 
 
@@ -257,7 +245,7 @@ def test_a_really_full_disk_while_saving_is_one_line_and_keeps_the_last_checkpoi
     _fill(run.parent, leave=32 * 1024)  # room for the log and config, not a checkpoint
     capsys.readouterr()
     assert main(["train", "--resume", str(run), "--max-steps", "4", "--no-progress"]) == 2
-    _one_line_error(capsys, "No space left on device", "free some disk space", "--out-dir")
+    one_line_error(capsys, "No space left on device", "free some disk space", "--out-dir")
     assert (run / "checkpoint.pt").read_bytes() == kept
     assert not list(run.glob(".checkpoint.pt.*.tmp"))
 
@@ -268,7 +256,7 @@ def test_a_really_full_token_cache_is_one_line_and_leaves_no_partial_entry(
     args = _small(tmp_path, "--max-steps", "1", "--out-dir", str(tmp_path / "run"))
     args[args.index("--cache-dir") + 1] = str(cache)
     assert main(["train", *args]) == 2
-    _one_line_error(capsys, "No space left on device", "--cache-dir")
+    one_line_error(capsys, "No space left on device", "--cache-dir")
     assert list(cache.iterdir()) == []
 
 
@@ -323,7 +311,7 @@ def test_a_cache_folder_that_cannot_exist_is_one_line_naming_it(tmp_path, capsys
     args = _small(tmp_path, "--max-steps", "1", "--out-dir", str(tmp_path / "run"))
     del args[args.index("--cache-dir"):args.index("--cache-dir") + 2]
     assert main(["train", *args]) == 2
-    _one_line_error(capsys, "/proc/nope/x", "$SOPHIA_CACHE")
+    one_line_error(capsys, "/proc/nope/x", "$SOPHIA_CACHE")
 
 
 # -------------------------------------------------------------- item 5: --data "" refused
@@ -333,7 +321,7 @@ def test_an_empty_data_path_is_refused(tmp_path, capsys, monkeypatch):
     args = _small(tmp_path, "--max-steps", "1", "--out-dir", str(tmp_path / "run"))
     args[args.index("--data") + 1] = ""
     assert main(["train", *args]) == 2
-    _one_line_error(capsys, "--data is empty")
+    one_line_error(capsys, "--data is empty")
     assert not (tmp_path / "c").exists()  # nothing was tokenized
 
 
@@ -396,7 +384,7 @@ def test_a_package_outside_a_checkout_has_an_unknown_commit(tmp_path, other_repo
 def test_a_seed_count_past_the_limit_is_refused_before_the_list_is_built(tmp_path, capsys):
     assert main(["compare", "--seeds", "10000000000",
                  *_small(tmp_path, "--max-steps", "1", "--out", str(tmp_path / "cmp"))]) == 2
-    _one_line_error(capsys, "--seeds 10000000000", "1 to 1000")
+    one_line_error(capsys, "--seeds 10000000000", "1 to 1000")
     assert not (tmp_path / "cmp").exists()
 
 
@@ -423,7 +411,7 @@ def test_resuming_a_plain_pickle_is_one_line_without_torchs_warning(tmp_path, ca
     path = tmp_path / "plain.pt"
     path.write_bytes(pickle.dumps({"model": [1, 2, 3]}))
     assert main(["train", "--resume", str(path), "--no-progress"]) == 2
-    _one_line_error(capsys, "cannot read checkpoint", "--resume")
+    one_line_error(capsys, "cannot read checkpoint", "--resume")
     assert [str(w.message) for w in recwarn] == []
 
 
@@ -515,7 +503,7 @@ def test_a_checkpoint_cut_short_is_one_line(tmp_path, capsys):
     (run / "checkpoint.pt").write_bytes(whole[:len(whole) // 2])
     capsys.readouterr()
     assert main(["train", "--resume", str(run), "--max-steps", "2", "--no-progress"]) == 2
-    _one_line_error(capsys, "checkpoint", "--resume")
+    one_line_error(capsys, "checkpoint", "--resume")
 
 
 def test_a_signal_after_the_last_evaluation_lets_the_run_finish(tmp_path, monkeypatch):

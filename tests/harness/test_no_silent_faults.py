@@ -25,7 +25,7 @@ from sophia_pytorch.harness.data import prepare_data
 from sophia_pytorch.harness.errors import SophiaError
 from sophia_pytorch.harness.schedule import LRSchedule
 from sophia_pytorch.harness.trainer import train
-from tests.harness.helpers import corpus_slice, tiny_config
+from tests.harness.helpers import corpus_slice, one_line_error, tiny_config
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -35,17 +35,6 @@ def _small(tmp_path: Path, *extra: str) -> list[str]:
             "--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--block-size", "16",
             "--batch-size", "4", "--eval-every", "2", "--eval-batches", "2", "--no-progress",
             "--warmup-steps", "1", *extra]
-
-
-def _one_line_error(capsys, *fragments: str) -> str:
-    """The one ``error:`` line on stderr (``note:`` lines are information)."""
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    err = "".join(line for line in err.splitlines(keepends=True) if not line.startswith("note: "))
-    assert err.startswith("error: ") and err.count("\n") == 1, err
-    for fragment in fragments:
-        assert fragment in err, (fragment, err)
-    return err
 
 
 def _rows(run: Path, kind: str = "step") -> list[dict]:
@@ -65,7 +54,7 @@ def test_a_lock_file_that_is_a_symlink_is_refused_and_its_target_kept(tmp_path, 
     run.mkdir()
     (run / ".lock").symlink_to(outside)
     assert main(["train", *_small(tmp_path, "--max-steps", "1", "--out-dir", str(run))]) == 2
-    _one_line_error(capsys, "symlink", str(outside), "--out-dir")
+    one_line_error(capsys, "symlink", str(outside), "--out-dir")
     if dangling:
         assert not outside.exists()  # O_CREAT through the link would have made it
     else:
@@ -119,7 +108,7 @@ def test_a_record_marked_as_a_folder_is_refused_on_resume_for_every_record(tmp_p
         (run / "checkpoint.pt").write_bytes(damaged)
         capsys.readouterr()
         assert main(["train", "--resume", str(run), "--max-steps", "3"]) == 2, name
-        _one_line_error(capsys, "is damaged", name, "--resume")
+        one_line_error(capsys, "is damaged", name, "--resume")
 
 
 @pytest.mark.slow
@@ -192,7 +181,7 @@ def test_a_bpe_vocabulary_without_room_for_a_merge_is_refused(tmp_path, capsys, 
     args = _small(tmp_path, "--max-steps", "1", "--out-dir", str(tmp_path / "run"),
                   "--tokenizer", "bpe", "--bpe-vocab-size", str(size))
     assert main(["train", *args]) == 2
-    _one_line_error(capsys, f"--bpe-vocab-size {size}", "--bpe-vocab-size 257")
+    one_line_error(capsys, f"--bpe-vocab-size {size}", "--bpe-vocab-size 257")
     assert not (tmp_path / "run").exists() and not (tmp_path / "c").exists()
 
 
@@ -222,7 +211,7 @@ def test_a_wsd_decay_without_a_decayed_step_is_refused_naming_the_fix(
                   "--schedule", "wsd", "--decay-fraction", str(fraction))
     args[args.index("--warmup-steps") + 1] = str(warmup)
     assert main(["train", *args]) == 2
-    _one_line_error(capsys, "no step trains at a decayed lr", fix)
+    one_line_error(capsys, "no step trains at a decayed lr", fix)
     assert not (tmp_path / "run").exists()
     if "--max-steps" not in fix:  # the fix it names gives a decayed step
         flag, value = fix.split()[:2]
@@ -241,7 +230,7 @@ def test_an_empty_data_file_is_named_as_empty(tmp_path, capsys, folder):
     args = _small(tmp_path, "--max-steps", "1", "--out-dir", str(tmp_path / "run"))
     args[args.index("--data") + 1] = str(source)
     assert main(["train", *args]) == 2
-    err = _one_line_error(capsys, str(source), "is empty", "--data")
+    err = one_line_error(capsys, str(source), "is empty", "--data")
     assert "2 tokens" not in err
 
 
@@ -262,7 +251,7 @@ def test_a_mistaken_compare_is_refused_before_any_run_trains(tmp_path, capsys):
     capsys.readouterr()
     # lion is new (nothing to refuse there), adamw's folder holds the 2-step run
     assert _compare(tmp_path, out, "lion,adamw", 3) == 2
-    _one_line_error(capsys, "adamw-x1-seed0", "max_steps 2 (now 3)", "--overwrite")
+    one_line_error(capsys, "adamw-x1-seed0", "max_steps 2 (now 3)", "--overwrite")
     assert _run_folders(out) == before  # before the fix: lion trained 3 steps first
     # ... so the corrected command is not blocked by a stray 3-step lion run
     assert _compare(tmp_path, out, "lion,adamw", 2) == 0, capsys.readouterr().err
@@ -278,7 +267,7 @@ def test_a_later_seeds_folder_with_other_settings_is_refused_before_training(tmp
     capsys.readouterr()
     # seed 0 is new and would train before seed 1's folder (a 2-step run) is reached
     assert _compare(tmp_path, out, "adamw", 3, "--seeds", "2") == 2
-    _one_line_error(capsys, "adamw-x1-seed1", "max_steps 2 (now 3)")
+    one_line_error(capsys, "adamw-x1-seed1", "max_steps 2 (now 3)")
     assert _run_folders(out) == before
 
 

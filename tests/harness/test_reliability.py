@@ -269,7 +269,7 @@ def test_the_divergence_message_points_to_a_checkpoint_from_before_the_bad_strea
 
 
 def test_a_non_finite_validation_loss_fails_the_run(tmp_path, monkeypatch):
-    monkeypatch.setattr(trainer_module, "evaluate", lambda *args: math.nan)
+    monkeypatch.setattr(trainer_module, "validation_loss", lambda *args: math.nan)
     with pytest.raises(SophiaError, match="validation loss .*not finite"):
         train(tiny_config(tmp_path, max_steps=2, eval_every=2))
 

@@ -18,6 +18,10 @@ headers gives either that refusal or the very tensors saved
 separate SHA-256 over every tensor cost a full extra pass, see
 ``benchmarks/checkpoint_checksum.py``). Checkpoints written with that SHA-256
 (``payload_sha256``) still load and are checked against it.
+
+A training checkpoint (:data:`CHECKPOINT_FORMAT` 3) holds ``config``, ``model``,
+``optimizer``, ``train_state``, ``rng`` and ``sharded``; :func:`upgrade` reads formats 1 and 2
+as format 3 (``.resume`` does, once per resume).
 """
 
 from __future__ import annotations
@@ -26,7 +30,6 @@ import hashlib
 import os
 import random
 import struct
-import tempfile
 import zipfile
 import zlib
 from pathlib import Path
@@ -36,10 +39,17 @@ import numpy as np
 import torch
 
 from .errors import SophiaError
-from .jsonio import umasked
+from .jsonio import atomic_file
 
-__all__ = ["load_checkpoint", "payload_checksum", "rng_state", "save_checkpoint",
-           "set_rng_state", "verify_records"]
+__all__ = ["CHECKPOINT", "CHECKPOINT_FORMAT", "STABLE_CHECKPOINT", "TRAINING_KEYS",
+           "load_checkpoint", "payload_checksum", "rng_state", "save_checkpoint",
+           "set_rng_state", "train_state_of", "upgrade", "verify_records"]
+
+# 3: no scheduler state (the lr is derived from the step); 2 and 1 still resume (upgrade).
+CHECKPOINT_FORMAT = 3
+CHECKPOINT = "checkpoint.pt"  # a run folder's latest checkpoint, the one a resume reads
+STABLE_CHECKPOINT = "stable.pt"  # a wsd run's checkpoint at the start of its decay
+TRAINING_KEYS = ("config", "model", "optimizer", "rng")  # and train_state (format 1: step)
 
 CHECKSUM = "payload_sha256"  # checkpoints before the zip's CRC-32 was checked
 RECORD_CHECK = "record_crc32"  # the marker of a checkpoint checked by its records' CRC-32
@@ -59,12 +69,11 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     for stale in path.parent.glob(f".{path.name}.*.tmp"):
         stale.unlink(missing_ok=True)
-    handle, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     crc32 = torch.serialization.get_crc32_options()
+    torch.serialization.set_crc32_options(True)
     try:
-        with os.fdopen(handle, "wb") as file:
+        with atomic_file(path, sync=True) as file:
             sink = _Sink(file)
-            torch.serialization.set_crc32_options(True)
             try:
                 # torch.save needs only write (and flush), as its docstring says; its stubs
                 # ask for a whole IO[bytes] (torch 2.13)
@@ -73,13 +82,6 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
                 if sink.error is not None:  # the disk's error, not torch's rewording of it
                     raise sink.error from None
                 raise
-            file.flush()
-            os.fsync(file.fileno())
-        os.chmod(temp_name, umasked())
-        os.replace(temp_name, path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
     finally:
         torch.serialization.set_crc32_options(crc32)
     _fsync_folder(path.parent)
@@ -177,7 +179,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Read a checkpoint onto the CPU with ``weights_only=True``; a bad file is a SophiaError."""
     path = Path(path)
     if path.is_dir():
-        path = path / "checkpoint.pt"
+        path = path / CHECKPOINT
     if not path.exists():
         raise SophiaError(
             f"checkpoint {str(path)!r} does not exist; pass the run folder or checkpoint.pt "
@@ -216,6 +218,36 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
             "point --resume at another checkpoint or start without --resume"
         )
     return state
+
+
+def upgrade(state: dict[str, Any], tokens_per_step: int) -> dict[str, Any]:
+    """Training checkpoint ``state`` of any format as format 3 (a new dict; ``state`` is left
+    as it was): format 1's top-level step counters gathered into ``train_state`` (its tokens
+    counted at ``tokens_per_step``, which it did not save), and the scheduler state of
+    formats 1 and 2 dropped with the ``initial_lr`` it left in each optimizer group (the lr is
+    derived from the step now). ``state`` must hold :data:`TRAINING_KEYS`."""
+    upgraded = {key: state[key] for key in TRAINING_KEYS}
+    upgraded.update(format=CHECKPOINT_FORMAT, sharded=state.get("sharded"),
+                    train_state=train_state_of(state, tokens_per_step))
+    optimizer = upgraded["optimizer"]
+    if isinstance(optimizer, dict) and "param_groups" in optimizer:
+        upgraded["optimizer"] = {**optimizer, "param_groups": [
+            {k: v for k, v in group.items() if k != "initial_lr"}
+            for group in optimizer["param_groups"]]}
+    return upgraded
+
+
+def train_state_of(state: dict[str, Any], tokens_per_step: int) -> dict[str, Any]:
+    """The TrainState (as a dict) a training checkpoint of any format holds: format 1 kept
+    it in top-level keys and no token count (counted here at ``tokens_per_step``)."""
+    if "train_state" in state:
+        return state["train_state"]
+    step = state["step"]
+    return {"step": step, "tokens": step * tokens_per_step,
+            "data_position": state["data_position"], "train_seconds": state["train_seconds"],
+            "hessian_seconds": state.get("hessian_seconds", 0.0),
+            "skipped_steps": state["skipped_steps"], "bad_in_row": state["bad_in_row"],
+            "evals": state["evals"]}
 
 
 def _damaged(path: Path, record: str) -> SophiaError:

@@ -246,21 +246,16 @@ def _optimizer_list(text: str) -> list[str]:
 
 def _run_train(args: argparse.Namespace) -> int:
     from . import distributed
-    from .checkpoint import load_checkpoint
-    from .trainer import check_config_json, is_main_process, train
+    from .resume import ResumePoint, resume_settings
+    from .trainer import is_main_process, train
 
     overrides = _overrides(args)
-    if args.resume:
-        saved = load_checkpoint(args.resume).get("config")
-        saved = flatten(saved) if isinstance(saved, dict) else {}  # train() names what lacks
-        resume_dir = Path(args.resume)
-        resume_dir = resume_dir if resume_dir.is_dir() else resume_dir.parent
-        if saved:
-            check_config_json(resume_dir, saved, set(overrides))
-        overrides = {**saved, "out_dir": str(resume_dir), **overrides}
+    resume = ResumePoint.read(args.resume) if args.resume else None  # read once, passed on
+    if resume is not None:
+        overrides = resume_settings(resume, overrides)
     config = make_config(overrides.pop("preset", "tiny"), overrides)
     try:
-        result = train(config, resume=args.resume, overwrite=args.overwrite)
+        result = train(config, resume=resume, overwrite=args.overwrite)
         if not is_main_process():  # under torchrun, rank 0 reports
             return 0
     finally:

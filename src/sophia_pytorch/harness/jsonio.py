@@ -1,16 +1,19 @@
 """Files out of the harness: standard JSON only (a non-finite float is written as null),
-whole files replaced atomically, permissions as the umask says."""
+whole files replaced atomically (:func:`atomic_file`, the one atomic writer: JSON, logs and
+checkpoints all go through it), permissions as the umask says."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
-__all__ = ["dumps", "umasked", "write_json"]
+__all__ = ["atomic_file", "dumps", "umasked", "write_atomically", "write_json"]
 
 
 def _finite(value: Any) -> Any:
@@ -34,13 +37,23 @@ def write_json(path: str | Path, value: Any) -> None:
 
 
 def write_atomically(path: Path, data: bytes, *, sync: bool = False) -> None:
-    """Write ``data`` to ``path`` through a temporary file ``.<name>.<random>.tmp`` beside it
-    and a rename, so a reader sees the old file or the new one, never half of one;
-    ``sync=True`` also flushes it to the disk before the rename."""
+    """Write ``data`` to ``path`` through :func:`atomic_file`, so a reader sees the old file
+    or the new one, never half of one; ``sync=True`` also flushes it to the disk before the
+    rename."""
+    with atomic_file(path, sync=sync) as file:
+        file.write(data)
+
+
+@contextlib.contextmanager
+def atomic_file(path: Path, *, sync: bool = False) -> Iterator[IO[bytes]]:
+    """A binary file to write ``path``'s new contents into: a temporary
+    ``.<name>.<random>.tmp`` beside it, renamed over ``path`` when the block ends (removed,
+    and ``path`` untouched, when it raises). ``sync=True`` flushes it to the disk before the
+    rename. The file gets the umask's permissions, not ``mkstemp``'s owner-only ones."""
     handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(handle, "wb") as file:
-            file.write(data)
+            yield file
             if sync:
                 file.flush()
                 os.fsync(file.fileno())

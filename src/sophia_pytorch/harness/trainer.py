@@ -13,7 +13,8 @@ grad-norm clipping, the optimizer step, and Sophia's Hessian refresh when one is
 Every step and every evaluation is one JSON line in ``<run>/log.jsonl``. The time in
 ``seconds`` counts training only (steps and refreshes, not evaluation or checkpointing), so
 wall-clock comparisons between optimizers are fair. Checkpoints (see ``.checkpoint``)
-hold everything needed for ``resume`` to continue the same loss curve bit for bit on CPU.
+hold everything needed for ``resume`` to continue the same loss curve bit for bit on CPU;
+how a resume reads, checks and applies one is ``.resume``'s.
 
 Under ``torchrun`` with ``parallel`` = ddp or fsdp (``sophia_pytorch.harness.distributed``, and
 ``docs/DISTRIBUTED.md``), each rank reads its own rows of every global batch, gradients are
@@ -24,15 +25,12 @@ model and optimizer state in a ``torch.distributed.checkpoint`` folder beside ch
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import shutil
 import signal
-import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,8 +39,14 @@ from torch import nn
 
 from .. import _dtensor
 from . import distributed
-from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from .config import SECTIONS, Config, fixed_on_resume, flat_name, flatten, to_dict
+from .checkpoint import (
+    CHECKPOINT,
+    CHECKPOINT_FORMAT,
+    STABLE_CHECKPOINT,
+    rng_state,
+    save_checkpoint,
+)
+from .config import Config, to_dict
 from .data import BatchSampler, prepare_data
 from .distributed import is_main_process
 from .errors import DivergedError, Interrupted, SophiaError, require, writing
@@ -50,79 +54,15 @@ from .jsonio import write_json
 from .memory import check_memory, estimate_memory, memory_errors_are_user_errors
 from .model import GPT, GPTConfig, lm_loss
 from .optimizers import build_optimizer, build_refresh
-from .rundir import (
-    RunLock,
-    RunLog,
-    make_run_dir,
-    prepare_run_dir,
-    run_paths,
-    set_aside,
-    sharded_folder,
-)
+from .resume import ResumePoint, branch_off, restore, resume_folder
+from .rundir import RunLock, RunLog, make_run_dir, prepare_run_dir, run_paths, sharded_folder
+from .runstate import TrainResult, TrainState
 from .schedule import LRSchedule
 
 __all__ = ["TrainResult", "TrainState", "Trainer", "build_optimizer", "estimate_memory",
            "is_main_process", "lm_loss", "train"]
 
 EVAL_SEED = 20230523  # evaluation windows are the same for every run, seed and optimizer
-# 3: no scheduler state (the lr is derived from the step); 2 and 1 still resume.
-CHECKPOINT_FORMAT = 3
-STABLE_CHECKPOINT = "stable.pt"  # a wsd run's checkpoint at the start of its decay
-
-
-@dataclass
-class TrainResult:
-    """What a finished run reports. ``evals`` rows: step, val_loss, seconds, tokens."""
-
-    run_dir: Path
-    config: dict[str, Any]
-    evals: list[dict[str, float]]
-    final_val_loss: float
-    steps: int
-    train_seconds: float
-    tokens: int
-    skipped_steps: int
-    num_parameters: int
-    hessian_seconds: float = 0.0
-    final_train_loss: float = math.nan
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class TrainState:
-    """Where a run stands; saved in every checkpoint beside model, optimizer and RNGs.
-
-    Attributes:
-        step: optimizer steps done, skipped ones included.
-        tokens: training tokens seen, summed over ranks.
-        data_position: index of the next training micro-batch (the sampler is pure).
-        train_seconds: time in steps and Hessian refreshes (not evaluation or saving).
-        hessian_seconds: the part of ``train_seconds`` spent in Hessian refreshes.
-        skipped_steps: steps skipped for a non-finite loss or gradient.
-        bad_in_row: the current streak of skipped steps.
-        evals: one row per evaluation: step, val_loss, seconds, tokens.
-        eval_due: a signal stopped the evaluation due at ``step``: a resumed run does it
-            (and the checkpoint after it) before its next step.
-    """
-
-    step: int = 0
-    tokens: int = 0
-    data_position: int = 0
-    train_seconds: float = 0.0
-    hessian_seconds: float = 0.0
-    skipped_steps: int = 0
-    bad_in_row: int = 0
-    evals: list[dict[str, float]] = field(default_factory=list)
-    eval_due: bool = False
-
-    def state_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        for f in fields(self):  # checkpoints before eval_due have none due
-            setattr(self, f.name, state.get(f.name, False) if f.name == "eval_due"
-                    else state[f.name])
-        self.evals = [dict(row) for row in self.evals]
 
 
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -133,8 +73,10 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
 
 
-def wrap_model(model: nn.Module, config: Config, device: torch.device | None = None) -> nn.Module:
-    """The one place the model is wrapped for training: DDP or FSDP2, then torch.compile."""
+def prepare_model(model: nn.Module, config: Config,
+                  device: torch.device | None = None) -> nn.Module:
+    """The model the loop calls: ``model`` wrapped for ``config.run.parallel`` (DDP or FSDP2,
+    :func:`.distributed.wrap_model`), then compiled when ``config.run.compile``."""
     model = distributed.wrap_model(model, config.run.parallel,  # type: ignore[arg-type]
                                    device=device, shard_units=getattr(model, "blocks", ()))
     if not config.run.compile:
@@ -145,9 +87,9 @@ def wrap_model(model: nn.Module, config: Config, device: torch.device | None = N
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: BatchSampler, num_batches: int,
-             autocast: Callable[[], contextlib.AbstractContextManager],
-             stop: Callable[[], bool] | None = None) -> float | None:
+def validation_loss(model: nn.Module, batches: BatchSampler, num_batches: int,
+                    autocast: Callable[[], contextlib.AbstractContextManager],
+                    stop: Callable[[], bool] | None = None) -> float | None:
     """Mean validation loss (nats/token) over the fixed batches 0..num_batches-1; None when
     ``stop()``, asked before each batch, says to stop (a signal: a long evaluation must not
     outlast a scheduler's grace period)."""
@@ -187,15 +129,16 @@ class Trainer:
 
     Args:
         config: a resolved :class:`~.config.Config` (see ``.config.make_config``).
-        resume: a checkpoint file or run folder to continue from; the run keeps writing to
-            ``config.run.out_dir`` (set it to the same folder to continue in place). Settings
-            that differ from the checkpoint's are applied, or refused (see ``_resume``).
+        resume: a checkpoint file or run folder to continue from (or one already read, a
+            :class:`~.resume.ResumePoint`); the run keeps writing to ``config.run.out_dir``
+            (set it to the same folder to continue in place). Settings that differ from the
+            checkpoint's are applied, or refused (see :func:`.resume.restore`).
         on_step: called with each step's log record after it is written (tests use it to
             simulate a crash).
         overwrite: replace a run ``config.run.out_dir`` already holds (default False).
     """
 
-    def __init__(self, config: Config, *, resume: str | Path | None = None,
+    def __init__(self, config: Config, *, resume: str | Path | ResumePoint | None = None,
                  on_step: Callable[[dict[str, Any]], None] | None = None,
                  overwrite: bool = False) -> None:
         self.tqdm = require("tqdm").tqdm if config.run.progress else None
@@ -212,14 +155,15 @@ class Trainer:
             self.lock.acquire()
         try:
             if self.env.is_main:
-                prepare_run_dir(self.run_dir, overwrite=overwrite,
-                                resuming_here=_same_folder(resume, self.run_dir))
+                here = resume is not None and \
+                    resume_folder(resume).resolve() == self.run_dir.resolve()
+                prepare_run_dir(self.run_dir, overwrite=overwrite, resuming_here=here)
             self._build(resume)
         except BaseException:
             self.close(remove_if_empty=created)
             raise
 
-    def _build(self, resume: str | Path | None) -> None:
+    def _build(self, resume: str | Path | ResumePoint | None) -> None:
         config, run, shape = self.config, self.config.run, self.config.model
         LRSchedule.from_config(config).check()  # before the data: tokenizing may take long
         self.dtype = pick_dtype(run.dtype, self.device)
@@ -239,9 +183,8 @@ class Trainer:
         self.model = GPT(GPTConfig(vocab_size=data.vocab_size, block_size=shape.block_size,
                                    n_layer=shape.n_layer, n_head=shape.n_head,
                                    n_embd=shape.n_embd, dropout=shape.dropout)).to(self.device)
-        self.train_model = wrap_model(self.model, config, self.device)  # before: FSDP2 shards
+        self.train_model = prepare_model(self.model, config, self.device)  # FSDP2 shards first
         self.optimizer = build_optimizer(config, self.model, self.device)
-        self.built_hyperparameters = _hyperparameters(self.optimizer)
         self.base_lrs = [group["lr"] for group in self.optimizer.param_groups]
         self.schedule = LRSchedule.from_config(config)
         self.refresh = build_refresh(config, self.optimizer, self.train_model,
@@ -257,9 +200,14 @@ class Trainer:
         self.last_saved_step: int | None = None
         branched = False
         if resume is not None:
-            self._resume(resume)
-            branched = self._set_aside_other_branch(Path(resume))
-        self.log = RunLog(self.run_dir, keep_until_step=self.state.step if resume else None,
+            point = ResumePoint.of(resume)  # the one read of the checkpoint
+            self.state.load_state_dict(restore(point, config, self.model, self.optimizer,
+                                               schedule=self.schedule,
+                                               announce=self.env.is_main))
+            self.last_saved_step = self.state.step
+            branched = branch_off(point, self.run_dir, self.state.step, config,
+                                  is_main=self.env.is_main, world_size=self.env.world_size)
+        self.log = RunLog(self.run_dir, keep_until_step=None if resume is None else self.state.step,
                           tensorboard=run.tensorboard)
         if self.env.is_main:
             with writing("--out-dir", self.run_dir):
@@ -468,7 +416,7 @@ class Trainer:
                 logged, the checkpoint saved here says the evaluation is still due.
         """
         state = self.state
-        val_loss = evaluate(self.train_model, self.val_batches, self.config.run.eval_batches,
+        val_loss = validation_loss(self.train_model, self.val_batches, self.config.run.eval_batches,
                             self.autocast, self._stop_requested)
         if val_loss is None:
             state.eval_due = True
@@ -484,7 +432,7 @@ class Trainer:
                                  lower_lr=True)
         return val_loss
 
-    def save(self, name: str = "checkpoint.pt") -> None:
+    def save(self, name: str = CHECKPOINT) -> None:
         """Write checkpoint ``name`` atomically (rank 0); FSDP2 shards go to their own folder
         (a ``stable.pt`` is not written under FSDP2: the shards are the latest save's).
 
@@ -500,7 +448,7 @@ class Trainer:
             raise self._diverged(f"the weights are not finite after step {self.state.step}",
                                  lower_lr=True)
         sharded = None
-        if name != "checkpoint.pt" and self.config.run.parallel == "fsdp":
+        if name != CHECKPOINT and self.config.run.parallel == "fsdp":
             return
         with writing("--out-dir", self.run_dir):
             if self.config.run.parallel == "fsdp":  # every rank writes its shards anew
@@ -517,7 +465,7 @@ class Trainer:
                     if folder.name.startswith("checkpoint-") and folder.is_dir() \
                             and folder.name != sharded:
                         shutil.rmtree(folder, ignore_errors=True)
-        if name == "checkpoint.pt":
+        if name == CHECKPOINT:
             self.last_saved_step = self.state.step
 
     def _finite(self) -> bool:
@@ -545,87 +493,6 @@ class Trainer:
                       f"{self.run_dir}{flag}` (step {self.last_saved_step})")
         return DivergedError(f"{problem}; {advice}", result=self.result(), problem=problem)
 
-    def _resume(self, resume: str | Path) -> None:
-        """Load a checkpoint; apply the settings this config changes, refuse the rest."""
-        checkpoint = load_checkpoint(resume)
-        # Formats 1 and 2 also hold a "scheduler" state: not read, the lr is derived.
-        missing = [k for k in ("config", "model", "optimizer", "rng") if k not in checkpoint]
-        if missing or ("train_state" not in checkpoint and "step" not in checkpoint):
-            raise SophiaError(
-                f"{str(resume)!r} is not a sophia training checkpoint (it lacks "
-                f"{', '.join(missing) or 'train_state'}); point --resume at a run folder or "
-                "checkpoint.pt written by `sophia train`"
-            )
-        _check_compatible(checkpoint["config"], self.config, resume)
-        train_state = _train_state(checkpoint, self.config)
-        _check_steps_left(train_state["step"], checkpoint["config"], self.config, resume)
-        # Optimizer settings the saved config gave, to tell which ones this config changes.
-        saved_optimizer = _section(checkpoint["config"], "optimizer")
-        reference = _hyperparameters(build_optimizer(
-            replace(self.config, optimizer=saved_optimizer), self.model, self.device))
-        if checkpoint.get("sharded"):  # an FSDP2 run's: DCP reshards it to this job's ranks
-            resume_dir = Path(resume) if Path(resume).is_dir() else Path(resume).parent
-            distributed.load_sharded(resume_dir / checkpoint["sharded"], self.model,
-                                     self.optimizer)
-        elif self.config.run.parallel == "fsdp":
-            raise SophiaError(
-                f"checkpoint {str(resume)!r} is not sharded: resume it with --parallel ddp "
-                "or none"
-            )
-        else:
-            self.model.load_state_dict(checkpoint["model"])
-            self.optimizer.load_state_dict(checkpoint["optimizer"])
-        groups = self.optimizer.param_groups
-        for group, new, old in zip(groups, self.built_hyperparameters, reference, strict=True):
-            group.pop("initial_lr", None)  # a torch scheduler's, in formats 1 and 2
-            for key, value in new.items():  # the lr is the schedule's, set each step
-                if key != "lr" and value != old.get(key):  # changed on resume: applied (else
-                    group[key] = value  # kept as saved, e.g. an adapted rho)
-        old_schedule = LRSchedule.from_config(_saved_config(checkpoint["config"], self.config))
-        change = describe_lr_change(train_state["step"], old_schedule, self.schedule,
-                                    [group["lr"] for group in reference], self.base_lrs)
-        if change and self.env.is_main:
-            print(f"note: {change}", file=sys.stderr)
-        self.state.load_state_dict(train_state)
-        self.last_saved_step = self.state.step
-        set_rng_state(checkpoint["rng"])
-
-    def _set_aside_other_branch(self, resume: Path) -> bool:
-        """Whether this resume branches off its own folder's history: it resumes a
-        checkpoint there (``stable.pt``) older than another one there (``checkpoint.pt`` of
-        the run that went on; resuming checkpoint.pt itself continues the run, never
-        branches, even past a ``stable.pt``). Then that newer checkpoint (and the record of
-        its run) is moved aside with a copy of the log (:func:`~.rundir.set_aside`), so
-        that the log keeps only this branch's rows and a later ``--resume <folder>``
-        continues this branch, not the other. Every rank learns the answer (all then
-        save)."""
-        resumed = resume / "checkpoint.pt" if resume.is_dir() else resume
-        newer = []
-        continuing = resumed.resolve() == (self.run_dir / "checkpoint.pt").resolve()
-        if self.env.is_main and _same_folder(resume, self.run_dir) and not continuing:
-            for name in ("checkpoint.pt", STABLE_CHECKPOINT):
-                path = self.run_dir / name
-                if not path.exists() or path.resolve() == resumed.resolve():
-                    continue
-                try:
-                    step = _train_state(load_checkpoint(path), self.config)["step"]
-                except (SophiaError, KeyError):  # unreadable: not this branch's either
-                    step = None
-                if step is None or step > self.state.step:
-                    newer.append(name)
-        if newer:
-            names = [*newer, *(["record.json"] if (self.run_dir / "record.json").exists()
-                               else [])]
-            with writing("--out-dir", self.run_dir):
-                aside = set_aside(self.run_dir, names)
-            print(f"note: {resumed.name} (step {self.state.step}) is older than {newer[0]} in "
-                  f"{self.run_dir}: a new branch; the other's {', '.join(names)} and log are "
-                  f"set aside in {aside}, and `sophia train --resume {self.run_dir}` continues "
-                  "this one", file=sys.stderr)
-        if self.env.world_size > 1:
-            return distributed.mean_over_ranks(float(bool(newer))) > 0
-        return bool(newer)
-
     def result(self) -> TrainResult:
         """The run's evaluations and timings so far."""
         state = self.state
@@ -638,14 +505,15 @@ class Trainer:
         )
 
 
-def train(config: Config, *, resume: str | Path | None = None,
+def train(config: Config, *, resume: str | Path | ResumePoint | None = None,
           on_step: Callable[[dict[str, Any]], None] | None = None,
           overwrite: bool = False) -> TrainResult:
     """Train a GPT as ``config`` says; return the evaluations and timings.
 
     Args:
         config: a resolved :class:`~.config.Config` (see ``.config.make_config``).
-        resume: a checkpoint file or run folder to continue from; the run keeps writing to
+        resume: a checkpoint file or run folder to continue from (or a
+            :class:`~.resume.ResumePoint` read from one); the run keeps writing to
             ``config.run.out_dir`` (set it to the same folder to continue in place).
         on_step: called with each step's log record after it is written (tests use it to
             simulate a crash).
@@ -673,118 +541,3 @@ def _show_progress(bar: Any, record: dict[str, Any]) -> None:
         postfix["unclipped"] = f"{record['unclipped_fraction']:.2f}"
     bar.set_postfix(postfix, refresh=False)
     bar.update(1)
-
-
-def _train_state(checkpoint: dict[str, Any], config: Config) -> dict[str, Any]:
-    """The TrainState a checkpoint holds (format 1 kept it in top-level keys)."""
-    if "train_state" in checkpoint:
-        return checkpoint["train_state"]
-    step = checkpoint["step"]
-    return {"step": step, "tokens": step * config.tokens_per_step,
-            "data_position": checkpoint["data_position"],
-            "train_seconds": checkpoint["train_seconds"],
-            "hessian_seconds": checkpoint.get("hessian_seconds", 0.0),
-            "skipped_steps": checkpoint["skipped_steps"], "bad_in_row": checkpoint["bad_in_row"],
-            "evals": checkpoint["evals"]}
-
-
-def _check_compatible(saved: dict[str, Any], config: Config, resume: str | Path) -> None:
-    """Refuse to resume with another preset, model, data, optimizer, seed or validation set
-    than the checkpoint's (every other setting is applied)."""
-    mine, theirs = flatten(to_dict(config)), flatten(saved)
-    for key in ("preset", *fixed_on_resume()):
-        if theirs.get(key) != mine[key]:
-            raise SophiaError(
-                f"checkpoint {str(resume)!r} was trained with {key}={theirs.get(key)!r}, not "
-                f"{mine[key]!r}; drop the --{key.replace('_', '-')} flag to resume it"
-            )
-
-
-def check_config_json(run_dir: str | Path, saved: dict[str, Any], given: set[str]) -> None:
-    """Refuse a resume whose run folder's config.json says other settings than the
-    checkpoint's (an edit, or a resume that changed settings and was killed before its next
-    checkpoint), except those ``given`` again now (flat names): settings change on resume
-    through flags or ``--config`` only, and config.json is rewritten, so an edit there would
-    otherwise be silently lost. An unreadable or missing config.json is rewritten as usual.
-    """
-    path = Path(run_dir) / "config.json"
-    try:
-        found = flatten(json.loads(path.read_text(encoding="utf-8")))
-    except (OSError, ValueError, SophiaError, AttributeError):
-        return
-    theirs = json.loads(json.dumps(flatten(saved)))
-    differ = sorted(k for k in found.keys() | theirs.keys()
-                    if k not in given and k != "out_dir" and found.get(k) != theirs.get(k))
-    if differ:
-        key = differ[0]
-        flag = "--" + key.replace("_", "-")
-        raise SophiaError(
-            f"{path} says {key}={found.get(key)!r} but the checkpoint ran with "
-            f"{theirs.get(key)!r} ({len(differ)} such setting(s): {', '.join(differ[:4])}); "
-            f"settings change on resume only through flags: add {flag} {found.get(key)} to "
-            f"apply it, or {flag} {theirs.get(key)} to keep the checkpoint's"
-        )
-
-
-def _check_steps_left(step: int, saved: dict[str, Any], config: Config,
-                      resume: str | Path) -> None:
-    """Refuse a ``max_steps`` below the checkpoint's step: nothing would train, and
-    config.json would claim a shorter run than the one done."""
-    if step > config.run.max_steps:
-        saved_steps = flatten(saved).get("max_steps", "?")
-        raise SophiaError(
-            f"checkpoint {str(resume)!r} is at step {step} (of a {saved_steps}-step run), past "
-            f"--max-steps {config.run.max_steps}; give --max-steps above {step} to continue "
-            "it, or leave --max-steps out"
-        )
-
-
-def _saved_config(saved: dict[str, Any], config: Config) -> Config:
-    """The checkpoint's optimizer settings and max_steps over ``config`` (unvalidated)."""
-    max_steps = flatten(saved).get("max_steps", config.run.max_steps)
-    return replace(config, optimizer=_section(saved, "optimizer"),
-                   run=replace(config.run, max_steps=max_steps))
-
-
-def describe_lr_change(step: int, old: LRSchedule, new: LRSchedule,
-                       old_base_lrs: list[float], new_base_lrs: list[float]) -> str | None:
-    """What a resume at ``step`` does to the lr, or None when the new settings give the
-    same lr for the steps the old ones still had to run (none shows a jump)."""
-    before = old.lr(step, old_base_lrs[0])
-    after = new.lr(step, new_base_lrs[0])
-    if before == after and old == new and old_base_lrs == new_base_lrs:
-        return None
-    changed = [f"{name} {getattr(old, name)!r} -> {getattr(new, name)!r}"
-               for name in ("kind", "warmup_steps", "max_steps", "decay_fraction", "min_lr_ratio")
-               if getattr(old, name) != getattr(new, name)]
-    if old_base_lrs[0] != new_base_lrs[0]:
-        changed.insert(0, f"lr {old_base_lrs[0]:.3g} -> {new_base_lrs[0]:.3g}")
-    text = (f"resuming at step {step} with {', '.join(changed)}: the lr there is {after:.3g}, "
-            f"where the checkpoint's settings had {before:.3g}")
-    if new.kind == "cosine" and new.max_steps != old.max_steps and before != after:
-        text += ("; a longer cosine is re-stretched over the whole run, so the lr jumps here "
-                 "(to extend a run without a jump, train it with --schedule wsd and resume "
-                 "from its stable.pt)")
-    elif before == after:
-        text += " (no jump here)"
-    return text
-
-
-def _same_folder(resume: str | Path | None, run_dir: Path) -> bool:
-    if resume is None:
-        return False
-    folder = Path(resume) if Path(resume).is_dir() else Path(resume).parent
-    return folder.resolve() == run_dir.resolve()
-
-
-def _hyperparameters(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
-    return [{k: v for k, v in group.items() if k not in ("params", "initial_lr")}
-            for group in optimizer.param_groups]
-
-
-def _section(saved: dict[str, Any], name: str) -> Any:
-    """Section ``name`` of a saved config (nested or flat), unvalidated."""
-    cls = SECTIONS[name]
-    values = flatten(saved)
-    return cls(**{f.name: values[flat] for f in fields(cls)
-                  if (flat := flat_name(f)) in values})

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..trainer import TrainResult
+from ..runstate import TrainResult
 
 __all__ = ["CompareSummary", "RunRecord"]
 

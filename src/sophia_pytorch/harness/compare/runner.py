@@ -24,7 +24,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from ..checkpoint import load_checkpoint
+from ..checkpoint import CHECKPOINT, load_checkpoint
 from ..config import (
     OPTIMIZERS,
     PRESETS,
@@ -164,9 +164,7 @@ class _Runs:
               saved: dict[str, Any] | None) -> Path | None:
         """The checkpoint in ``folder`` to resume (None: clear the folder and train anew),
         or a SophiaError when the folder may not be trained into."""
-        checkpoint = folder / "checkpoint.pt"
-        found = saved["config"] if saved is not None else \
-            load_checkpoint(checkpoint)["config"] if checkpoint.exists() else None
+        found = saved["config"] if saved is not None else _checkpoint_config(folder)
         if found is not None and identity(found) != wanted and not self.overwrite:
             raise SophiaError(
                 f"{folder} holds a run with other settings ({_differences(wanted, identity(found))}"
@@ -188,6 +186,20 @@ class _Runs:
             with RunLock(folder), writing("--out", folder):  # not while another process runs
                 clear_run(folder)
         return resume
+
+
+def _checkpoint_config(folder: Path) -> dict[str, Any] | None:
+    """The settings of the checkpoint in run folder ``folder`` (None: it has none): its
+    ``config.json``, written when the run started and beside each checkpoint since, so the
+    checkpoint itself is read only where config.json is missing or unreadable (the resume
+    reads it once more, then, in full)."""
+    if not (folder / CHECKPOINT).exists():
+        return None
+    try:
+        found = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        found = None
+    return found if isinstance(found, dict) else load_checkpoint(folder)["config"]
 
 
 def _read_record(path: Path) -> dict[str, Any] | None:
