@@ -350,7 +350,8 @@ def test_state_dtype_for_another_optimizer_is_refused():
 
 def _checkpoint_state_dtypes(folder: str) -> set[torch.dtype]:
     saved = torch.load(f"{folder}/checkpoint.pt", weights_only=False)
-    return {s[k].dtype for s in saved["optimizer"]["state"].values() for k in ("exp_avg", "hessian")}
+    states = saved["optimizer"]["state"].values()
+    return {s[k].dtype for s in states for k in ("exp_avg", "hessian")}
 
 
 def test_a_float32_state_run_resumes_with_bf16_state_and_back(tmp_path):
