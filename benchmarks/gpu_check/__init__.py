@@ -16,9 +16,10 @@ Sections (each a part of the report, with its figures and pass/fail, or "skipped
    ``count_as_tensor=True``) under ``torch.cuda.set_sync_debug_mode("error")``; a CUDA graph
    capture and replay of the step and of the refresh, in a child process (a failed capture
    must not poison this one), checked bitwise against eager steps.
-3. step time: SophiaG (foreach, compiled) against ``torch.optim.AdamW`` fused and foreach on
-   124M and 355M GPT-shaped float32 parameters; CUDA events, median of rounds, the ratio to
-   fused AdamW and the achieved bytes/s against a measured device-to-device copy.
+3. step time: SophiaG (foreach, foreach with bf16 state, compiled) against
+   ``torch.optim.AdamW`` fused and foreach on 124M and 355M GPT-shaped float32 parameters;
+   CUDA events, median of rounds, the ratio to fused AdamW and the achieved bytes/s against a
+   measured device-to-device copy.
 4. refresh cost and memory: the harness's gpt2-small GPT under bf16 autocast: time and peak
    memory of a training step, and of a step plus a Sophia-G refresh on a quarter of the batch.
 5. a short comparison: Sophia-G against AdamW with ``sophia_pytorch.harness.compare`` on a

@@ -51,7 +51,8 @@ TOLERANCES = {
 }
 BATCH_SAMPLES = 480.0
 EVENTS = ("step", "refresh", "step", "step", "refresh", "step")
-BYTES_PER_COORDINATE = {"SophiaG": 24, "AdamW": 28}  # float32: reads p g m h (+v), writes p m (+v)
+# float32: reads p g m h (+v), writes p m (+v); bf16 state: m and h are 2 bytes
+BYTES_PER_COORDINATE = {"SophiaG": 24, "SophiaG bf16 state": 18, "AdamW": 28}
 NOMINAL_BANDWIDTH_TBPS = {"H200": 4.8, "H100 SXM": 3.35, "H100 NVL": 3.9, "H100 PCIe": 2.0,
                           "H100": 3.35, "A100-SXM4-80GB": 2.04, "A100": 1.56}
 

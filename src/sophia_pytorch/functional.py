@@ -17,7 +17,9 @@ curvature is not positive takes a full sign step, as a clipped coordinate does.
 ``_single_tensor_sophia`` is the readable ground truth; ``_multi_tensor_sophia`` does the same
 with torch's foreach kernels; ``sophia_update`` picks one. The state (``exp_avgs``,
 ``hessians``) may be float32 for low-precision parameters: the update is then computed in the
-state's dtype and rounded once into the parameter.
+state's dtype and rounded once into the parameter. It may also be bfloat16 (``state_dtype`` of
+the optimizers): the update is then computed in float32 and m and h are stochastically rounded
+back (``sophia_pytorch._rounding``).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import torch
 from torch import Tensor
 
 from ._kernel import loader as _kernel
+from ._rounding import stochastic_round_bf16
 
 _ACCELERATORS = ("cuda", "xpu", "mps")
 
@@ -60,9 +63,14 @@ def _single_tensor_sophia(
     weight_decay: float,
     eps: float,
     maximize: bool,
+    rounding_keys: list[int] | None = None,
 ) -> None:
-    for param, grad, exp_avg, hessian in zip(params, grads, exp_avgs, hessians):
+    for index, (param, grad, exp_avg, hessian) in enumerate(
+            zip(params, grads, exp_avgs, hessians)):
         param, grad, exp_avg, hessian = _as_real(param, grad, exp_avg, hessian)
+        stored = exp_avg
+        if exp_avg.dtype == torch.bfloat16:  # bf16 state: computed in float32, rounded back
+            exp_avg, hessian = exp_avg.float(), hessian.float()
         if maximize:
             grad = -grad
         if weight_decay != 0:
@@ -75,6 +83,15 @@ def _single_tensor_sophia(
             param.add_(ratio, alpha=-lr)
         else:
             param.add_(ratio.mul_(-lr).to(param.dtype))
+        if stored is not exp_avg:
+            stored.copy_(stochastic_round_bf16(exp_avg, _key(rounding_keys, index)))
+
+
+def _key(rounding_keys: list[int] | None, index: int) -> int:
+    if rounding_keys is None:
+        raise ValueError("bfloat16 state needs rounding_keys: one stochastic-rounding key per "
+                         "tensor (see sophia_pytorch._rounding.rounding_key)")
+    return rounding_keys[index]
 
 
 def _multi_tensor_sophia(
@@ -89,6 +106,7 @@ def _multi_tensor_sophia(
     weight_decay: float,
     eps: float,
     maximize: bool,
+    rounding_keys: list[int] | None = None,
 ) -> None:
     if not params:
         return
@@ -96,11 +114,17 @@ def _multi_tensor_sophia(
     for index, (param, exp_avg) in enumerate(zip(params, exp_avgs)):
         groups.setdefault((param.device, param.dtype, exp_avg.dtype), []).append(index)
 
-    for (_, param_dtype, state_dtype), indices in groups.items():
+    for (_, param_dtype, stored_dtype), indices in groups.items():
         group_params = _as_real(*[params[i] for i in indices])
         group_grads: list[Tensor] | tuple[Tensor, ...] = _as_real(*[grads[i] for i in indices])
-        group_exp_avgs = _as_real(*[exp_avgs[i] for i in indices])
-        group_hessians = _as_real(*[hessians[i] for i in indices])
+        stored_exp_avgs = _as_real(*[exp_avgs[i] for i in indices])
+        group_exp_avgs, group_hessians = stored_exp_avgs, _as_real(*[hessians[i]
+                                                                     for i in indices])
+        state_dtype = stored_dtype
+        if stored_dtype == torch.bfloat16:  # bf16 state: computed in float32, rounded back
+            state_dtype = torch.float32
+            group_exp_avgs = [m.float() for m in stored_exp_avgs]
+            group_hessians = [h.float() for h in group_hessians]
 
         if state_dtype != param_dtype:
             group_grads = [g.to(state_dtype) for g in group_grads]
@@ -125,6 +149,10 @@ def _multi_tensor_sophia(
             torch._foreach_add_(group_params, ratios)
         else:
             torch._foreach_add_(group_params, ratios, alpha=-lr)
+        if stored_dtype == torch.bfloat16:
+            rounded = [stochastic_round_bf16(m, _key(rounding_keys, i))
+                       for m, i in zip(group_exp_avgs, indices)]
+            torch._foreach_copy_(stored_exp_avgs, rounded)
 
 
 def sophia_update(
@@ -141,13 +169,16 @@ def sophia_update(
     maximize: bool = False,
     foreach: bool | None = None,
     fused: bool | None = None,
+    rounding_keys: list[int] | None = None,
 ) -> None:
     """One Sophia step, in place, on matching lists of tensors.
 
     Args:
         params: parameters θ, any shape and floating dtype (complex is viewed as real pairs).
         grads: gradients, same shapes and dtypes as ``params``.
-        exp_avgs: m, same shapes; dtype of ``params`` or float32 for low-precision params.
+        exp_avgs: m, same shapes; dtype of ``params``, float32 for low-precision params, or
+            bfloat16 (then the step is computed in float32 and m is stochastically rounded
+            back, see ``rounding_keys``).
         hessians: h, same shapes and dtype as ``exp_avgs``.
         lr: step size, a float or a one-element tensor (units of θ per step); the fused
             kernel reads a tensor's value each step (as torch's CPU-fused AdamW takes one).
@@ -161,6 +192,10 @@ def sophia_update(
             the for-loop) on the tensors it supports; ``foreach`` picks the path for the rest.
             None (with ``foreach`` None too): take it for CPU tensors where it can be built
             (else warn once and fall back), unless ``lr`` is a Tensor or the step is compiled.
+        rounding_keys: one 32-bit key per tensor (``sophia_pytorch._rounding.rounding_key``
+            of a seed and the step), required where m is bfloat16: m's stochastic rounding
+            draws its bits from a hash of the key and the element index, so every path
+            rounds alike (default None: no bfloat16 state).
     """
     if isinstance(lr, Tensor) and lr.dim() != 0 and lr.numel() == 1:
         lr = lr.reshape(())  # a one-element lr of any shape, as torch's optimizers take it
@@ -169,17 +204,20 @@ def sophia_update(
         left = _kernel.fused_sophia_(
             params, grads, exp_avgs, hessians,  # the kernel takes a Tensor lr's value
             lr=float(lr) if isinstance(lr, Tensor) else lr, beta1=beta1, rho=rho,
-            weight_decay=weight_decay, eps=eps, maximize=maximize,
+            weight_decay=weight_decay, eps=eps, maximize=maximize, rounding_keys=rounding_keys,
         )
         if not left:
             return
         params, grads, exp_avgs, hessians = (
             [tensors[i] for i in left] for tensors in (params, grads, exp_avgs, hessians)
         )
+        if rounding_keys is not None:
+            rounding_keys = [rounding_keys[i] for i in left]
     update = _multi_tensor_sophia if foreach else _single_tensor_sophia
     update(
         params, grads, exp_avgs, hessians,
         lr=lr, beta1=beta1, rho=rho, weight_decay=weight_decay, eps=eps, maximize=maximize,
+        rounding_keys=rounding_keys,
     )
 
 
@@ -219,17 +257,23 @@ def hessian_ema_update(
     beta2: float,
     weights: list[float] | None = None,
     foreach: bool | None = None,
+    rounding_keys: list[int] | None = None,
 ) -> None:
     """Fold fresh diagonal estimates ĥ into h, in place: ``h ← β2·h + (1 − β2)·ĥ``.
 
     Args:
-        hessians: h, any shapes; ``estimates`` match them in shape (any dtype; cast to h's).
+        hessians: h, any shapes; ``estimates`` match them in shape (any dtype; cast to h's,
+            or to float32 for a bfloat16 h, which is computed in float32 and stochastically
+            rounded back).
         beta2: the EMA coefficient.
         weights: optional per-tensor weights w replacing ``1 − β2``: ``h ← (1 − w)·h + w·ĥ``
             (bias correction passes ``(1 − β2) / (1 − β2^r)`` for the r-th estimate).
         foreach: use torch's multi-tensor kernels; None: on accelerators.
+        rounding_keys: one key per tensor, required where h is bfloat16 (see
+            :func:`sophia_update`).
     """
-    hessians = _as_real(*hessians)
+    stored = _as_real(*hessians)
+    hessians = _compute_copies(stored)
     estimates = [e.to(h.dtype) for e, h in zip(_as_real(*estimates), hessians)]
     for decay, weight, indices in _ema_buckets(beta2, weights, len(hessians)):
         group_h, group_e = [hessians[i] for i in indices], [estimates[i] for i in indices]
@@ -239,6 +283,7 @@ def hessian_ema_update(
         else:
             for hessian, estimate in zip(group_h, group_e):
                 hessian.mul_(decay).add_(estimate, alpha=weight)
+    _round_back(stored, hessians, rounding_keys)
 
 
 def gauss_newton_ema_update(
@@ -249,6 +294,7 @@ def gauss_newton_ema_update(
     scale: float | Tensor,
     weights: list[float] | None = None,
     foreach: bool | None = None,
+    rounding_keys: list[int] | None = None,
 ) -> None:
     """Fold ĥ = scale · g ⊙ g into h, in place: ``h ← β2·h + (1 − β2)·scale·g⊙g``.
 
@@ -256,13 +302,17 @@ def gauss_newton_ema_update(
     the Gauss-Newton-Bartlett estimate; it never materialises ĥ.
 
     Args:
-        hessians: h; ``grads`` match them in shape.
+        hessians: h; ``grads`` match them in shape. A bfloat16 h is computed in float32 and
+            stochastically rounded back.
         beta2: the EMA coefficient.
         scale: B (a number, or a 0-dim tensor on h's device, read without a host sync).
         weights: per-tensor weights replacing ``1 − β2``, as in :func:`hessian_ema_update`.
         foreach: use torch's multi-tensor kernels; None: on accelerators.
+        rounding_keys: one key per tensor, required where h is bfloat16 (see
+            :func:`sophia_update`).
     """
-    hessians = _as_real(*hessians)
+    stored = _as_real(*hessians)
+    hessians = _compute_copies(stored)
     grads = [g.to(h.dtype) for g, h in zip(_as_real(*grads), hessians)]
     for decay, weight, indices in _ema_buckets(beta2, weights, len(hessians)):
         group_h, group_g = [hessians[i] for i in indices], [grads[i] for i in indices]
@@ -277,6 +327,20 @@ def gauss_newton_ema_update(
         else:
             for hessian, grad, other in zip(group_h, group_g, scaled):
                 hessian.mul_(decay).addcmul_(grad, other, value=value)
+    _round_back(stored, hessians, rounding_keys)
+
+
+def _compute_copies(stored: list[Tensor]) -> list[Tensor]:
+    """The tensors to compute in: float32 copies of bfloat16 ones, the others themselves."""
+    return [t.float() if t.dtype == torch.bfloat16 else t for t in stored]
+
+
+def _round_back(stored: list[Tensor], computed: list[Tensor],
+                rounding_keys: list[int] | None) -> None:
+    """Round each float32 copy made by ``_compute_copies`` stochastically into its bf16 home."""
+    for index, (home, value) in enumerate(zip(stored, computed)):
+        if home is not value:
+            home.copy_(stochastic_round_bf16(value, _key(rounding_keys, index)))
 
 
 def _ema_buckets(beta2: float, weights: list[float] | None,
@@ -300,4 +364,6 @@ def unclipped_count(exp_avg: Tensor, hessian: Tensor, rho: float) -> tuple[Tenso
     many parameters reads it back once rather than synchronising per parameter.
     """
     exp_avg, hessian = _as_real(exp_avg, hessian)
+    if hessian.dtype == torch.bfloat16:  # ρh in float32, as the step computes it
+        exp_avg, hessian = exp_avg.float(), hessian.float()
     return (exp_avg.abs() < rho * hessian).sum(), exp_avg.numel()

@@ -15,6 +15,7 @@ from torch.optim import Optimizer
 
 from ._dtensor import all_reduce_mean, is_dtensor, local_shards, sum_over_shards
 from ._kernel.loader import unavailable_reason as fused_kernel_unavailable_reason
+from ._rounding import H_STREAM, M_STREAM, rounding_key
 from .estimators import _hutchinson_estimate
 from .functional import (
     fused_kernel_available,
@@ -31,6 +32,8 @@ _LOW_PRECISION = (torch.float16, torch.bfloat16)
 _FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.complex64,
                  torch.complex128)
 _STATE_KEYS = ("exp_avg", "hessian")  # shaped like the parameter
+# parameter dtypes that bfloat16 state (state_dtype=torch.bfloat16) serves
+_BF16_STATE_PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # 0-dim float32 counters on the CPU: steps taken, estimates folded into h, and the step count
 # at the last fold (the refresh cadence counts from it).
 _COUNT_KEYS = ("step", "hessian_step", "last_refresh_step")
@@ -130,7 +133,13 @@ class SophiaBase(Optimizer):
         bias_correction: bool = False,
         refresh_at_start: bool = False,
         unclipped_band: tuple[float, float] | None = None,
+        state_dtype: torch.dtype | None = None,
     ) -> None:
+        if state_dtype not in (None, torch.bfloat16):
+            raise ValueError(f"Invalid state_dtype: {state_dtype!r}; expected None (float32 "
+                             "m and h, float64 for float64 parameters) or torch.bfloat16")
+        # the optimizer's, not a group's: a loaded state_dict converts to it (see the hooks)
+        self.state_dtype: torch.dtype | None = state_dtype
         options = dict(refresh_every=refresh_every, bias_correction=bias_correction,
                        refresh_at_start=refresh_at_start,
                        unclipped_band=tuple(unclipped_band) if isinstance(unclipped_band, list)
@@ -169,12 +178,28 @@ class SophiaBase(Optimizer):
         super().add_param_group(param_group)
         try:
             _validate_hyperparameters(self.param_groups[-1])
+            self._check_state_dtype(self.param_groups[-1]["params"])
         except ValueError:
             self.param_groups.pop()
             raise
 
+    def _check_state_dtype(self, params: list[Tensor]) -> None:
+        """Refuse parameters that bfloat16 state cannot serve (float64, complex)."""
+        if self.state_dtype != torch.bfloat16:
+            return
+        for param in params:
+            if param.dtype not in _BF16_STATE_PARAM_DTYPES:
+                raise ValueError(
+                    f"state_dtype=torch.bfloat16 serves float32, bfloat16 and float16 "
+                    f"parameters, not {param.dtype}: put such parameters in an optimizer "
+                    "with state_dtype=None")
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**super().__getstate__(), "state_dtype": self.state_dtype}  # pickle, deepcopy
+
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        self.__dict__.setdefault("state_dtype", None)  # pickled before state_dtype existed
         for group in self.param_groups:
             group.setdefault("maximize", False)
             group.setdefault("foreach", None)
@@ -211,11 +236,13 @@ class SophiaBase(Optimizer):
         (``steps_taken()`` at the last fold) are 0-dim float32 tensors on the CPU.
 
         m and h are float32 for float16/bfloat16 parameters (they hold small, slowly moving
-        averages that bf16's 8-bit mantissa would round away), else the parameter's dtype.
+        averages that bf16's 8-bit mantissa would round to nearest away), else the parameter's
+        dtype; bfloat16 with ``state_dtype=torch.bfloat16``, stochastically rounded.
         """
         state: dict[str, Tensor] = self.state[param]
         if len(state) == 0:
-            dtype = torch.float32 if param.dtype in _LOW_PRECISION else param.dtype
+            dtype = self.state_dtype or (torch.float32 if param.dtype in _LOW_PRECISION
+                                         else param.dtype)
             for key in _COUNT_KEYS:
                 state[key] = torch.tensor(0.0, dtype=torch.float32)
             for key in _STATE_KEYS:
@@ -232,8 +259,10 @@ class SophiaBase(Optimizer):
         exp_avgs: list[Tensor],
         hessians: list[Tensor],
         steps: list[Tensor],
+        seeds: list[int] | None = None,
+        first_seed: int = 0,
     ) -> None:
-        for param in group["params"]:
+        for ordinal, param in enumerate(group["params"], start=first_seed):
             if param.grad is None:
                 continue
             if param.grad.is_sparse:
@@ -250,6 +279,8 @@ class SophiaBase(Optimizer):
             exp_avgs.append(exp_avg)
             hessians.append(hessian)
             steps.append(state["step"])
+            if seeds is not None:
+                seeds.append(ordinal)
 
     # torch's stubs type a closure as returning a float; closures return the loss Tensor.
     @overload
@@ -271,13 +302,16 @@ class SophiaBase(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        first_seed = 0
         for group in self.param_groups:
             params: list[Tensor] = []
             grads: list[Tensor] = []
             exp_avgs: list[Tensor] = []
             hessians: list[Tensor] = []
             steps: list[Tensor] = []
-            self._init_group(group, params, grads, exp_avgs, hessians, steps)
+            seeds: list[int] | None = [] if self.state_dtype == torch.bfloat16 else None
+            self._init_group(group, params, grads, exp_avgs, hessians, steps, seeds, first_seed)
+            first_seed += len(group["params"])
             if not params:
                 continue
             if isinstance(group["lr"], Tensor):
@@ -287,11 +321,14 @@ class SophiaBase(Optimizer):
                     step += 1
             else:
                 torch._foreach_add_(steps, 1)
+            keys = None if seeds is None else [
+                rounding_key(seed, int(step.item()), M_STREAM) for seed, step in zip(seeds, steps)]
             sophia_update(
                 params, grads, exp_avgs, hessians,
                 lr=group["lr"], beta1=group["betas"][0], rho=group["rho"],
                 weight_decay=group["weight_decay"], eps=group["eps"],
                 maximize=group["maximize"], foreach=group["foreach"], fused=group["fused"],
+                rounding_keys=keys,
             )
         return loss
 
@@ -415,27 +452,34 @@ class SophiaBase(Optimizer):
             params = [p for p, _ in pairs]
             weights = self._fold_weights(group, params)
             for param, weight in zip(params, weights):
-                _check_representable(coefficient, weight, _state_dtype(param), scale, grad_scale)
+                _check_representable(coefficient, weight, _state_dtype(param, self.state_dtype),
+                                     scale, grad_scale)
             plans.append((group, params, [e for _, e in pairs], weights))
         if grad_scale is not None and not _finite_and_valid(
                 [e for _, e in estimates], scale if squared else None, grad_scale):
             return False
         taken = self.steps_taken()
+        seeds = self._seeds() if self.state_dtype == torch.bfloat16 else {}
         for group, params, es, weights in plans:
-            hessians, locals_ = [], []
+            hessians, locals_, keys = [], [], []
             for param, e in zip(params, es):
-                _, hessian, e = local_shards(param, self._state_for(param)["hessian"], e)
+                state = self._state_for(param)
+                _, hessian, e = local_shards(param, state["hessian"], e)
                 hessians.append(hessian)
                 locals_.append(e)
+                if seeds:  # the count this fold makes, as steps count for m
+                    refreshes = int(state.get("hessian_step", torch.tensor(0.0)).item()) + 1
+                    keys.append(rounding_key(seeds[param], refreshes, H_STREAM))
+            rounding_keys = keys if seeds else None
             if squared:
                 gauss_newton_ema_update(hessians, locals_, beta2=group["betas"][1],
                                         scale=coefficient, weights=weights,
-                                        foreach=group["foreach"])
+                                        foreach=group["foreach"], rounding_keys=rounding_keys)
             else:
                 if grad_scale is not None:
                     locals_ = [e / grad_scale for e in locals_]
                 hessian_ema_update(hessians, locals_, beta2=group["betas"][1], weights=weights,
-                                   foreach=group["foreach"])
+                                   foreach=group["foreach"], rounding_keys=rounding_keys)
             for param in params:
                 state = self.state[param]
                 for key in ("hessian_step", "last_refresh_step"):  # absent from old states
@@ -444,6 +488,13 @@ class SophiaBase(Optimizer):
                 state["last_refresh_step"].fill_(taken)
         self._adapt_rho()
         return True
+
+    def _seeds(self) -> dict[Tensor, int]:
+        """Each parameter's stochastic-rounding seed: its index over all groups, the number
+        ``state_dict`` gives it, so that data-parallel replicas round alike and a resumed run
+        rounds as the uninterrupted one."""
+        params = [p for group in self.param_groups for p in group["params"]]
+        return {param: ordinal for ordinal, param in enumerate(params)}
 
     def _fold_weights(self, group: dict[str, Any], params: list[Tensor]) -> list[float]:
         """The EMA weight of one more estimate for each of ``params`` (nothing is counted).
@@ -513,8 +564,11 @@ class SophiaBase(Optimizer):
                         continue
                     if key in _COUNT_KEYS:  # counters stay float32 on the CPU, as torch's step
                         state[key] = value.to(device="cpu", dtype=torch.float32, copy=True)
-                    elif param.dtype in _LOW_PRECISION:
-                        state[key] = value.to(device=param.device, dtype=torch.float32, copy=True)
+                    elif optimizer.state_dtype is not None or param.dtype in _LOW_PRECISION:
+                        # float32 state into bf16 state rounds to nearest, bf16 into float32
+                        # is exact
+                        dtype = _state_dtype(param, optimizer.state_dtype)
+                        state[key] = value.to(device=param.device, dtype=dtype, copy=True)
         optimizer._infer_last_refresh_steps()
 
 
@@ -557,6 +611,14 @@ class SophiaG(SophiaBase):
             factors of √2 until the fraction of unclipped coordinates (|m| < ρh, counted
             at that refresh) lies in the band — the official advice of keeping it in 0.1–0.5,
             automated. ``group["rho"]`` then holds the current ρ (default None: fixed ρ).
+        state_dtype: None (m and h in float32, or float64 for float64 parameters) or
+            ``torch.bfloat16``: m and h in bf16, 2 bytes each a parameter, for float32, bf16
+            and fp16 parameters. The update is computed in float32 and m and h are rounded
+            back stochastically (unbiased), the random bits a hash of the parameter's index,
+            the step (or refresh count) and the element, so every path rounds alike and a
+            resume is bit-identical. It is the optimizer's, not a group's: a loaded
+            ``state_dict`` is converted to it (float32 → bf16 to nearest, bf16 → float32
+            exactly) (default None).
 
     Migrating from the official ``SophiaG``: where it called ``update_hessian()`` and
     ``step(bs=bs)``, call ``update_hessian(scale=bs)`` and ``step()``; the trajectories agree.
@@ -595,8 +657,11 @@ class SophiaG(SophiaBase):
         return self._fold(estimates, squared=True, scale=scale, grad_scale=grad_scale)
 
 
-def _state_dtype(param: Tensor) -> torch.dtype:
-    """The dtype of m and h for ``param`` (see ``SophiaBase._state_for``)."""
+def _state_dtype(param: Tensor, state_dtype: torch.dtype | None) -> torch.dtype:
+    """The (real) dtype of m and h for ``param`` under the optimizer's ``state_dtype`` (see
+    ``SophiaBase._state_for``)."""
+    if state_dtype is not None:
+        return state_dtype
     if param.dtype in _LOW_PRECISION:
         return torch.float32
     return param.dtype.to_real() if param.dtype.is_complex else param.dtype
@@ -678,6 +743,7 @@ class SophiaH(SophiaBase):
         bias_correction: as in :class:`SophiaG` (default False).
         refresh_at_start: as in :class:`SophiaG` (default False).
         unclipped_band: as in :class:`SophiaG` (default None).
+        state_dtype: as in :class:`SophiaG` (default None).
     """
 
     def update_hessian(

@@ -327,3 +327,43 @@ def test_sophia_presets_lists_every_optimizer_with_its_description(capsys):
     shown = capsys.readouterr().out
     for name, spec in OPTIMIZERS.items():
         assert spec.description and f"{name} " in shown and spec.description in shown
+
+
+@pytest.mark.parametrize("optimizer", ["sophiag", "sophiah", "sophiag-official",
+                                       "muon-sophiag"])
+def test_state_dtype_bfloat16_reaches_sophia_and_float32_keeps_the_default(optimizer):
+    for state_dtype, expected in (("bfloat16", torch.bfloat16), ("float32", None)):
+        config = make_config("tiny", {"optimizer": optimizer, "state_dtype": state_dtype})
+        built = build_optimizer(config, _model())
+        sophia = built.rest if optimizer == "muon-sophiag" else built
+        assert sophia.state_dtype == expected
+
+
+def test_state_dtype_for_another_optimizer_is_refused():
+    with pytest.raises(SophiaError, match="--state-dtype bfloat16 applies to .* not adamw"):
+        make_config("tiny", {"optimizer": "adamw", "state_dtype": "bfloat16"})
+    with pytest.raises(SophiaError, match="state_dtype must be one of|state_dtype"):
+        make_config("tiny", {"state_dtype": "float16"})
+    with pytest.raises(SophiaError, match="set by the harness from --state-dtype"):
+        make_config("tiny", {"sophia_options": {"state_dtype": "bfloat16"}})
+
+
+def _checkpoint_state_dtypes(folder: str) -> set[torch.dtype]:
+    saved = torch.load(f"{folder}/checkpoint.pt", weights_only=False)
+    states = saved["optimizer"]["state"].values()
+    return {s[k].dtype for s in states for k in ("exp_avg", "hessian")}
+
+
+def test_a_float32_state_run_resumes_with_bf16_state_and_back(tmp_path):
+    """--state-dtype is no fixed setting: a resume converts the loaded state (float32 -> bf16
+    to nearest, bf16 -> float32 exactly) and trains on."""
+    from tests.harness.helpers import tiny_config
+
+    config = tiny_config(tmp_path, max_steps=2)
+    trainer.train(config)
+    assert _checkpoint_state_dtypes(config.run.out_dir) == {torch.float32}
+    for steps, state_dtype, expected in (("4", "bfloat16", torch.bfloat16),
+                                         ("6", "float32", torch.float32)):
+        assert main(["train", "--resume", config.run.out_dir, "--max-steps", steps,
+                     "--state-dtype", state_dtype, "--no-progress"]) == 0
+        assert _checkpoint_state_dtypes(config.run.out_dir) == {expected}

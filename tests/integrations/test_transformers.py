@@ -279,3 +279,14 @@ def test_ddp_refresh_scale_is_the_sample_count_over_both_ranks(ddp_runs):
     assert first["calls"] == second["calls"]
     totals = [a + b for a, b in zip(first["local_counts"], second["local_counts"])]
     assert [scale for _, scale in first["calls"]] == totals
+
+
+def test_sophia_kwargs_state_dtype_bfloat16_keeps_m_and_h_in_bf16(tmp_path):
+    trainer = _train(tmp_path, max_steps=4, sophia_kwargs={"state_dtype": torch.bfloat16,
+                                                           "refresh_every": 2})
+    optimizer = trainer.optimizer.optimizer
+    assert optimizer.state_dtype == torch.bfloat16 and optimizer.refreshes_done() == 2
+    states = list(optimizer.state.values())
+    assert states and all(s["exp_avg"].dtype == s["hessian"].dtype == torch.bfloat16
+                          for s in states)
+    assert any(bool(s["hessian"].any()) for s in states)

@@ -11,6 +11,11 @@
 // Scalars arrive as doubles and are rounded to the state dtype, as torch rounds a Python
 // scalar to a kernel's compute type. Built with -ffp-contract=off so the compiler adds no
 // fusions of its own.
+//
+// bfloat16 state (m and h stored as bf16, the optimizers' state_dtype): m and h are widened to
+// float32, the step is the float32 one, and the new m is stored with stochastic rounding whose
+// random bits are the top half of (element index ^ key)·0x21f0aaad mod 2^32, exactly as
+// sophia_pytorch._rounding does it with torch's integer ops: the same bits on every path.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -22,6 +27,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -43,8 +49,36 @@ inline T floor_at(T x, T floor) { return floor > x ? floor : x; }
 template <typename T>
 inline T ceil_at(T x, T ceiling) { return ceiling < x ? ceiling : x; }
 
-// θ, g and the state share one dtype T (float or double). Maximize negates g (a sign-bit flip,
-// as torch's neg does, so even a NaN gradient keeps its bits).
+// A bfloat16 state element, as its raw bits (kept apart from c10::BFloat16 so that the loops
+// stay plain integer and float arithmetic the compiler can vectorise).
+struct Bf16 {
+  uint16_t bits;
+};
+
+// State element <-> float: float state as it is, bf16 widened exactly / stored with stochastic
+// rounding (add 16 random bits below bf16's mantissa, keep the top half; NaN -> 0x7FC0).
+inline float widen(float x) { return x; }
+inline float widen(Bf16 x) {
+  const uint32_t bits = static_cast<uint32_t>(x.bits) << 16;
+  float value;
+  std::memcpy(&value, &bits, sizeof(value));
+  return value;
+}
+// index: the element's offset in the tensor, modulo 2^32.
+template <typename S>
+inline S narrow(float x, uint32_t, uint32_t) { return x; }
+template <>
+inline Bf16 narrow<Bf16>(float x, uint32_t key, uint32_t index) {
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof(bits));
+  const uint32_t noise = ((index ^ key) * 0x21f0aaadu) >> 16;
+  const bool nan = (bits & 0x7FFFFFFFu) > 0x7F800000u;
+  return Bf16{static_cast<uint16_t>(nan ? 0x7FC0u : (bits + noise) >> 16)};
+}
+
+// θ and g share one dtype T (float or double), as do m and h, and the arithmetic is done in T.
+// Maximize negates g (a sign-bit flip, as torch's neg does, so even a NaN gradient keeps its
+// bits).
 template <typename T, bool Maximize>
 void step_same_dtype(T* __restrict param, const T* __restrict grad, T* __restrict exp_avg,
                      const T* __restrict hessian, int64_t begin, int64_t end,
@@ -62,11 +96,40 @@ void step_same_dtype(T* __restrict param, const T* __restrict grad, T* __restric
   }
 }
 
-// θ and g in a 16-bit type P, state and arithmetic in float32.
-template <typename P, bool Maximize>
+// float32 θ and g, bf16 m and h: the float32 step on the widened state, m stored
+// stochastically rounded. The loop counts in 32 bits (the hash's index is 32-bit) from
+// pointers moved to ``begin``, so the vectorised loop carries no 64-bit index vectors.
+template <bool Maximize>
+void step_float_bf16_state(float* __restrict param, const float* __restrict grad,
+                           Bf16* __restrict exp_avg, const Bf16* __restrict hessian,
+                           int64_t begin, int64_t end, const Coefficients& c, uint32_t key) {
+  const float decay = static_cast<float>(c.decay), beta1 = static_cast<float>(c.beta1);
+  const float one_minus_beta1 = static_cast<float>(c.one_minus_beta1);
+  const float rho = static_cast<float>(c.rho), eps = static_cast<float>(c.eps);
+  const float neg_lr = static_cast<float>(c.neg_lr);
+  param += begin;
+  grad += begin;
+  exp_avg += begin;
+  hessian += begin;
+  const uint32_t first = static_cast<uint32_t>(begin);
+  const uint32_t count = static_cast<uint32_t>(end - begin);  // a chunk: < 2^32
+#pragma omp simd
+  for (uint32_t j = 0; j < count; ++j) {
+    const float theta = param[j] * decay;
+    const float m = std::fma(Maximize ? -grad[j] : grad[j], one_minus_beta1,
+                             widen(exp_avg[j]) * beta1);
+    exp_avg[j] = narrow<Bf16>(m, key, first + j);
+    const float ratio =
+        ceil_at(floor_at(m / floor_at(rho * widen(hessian[j]), eps), -1.0f), 1.0f);
+    param[j] = std::fma(ratio, neg_lr, theta);
+  }
+}
+
+// θ and g in a 16-bit type P, arithmetic in float32, state S float32 or bf16.
+template <typename P, typename S, bool Maximize>
 void step_low_precision(P* __restrict param, const P* __restrict grad,
-                        float* __restrict exp_avg, const float* __restrict hessian,
-                        int64_t begin, int64_t end, const Coefficients& c) {
+                        S* __restrict exp_avg, const S* __restrict hessian,
+                        int64_t begin, int64_t end, const Coefficients& c, uint32_t key) {
   const float decay = static_cast<float>(c.decay), beta1 = static_cast<float>(c.beta1);
   const float one_minus_beta1 = static_cast<float>(c.one_minus_beta1);
   const float rho = static_cast<float>(c.rho), eps = static_cast<float>(c.eps);
@@ -74,9 +137,10 @@ void step_low_precision(P* __restrict param, const P* __restrict grad,
   for (int64_t i = begin; i < end; ++i) {
     const float theta = static_cast<float>(P(static_cast<float>(param[i]) * decay));
     const float g = static_cast<float>(grad[i]);
-    const float m = std::fma(Maximize ? -g : g, one_minus_beta1, exp_avg[i] * beta1);
-    exp_avg[i] = m;
-    const float ratio = ceil_at(floor_at(m / floor_at(rho * hessian[i], eps), -1.0f), 1.0f);
+    const float m = std::fma(Maximize ? -g : g, one_minus_beta1, widen(exp_avg[i]) * beta1);
+    exp_avg[i] = narrow<S>(m, key, static_cast<uint32_t>(i));
+    const float ratio =
+        ceil_at(floor_at(m / floor_at(rho * widen(hessian[i]), eps), -1.0f), 1.0f);
     const float step = static_cast<float>(P(ratio * neg_lr));
     param[i] = P(theta + step);
   }
@@ -111,10 +175,12 @@ bool supported(const at::Tensor& param, const at::Tensor& grad, const at::Tensor
   const auto dtype = param.scalar_type(), state = exp_avg.scalar_type();
   if (grad.scalar_type() != dtype || hessian.scalar_type() != state) return false;
   switch (dtype) {
-    case at::kFloat: case at::kDouble: case at::kComplexFloat: case at::kComplexDouble:
+    case at::kFloat:
+      return state == dtype || state == at::kBFloat16;
+    case at::kDouble: case at::kComplexFloat: case at::kComplexDouble:
       return state == dtype;
     case at::kBFloat16: case at::kHalf:
-      return state == at::kFloat;
+      return state == at::kFloat || state == at::kBFloat16;
     default:
       return false;
   }
@@ -122,25 +188,31 @@ bool supported(const at::Tensor& param, const at::Tensor& grad, const at::Tensor
 
 // A stretch [begin, end) of one tensor's elements, and the loop that updates it.
 struct Chunk {
-  void (*update)(void*, const void*, void*, const void*, int64_t, int64_t, const Coefficients&);
+  void (*update)(void*, const void*, void*, const void*, int64_t, int64_t, const Coefficients&,
+                 uint32_t);
   void* param;
   const void* grad;
   void* exp_avg;
   const void* hessian;
   int64_t begin, end;
+  uint32_t key;  // the stochastic-rounding key of a bf16 state (unused for float state)
 };
 
 template <typename P, typename S, bool Maximize>
 void update_chunk(void* param, const void* grad, void* exp_avg, const void* hessian,
-                  int64_t begin, int64_t end, const Coefficients& c) {
+                  int64_t begin, int64_t end, const Coefficients& c, uint32_t key) {
   if constexpr (std::is_same_v<P, S>) {
     step_same_dtype<P, Maximize>(static_cast<P*>(param), static_cast<const P*>(grad),
                                  static_cast<S*>(exp_avg), static_cast<const S*>(hessian),
                                  begin, end, c);
+  } else if constexpr (std::is_same_v<P, float>) {
+    step_float_bf16_state<Maximize>(static_cast<float*>(param), static_cast<const float*>(grad),
+                                    static_cast<Bf16*>(exp_avg),
+                                    static_cast<const Bf16*>(hessian), begin, end, c, key);
   } else {
-    step_low_precision<P, Maximize>(static_cast<P*>(param), static_cast<const P*>(grad),
-                                    static_cast<S*>(exp_avg), static_cast<const S*>(hessian),
-                                    begin, end, c);
+    step_low_precision<P, S, Maximize>(static_cast<P*>(param), static_cast<const P*>(grad),
+                                       static_cast<S*>(exp_avg), static_cast<const S*>(hessian),
+                                       begin, end, c, key);
   }
 }
 
@@ -161,10 +233,12 @@ constexpr int64_t kSerialBelow = 4 * kChunk;
 std::vector<int64_t> step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                           at::TensorList hessians, double decay, double beta1,
                           double one_minus_beta1, double rho, double eps, double neg_lr,
-                          bool maximize) {
+                          bool maximize, at::IntArrayRef keys) {
   TORCH_CHECK(grads.size() == params.size() && exp_avgs.size() == params.size() &&
                   hessians.size() == params.size(),
               "sophia fused step: the four tensor lists must have the same length");
+  TORCH_CHECK(keys.empty() || keys.size() == params.size(),
+              "sophia fused step: give one rounding key per tensor, or none");
   const Coefficients c{decay, beta1, one_minus_beta1, rho, eps, neg_lr, maximize};
   std::vector<int64_t> skipped;
   std::vector<size_t> updated;
@@ -179,17 +253,29 @@ std::vector<int64_t> step(at::TensorList params, at::TensorList grads, at::Tenso
     const int64_t n = params[i].numel() * per_element;
     updated.push_back(i);
     decltype(Chunk::update) loop = nullptr;
+    const bool bf16 = exp_avgs[i].scalar_type() == at::kBFloat16;
     switch (dtype) {
-      case at::kFloat: loop = chunk_loop<float, float>(maximize); break;
+      case at::kFloat:
+        loop = bf16 ? chunk_loop<float, Bf16>(maximize) : chunk_loop<float, float>(maximize);
+        break;
       case at::kDouble: loop = chunk_loop<double, double>(maximize); break;
-      case at::kBFloat16: loop = chunk_loop<c10::BFloat16, float>(maximize); break;
-      case at::kHalf: loop = chunk_loop<c10::Half, float>(maximize); break;
+      case at::kBFloat16:
+        loop = bf16 ? chunk_loop<c10::BFloat16, Bf16>(maximize)
+                    : chunk_loop<c10::BFloat16, float>(maximize);
+        break;
+      case at::kHalf:
+        loop = bf16 ? chunk_loop<c10::Half, Bf16>(maximize)
+                    : chunk_loop<c10::Half, float>(maximize);
+        break;
       default: TORCH_CHECK(false, "sophia fused step: unsupported dtype ", dtype);
     }
+    TORCH_CHECK(!bf16 || !keys.empty(),
+                "sophia fused step: bfloat16 state needs one rounding key per tensor");
+    const auto key = keys.empty() ? 0u : static_cast<uint32_t>(keys[i] & 0xFFFFFFFF);
     for (int64_t begin = 0; begin < n; begin += kChunk) {
       chunks.push_back(Chunk{loop, params[i].data_ptr(), grads[i].const_data_ptr(),
                              exp_avgs[i].data_ptr(), hessians[i].const_data_ptr(), begin,
-                             std::min(begin + kChunk, n)});
+                             std::min(begin + kChunk, n), key});
     }
     total += n;
   }
@@ -197,7 +283,7 @@ std::vector<int64_t> step(at::TensorList params, at::TensorList grads, at::Tenso
     for (size_t k = first; k < last; ++k) {
       const Chunk& chunk = chunks[k];
       chunk.update(chunk.param, chunk.grad, chunk.exp_avg, chunk.hessian, chunk.begin,
-                   chunk.end, c);
+                   chunk.end, c, chunk.key);
     }
   };
   const int64_t threads = total < kSerialBelow ? 1 : at::get_num_threads();
@@ -228,6 +314,6 @@ TORCH_LIBRARY(sophia_fused, m) {
   m.def(
       "step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor[] hessians, "
       "float decay, float beta1, float one_minus_beta1, float rho, float eps, float neg_lr, "
-      "bool maximize) -> int[]",
+      "bool maximize, int[] keys=[]) -> int[]",
       &step);
 }

@@ -64,6 +64,7 @@ DTYPES = ("auto", "float32", "bfloat16")
 TOKENIZERS = ("byte", "bpe")
 PARALLEL_MODES = ("none", "ddp", "fsdp")  # sophia_pytorch.harness.distributed.wrap_model
 SCHEDULES = ("cosine", "wsd")  # sophia_pytorch.harness.schedule
+STATE_DTYPES = ("float32", "bfloat16")  # Sophia's state_dtype: None, torch.bfloat16
 MAX_SEED = 2**63 - 1  # torch.manual_seed's range
 
 
@@ -204,6 +205,9 @@ class OptimizerConfig:
     # Why 1/4: experiments/RESULTS.md, "Harness: Hessian refresh cost".
     refresh_fraction: float = setting(0.25, gt=0.0, le=1.0,
                                       doc="the share of the step's batch the refresh uses")
+    state_dtype: str = setting("float32", choices=STATE_DTYPES,
+                               doc="Sophia's m and h: float32, or bfloat16 (stochastically "
+                                   "rounded; half the state memory)")
     sophia_options: dict[str, Any] = setting(
         default_factory=dict, doc="more SophiaG/SophiaH constructor keywords")
 
@@ -216,6 +220,10 @@ class OptimizerConfig:
             raise SophiaError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr}); lower "
                               "--min-lr")
         _check_sophia_options(self)
+        if self.state_dtype != "float32" and not OPTIMIZERS[self.name].takes_options:
+            takers = ", ".join(name for name, s in OPTIMIZERS.items() if s.takes_options)
+            raise SophiaError(f"--state-dtype {self.state_dtype} applies to Sophia's state "
+                              f"({takers}) only, not {self.name}; drop it or pick one of them")
 
 
 @dataclass

@@ -42,7 +42,7 @@ def build_optimizer(config: Config, model: nn.Module,
     settings = OptimizerSettings(
         lr=resolved.lr, betas=resolved.betas, weight_decay=resolved.weight_decay,
         rho=resolved.rho, refresh_every=resolved.refresh_every,
-        sophia_options=resolved.sophia_options)
+        sophia_options=resolved.sophia_options, state_dtype=resolved.state_dtype)
     try:
         return spec.build(settings, model, PRESETS[config.preset].optimizers, device)
     except ValueError as exc:

@@ -40,13 +40,16 @@ class OptimizerSettings:
     rho: float
     refresh_every: int
     sophia_options: Mapping[str, Any]
+    state_dtype: str = "float32"  # Sophia's m and h: "float32" or "bfloat16"
 
 __all__ = ["OPTIMIZERS", "RESERVED_OPTIONS", "OptimizerSettings", "OptimizerSpec", "decay_groups"]
 
 # Keywords the harness sets from its own settings, not from sophia_options: where to set them.
 RESERVED_OPTIONS = {"params": "the model's parameters", "lr": "--lr", "betas": "--beta1/--beta2",
                     "weight_decay": "--weight-decay", "rho": "--rho",
-                    "refresh_every": "--refresh-every"}
+                    "refresh_every": "--refresh-every", "state_dtype": "--state-dtype"}
+# the harness's --state-dtype -> Sophia's state_dtype keyword
+_STATE_DTYPES = {"float32": None, "bfloat16": torch.bfloat16}
 
 # build(settings, model, rows, device): ``rows`` are the preset's hyperparameter rows by name.
 Builder = Callable[[OptimizerSettings, nn.Module, Mapping[str, OptimizerHparams],
@@ -161,12 +164,20 @@ def _muon_sophiag(settings: OptimizerSettings, model: nn.Module,
                   device: torch.device | None) -> torch.optim.Optimizer:
     """Muon fixed at its row; SophiaG at the config's row (the part the lr grid tunes)."""
     muon, rest = _muon_part(model, rows)
-    sophia = sophia_pytorch.SophiaG(
-        decay_groups(rest, settings.weight_decay), **{
-            **settings.sophia_options, "lr": settings.lr, "betas": settings.betas,
-            "weight_decay": settings.weight_decay, "rho": settings.rho,
-            "refresh_every": settings.refresh_every})
+    sophia = sophia_pytorch.SophiaG(decay_groups(rest, settings.weight_decay),
+                                    **_sophia_keywords(settings))
     return MuonWithSophiaG(muon, sophia)
+
+
+def _sophia_keywords(settings: OptimizerSettings) -> dict[str, Any]:
+    """SophiaG/SophiaH's keywords from the settings: the sophia options, then the harness's
+    own (``state_dtype`` only where it is not the constructor's default, float32)."""
+    keywords = {**settings.sophia_options, "lr": settings.lr, "betas": settings.betas,
+                "weight_decay": settings.weight_decay, "rho": settings.rho,
+                "refresh_every": settings.refresh_every}
+    if settings.state_dtype != "float32":
+        keywords["state_dtype"] = _STATE_DTYPES[settings.state_dtype]
+    return keywords
 
 
 def _sophia(cls: type[torch.optim.Optimizer], extra: Callable[[], dict[str, Any]] = dict
@@ -174,9 +185,7 @@ def _sophia(cls: type[torch.optim.Optimizer], extra: Callable[[], dict[str, Any]
     def build(settings: OptimizerSettings, model: nn.Module,
               rows: Mapping[str, OptimizerHparams],
               device: torch.device | None) -> torch.optim.Optimizer:
-        keywords = {**extra(), **settings.sophia_options, "lr": settings.lr,
-                    "betas": settings.betas, "weight_decay": settings.weight_decay,
-                    "rho": settings.rho, "refresh_every": settings.refresh_every}
+        keywords = {**extra(), **_sophia_keywords(settings)}
         return cls(decay_groups(_trainable(model), settings.weight_decay), **keywords)
 
     return build
