@@ -46,6 +46,8 @@ case "${1:?a queue name}" in
   # = 3.33e-4; Sophia-G never refreshed) and a third seed.
   a) small small-seeds adamw 1 1 ;;
   b) small small-seeds sophiag 1 1 ;;
+  a2) small small-seeds adamw 1 2 ;;
+  b2) small small-seeds sophiag 1 2 ;;
   controls) small small-lion lion 0.333 0
             small small-norefresh sophiag 1 0 --refresh-every 1000000 ;;
   # Muon on the hidden matrices with Sophia-G (or, the control, AdamW) on embeddings, head and
@@ -57,6 +59,10 @@ case "${1:?a queue name}" in
   # what is missing.
   muon-sophiag-seeds-1) tiny muon-sophiag 10 1 2 ;;
   muon-sophiag-seeds-3) tiny muon-sophiag 10 3 2 ;;
-  muon-sophiag) tiny muon-sophiag 3.33,10,30 0 5 ;;
+  # The grid's best was its lowest point (x3.33): x1 extends it, and seeds 1-4 run at x3.33.
+  muon-sophiag-low) tiny muon-sophiag 1 0 1 ;;
+  muon-sophiag-best-1) tiny muon-sophiag 3.33 1 2 ;;
+  muon-sophiag-best-3) tiny muon-sophiag 3.33 3 2 ;;
+  muon-sophiag) tiny muon-sophiag 1,3.33,10,30 0 5 ;;
   *) echo "unknown queue $1" >&2; exit 2 ;;
 esac
