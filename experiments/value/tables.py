@@ -122,13 +122,15 @@ def _seeds(runs: list[Run]) -> str:
 
 
 def _best_lr_runs(runs: list[Run], label: str) -> list[Run]:
-    """The runs of ``label`` at the lr with the most seeds (ties: the lowest seed-0 loss) —
-    the grid's winner, at which the extra seeds were run."""
+    """The runs of ``label`` at its grid's winner: the lr whose seed-0 run ended lowest (the
+    protocol: the grid on seed 0, the other seeds at its best)."""
     mine = [r for r in runs if r.label == label]
     by_lr: dict[float, list[Run]] = {}
     for run in mine:
         by_lr.setdefault(run.lr, []).append(run)
-    return max(by_lr.values(), key=lambda group: (len(group), -min(r.final for r in group)))
+    graded = {lr: min(r.final for r in group if r.seed == 0)
+              for lr, group in by_lr.items() if any(r.seed == 0 for r in group)}
+    return by_lr[min(graded, key=graded.__getitem__)]
 
 
 def _lr_runs(runs: list[Run], label: str, lr: float) -> list[Run]:
