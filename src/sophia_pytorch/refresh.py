@@ -55,7 +55,7 @@ Autocast = Callable[[], "contextlib.AbstractContextManager[object]"]
 """Makes the mixed-precision context of the training forward (``lambda: torch.autocast(…)``,
 Lightning's ``precision.forward_context``), entered once per forward."""
 
-Chunk = Callable[[], "tuple[Tensor, Tensor | None]"]
+Chunk = Callable[[], LogitsAndMask]
 """A chunk of the refresh batch: runs the forward (under the caller's autocast and wrappers)
 and returns ``(outputs, mask)``: ``(..., C)`` outputs and an optional ``(...)`` bool tensor of
 the positions to sample (True); padding and positions without a target are False."""
@@ -261,6 +261,10 @@ def gauss_newton_bartlett(
     # optimizer's gradients (Lightning with two, Muon beside Sophia) are left as they were.
     # FSDP2 gathers its shards outside autograd, so DTensor parameters take a plain backward.
     params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
+    if not params:
+        raise ValueError("gauss_newton_bartlett: the optimizer holds no parameter that requires "
+                         "grad, so there is no Hessian to refresh; unfreeze its parameters or "
+                         "stop refreshing it")
     inputs = None if any(is_dtensor(p) for p in params) else params
     normaliser: Tensor | None = None
     total = torch.zeros((), dtype=torch.int64)

@@ -176,3 +176,11 @@ def test_a_custom_sampled_loss_may_return_its_count_as_an_int():
 
     with pytest.raises(TypeError, match="must return \\(loss, count\\)"):
         gauss_newton_bartlett(optimizer, [lambda: (head(x), None)], loss=broken)
+
+
+def test_a_refresh_of_an_optimizer_with_only_frozen_parameters_is_a_clear_error():
+    head = torch.nn.Linear(4, 8)
+    optimizer = SophiaG(head.parameters(), lr=1e-3, fused=False)
+    head.requires_grad_(False)
+    with pytest.raises(ValueError, match="no parameter that requires grad"):
+        gauss_newton_bartlett(optimizer, [lambda: (head(torch.randn(3, 4)), None)])
