@@ -50,6 +50,16 @@ case "${1:?a queue name}" in
   b2) small small-seeds sophiag 1 2 ;;
   controls) small small-lion lion 0.333 0
             small small-norefresh sophiag 1 0 --refresh-every 1000000 ;;
+  # The lr grid at the 2000-step horizon (the rows came from a 200-step pilot): seed 0 at x3
+  # and x1/3 of each row, one folder per multiplier; then Lion's seeds 1-2.
+  grid-sophiag-up) small small-x3 sophiag 3 0 ;;
+  grid-sophiag-down) small small-x0.333 sophiag 0.333 0 ;;
+  grid-adamw-up) small small-x3 adamw 3 0 ;;
+  grid-adamw-down) small small-x0.333 adamw 0.333 0 ;;
+  grid-lion-up) small small-x3 lion 1 0 ;;
+  grid-lion-down) small small-x0.333 lion 0.111 0 ;;
+  lion-seeds) small small-lion lion 0.333 1
+              small small-lion lion 0.333 2 ;;
   # Muon on the hidden matrices with Sophia-G (or, the control, AdamW) on embeddings, head and
   # the rest, each tuned on its own part: the seed-0 grid, then seeds 1-4 at the best.
   muon-adamw) tiny muon-adamw 1,3.33,10,30 0 5 ;;
