@@ -178,11 +178,39 @@ def _small_runs() -> list[Run]:
                  *VALUE.glob("small-*/results*.json")])
 
 
+def _grid_verdict(lrs: list[float], best: float) -> str:
+    """Where ``best`` sits in the seed-0 grid ``lrs``: inside it, or at an edge to extend."""
+    if len(lrs) == 1:
+        return "one lr only"
+    if math.isclose(best, lrs[0]):
+        return "lowest: extend down"
+    if math.isclose(best, lrs[-1]):
+        return "highest: extend up"
+    return "interior"
+
+
+def small_grid() -> str:
+    """The small preset's seed-0 lr grid at the 2000-step horizon: each optimizer's final
+    validation loss at every lr run, its best, and whether that best is inside the grid."""
+    runs = [r for r in _small_runs() if r.steps == 2000 and r.seed == 0 and not r.variant]
+    rows = []
+    for label in ("adamw", "sophiag", "lion", "sophiah", "muon"):
+        mine = sorted((r for r in runs if r.label == label), key=lambda r: r.lr)
+        if not mine:
+            continue
+        best = min(mine, key=lambda r: r.final)
+        grid = ", ".join(f"{r.lr:.3g}: {r.final:.3f}" for r in mine)
+        rows.append([label, grid, f"{best.lr:.3g}",
+                     _grid_verdict([r.lr for r in mine], best.lr)])
+    return _table(["optimizer", "seed-0 lr grid (lr: final val loss)", "best lr", "best is"],
+                  rows)
+
+
 def small_rung() -> str:
     """The small preset (5.3M, 2000 steps, fully decayed): every optimizer and control at
-    today's rows, paired with AdamW by seed."""
+    every lr run, paired by seed with AdamW at its seed-0 grid's best lr."""
     runs = [r for r in _small_runs() if r.steps == 2000]
-    reference = _lr_runs(runs, "adamw", 1e-3)
+    reference = _best_lr_runs(runs, "adamw")
     rows = []
     labels = sorted({r.label for r in runs}, key=lambda label: (label != "adamw", label))
     for label in labels:
@@ -193,7 +221,8 @@ def small_rung() -> str:
                          gap.text() if gap and gap.values else "—",
                          gap.verdict() if gap and gap.values else "—"])
     return _table(["optimizer", "lr", "seeds", "final val loss",
-                   "gap to AdamW (lr 1e-3), same seeds, mean [95% interval]", "verdict"], rows)
+                   f"gap to AdamW (lr {reference[0].lr:.3g}), same seeds, mean [95% interval]",
+                   "verdict"], rows)
 
 
 def small_curve() -> str:
@@ -248,7 +277,8 @@ def outside() -> str:
 
 
 TABLES: dict[str, Callable[[], str]] = {
-    "outside": outside, "batch-map": batch_map, "small-rung": small_rung,
+    "outside": outside, "batch-map": batch_map, "small-grid": small_grid,
+    "small-rung": small_rung,
     "small-curve": small_curve, "hybrids": hybrids,
 }
 _BLOCK = re.compile(r"(<!-- table:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(\n<!-- /table -->)", re.S)
