@@ -27,3 +27,9 @@ def test_a_paired_gap_is_resolved_only_when_its_interval_excludes_zero():
     assert tables.Gap((0.1,)).verdict() == "one seed"
     low, high = tables.Gap((1.0, 2.0, 3.0)).interval()
     assert (low, high) == pytest.approx((2 - 4.303 / 3 ** 0.5, 2 + 4.303 / 3 ** 0.5))
+
+
+def test_an_empty_block_does_not_swallow_the_next_one():
+    text = ("<!-- table:a -->\n<!-- /table -->\nprose\n"
+            "<!-- table:b -->\nold\n<!-- /table -->\n")
+    assert tables.blocks(text) == {"b": "old"}

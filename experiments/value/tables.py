@@ -281,7 +281,10 @@ TABLES: dict[str, Callable[[], str]] = {
     "small-rung": small_rung,
     "small-curve": small_curve, "hybrids": hybrids,
 }
-_BLOCK = re.compile(r"(<!-- table:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(\n<!-- /table -->)", re.S)
+# A block's body never holds another block's marker, so an empty or unclosed block cannot
+# swallow the text up to the next block's end.
+_BLOCK = re.compile(r"(<!-- table:(?P<name>[\w-]+) -->\n)(?P<body>(?:(?!<!-- ).)*?)"
+                    r"(\n<!-- /table -->)", re.S)
 
 
 def render(name: str) -> str:
