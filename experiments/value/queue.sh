@@ -61,6 +61,14 @@ case "${1:?a queue name}" in
   grid-lion-down) small small-x0.333 lion 0.111 0 ;;
   lion-seeds) small small-lion lion 0.333 1
               small small-lion lion 0.333 2 ;;
+  # Sophia-G with a 5x longer warmup (500 steps; Wen et al. needed 4000 of ~10k at 130M).
+  warmup-sophiag) small small-warmup500 sophiag 1 0 --warmup-steps 500 ;;
+  # The hybrids on the small preset, seed 0, each side at x1 and x3.33 of its row (the tiny
+  # preset's best multiplier was x3.33 for both parts).
+  hybrids-small) small small-hybrids-x1 muon-adamw 1 0
+                 small small-hybrids-x1 muon-sophiag 1 0
+                 small small-hybrids-x3.33 muon-adamw 3.33 0
+                 small small-hybrids-x3.33 muon-sophiag 3.33 0 ;;
   # Muon on the hidden matrices with Sophia-G (or, the control, AdamW) on embeddings, head and
   # the rest, each tuned on its own part: the seed-0 grid, then seeds 1-4 at the best.
   muon-adamw) tiny muon-adamw 1,3.33,10,30 0 5 ;;
