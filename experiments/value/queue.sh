@@ -61,6 +61,8 @@ case "${1:?a queue name}" in
   grid-lion-down) small small-x0.333 lion 0.111 0 ;;
   lion-seeds) small small-lion lion 0.333 1
               small small-lion lion 0.333 2 ;;
+  lion-seed1) small small-lion lion 0.333 1 ;;
+  lion-seed2) small small-lion lion 0.333 2 ;;
   # Sophia-G with a 5x longer warmup (500 steps; Wen et al. needed 4000 of ~10k at 130M).
   warmup-sophiag) small small-warmup500 sophiag 1 0 --warmup-steps 500 ;;
   # The hybrids on the small preset, seed 0, each side at x1 and x3.33 of its row (the tiny
