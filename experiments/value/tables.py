@@ -225,11 +225,30 @@ def small_rung() -> str:
                    "verdict"], rows)
 
 
+def small_control() -> str:
+    """Sophia-G against its h = 0 limit, Lion (signed momentum), on the small preset: each at
+    its seed-0 grid's best lr, paired by seed (gap: Sophia-G − Lion)."""
+    runs = [r for r in _small_runs() if r.steps == 2000]
+    sophia, lion = _best_lr_runs(runs, "sophiag"), _best_lr_runs(runs, "lion")
+    gap = paired(sophia, lion)
+    shared = sorted({r.seed for r in sophia} & {r.seed for r in lion})
+    rows = [[str(seed), f"{_by_seed(sophia)[seed]:.3f}", f"{_by_seed(lion)[seed]:.3f}",
+             f"{_by_seed(sophia)[seed] - _by_seed(lion)[seed]:+.3f}"] for seed in shared]
+    rows.append(["all", "", "", f"{gap.text()} ({gap.verdict()})"])
+    return _table(["seed", f"sophiag (lr {sophia[0].lr:.3g})", f"lion (lr {lion[0].lr:.3g})",
+                   "sophiag − lion, mean [95% interval]"], rows)
+
+
+def _by_seed(runs: list[Run]) -> dict[int, float]:
+    return {r.seed: r.final for r in runs}
+
+
 def small_curve() -> str:
     """Seed 0's validation loss every 200 steps on the small preset, and the gaps to AdamW."""
     runs = {r.label: r for r in _small_runs() if r.seed == 0 and r.steps == 2000
-            and r.lr == {"adamw": 1e-3, "sophiag": 3.33e-4, "muon": 0.05}.get(r.label)}
-    labels = [label for label in ("adamw", "sophiag", "muon") if label in runs]
+            and r.lr == {"adamw": 1e-3, "sophiag": 3.33e-4, "lion": 3.33e-4,
+                         "muon": 0.05}.get(r.label)}
+    labels = [label for label in ("adamw", "sophiag", "lion", "muon") if label in runs]
     curves = {label: dict(runs[label].evals) for label in labels}
     rows = []
     for step in range(200, 2001, 200):
@@ -278,7 +297,7 @@ def outside() -> str:
 
 TABLES: dict[str, Callable[[], str]] = {
     "outside": outside, "batch-map": batch_map, "small-grid": small_grid,
-    "small-rung": small_rung,
+    "small-rung": small_rung, "small-control": small_control,
     "small-curve": small_curve, "hybrids": hybrids,
 }
 # A block's body never holds another block's marker, so an empty or unclosed block cannot
