@@ -15,6 +15,7 @@ from torch.optim import Optimizer
 
 from ._dtensor import all_reduce_mean, is_dtensor, local_shards, sum_over_shards
 from ._kernel.loader import unavailable_reason as fused_kernel_unavailable_reason
+from ._quantize import SIGNED, UNSIGNED, DynamicCode, dequantize, num_blocks, quantize
 from ._rounding import H_STREAM, M_STREAM, rounding_key
 from .estimators import _hutchinson_estimate
 from .functional import (
@@ -32,8 +33,12 @@ _LOW_PRECISION = (torch.float16, torch.bfloat16)
 _FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.complex64,
                  torch.complex128)
 _STATE_KEYS = ("exp_avg", "hessian")  # shaped like the parameter
-# parameter dtypes that bfloat16 state (state_dtype=torch.bfloat16) serves
+# parameter dtypes that bfloat16 and 8-bit state (state_dtype=torch.bfloat16, torch.uint8) serve
 _BF16_STATE_PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_NARROW_STATE = (torch.bfloat16, torch.uint8)  # state dtypes rounded stochastically, with keys
+# 8-bit state: each state tensor's code and the key of its float32 block absmax
+_CODES: dict[str, DynamicCode] = {"exp_avg": SIGNED, "hessian": UNSIGNED}
+_ABSMAX_KEYS = {"exp_avg": "exp_avg_absmax", "hessian": "hessian_absmax"}
 # 0-dim float32 counters on the CPU: steps taken, estimates folded into h, and the step count
 # at the last fold (the refresh cadence counts from it).
 _COUNT_KEYS = ("step", "hessian_step", "last_refresh_step")
@@ -116,6 +121,8 @@ class SophiaBase(Optimizer):
 
     # set by the load_state_dict pre-hook, popped by the post-hook: (states by id, group ids)
     _saved_state_for_load: tuple[dict[int, dict[str, Tensor]], list[list[int]]]
+    # whether every h the estimator makes is >= 0 (8-bit state stores h in an unsigned code)
+    _hessian_is_nonnegative = False
 
     def __init__(
         self,
@@ -135,9 +142,19 @@ class SophiaBase(Optimizer):
         unclipped_band: tuple[float, float] | None = None,
         state_dtype: torch.dtype | None = None,
     ) -> None:
-        if state_dtype not in (None, torch.bfloat16):
+        if state_dtype not in (None, torch.bfloat16, torch.uint8):
             raise ValueError(f"Invalid state_dtype: {state_dtype!r}; expected None (float32 "
-                             "m and h, float64 for float64 parameters) or torch.bfloat16")
+                             "m and h, float64 for float64 parameters), torch.bfloat16 or "
+                             "torch.uint8 (8-bit block-wise quantized)")
+        if state_dtype == torch.uint8:
+            if not self._hessian_is_nonnegative:
+                raise ValueError(
+                    f"state_dtype=torch.uint8 is not available for {type(self).__name__}: "
+                    "8-bit state stores h in an unsigned code, and this estimator's h can be "
+                    "negative (Hutchinson's). Use state_dtype=torch.bfloat16, or SophiaG")
+            if fused:
+                raise ValueError("fused=True with state_dtype=torch.uint8: the fused kernel "
+                                 "does not step 8-bit state; pass fused=False (or None)")
         # the optimizer's, not a group's: a loaded state_dict converts to it (see the hooks)
         self.state_dtype: torch.dtype | None = state_dtype
         options = dict(refresh_every=refresh_every, bias_correction=bias_correction,
@@ -184,15 +201,17 @@ class SophiaBase(Optimizer):
             raise
 
     def _check_state_dtype(self, params: list[Tensor]) -> None:
-        """Refuse parameters that bfloat16 state cannot serve (float64, complex)."""
-        if self.state_dtype != torch.bfloat16:
+        """Refuse parameters that bfloat16 or 8-bit state cannot serve (float64, complex;
+        for 8-bit, DTensor)."""
+        if self.state_dtype not in _NARROW_STATE:
             return
         for param in params:
             if param.dtype not in _BF16_STATE_PARAM_DTYPES:
                 raise ValueError(
-                    f"state_dtype=torch.bfloat16 serves float32, bfloat16 and float16 "
+                    f"state_dtype={self.state_dtype} serves float32, bfloat16 and float16 "
                     f"parameters, not {param.dtype}: put such parameters in an optimizer "
                     "with state_dtype=None")
+            _check_eight_bit_param(param, self.state_dtype)
 
     def __getstate__(self) -> dict[str, Any]:
         return {**super().__getstate__(), "state_dtype": self.state_dtype}  # pickle, deepcopy
@@ -237,7 +256,9 @@ class SophiaBase(Optimizer):
 
         m and h are float32 for float16/bfloat16 parameters (they hold small, slowly moving
         averages that bf16's 8-bit mantissa would round to nearest away), else the parameter's
-        dtype; bfloat16 with ``state_dtype=torch.bfloat16``, stochastically rounded.
+        dtype; bfloat16 with ``state_dtype=torch.bfloat16``, stochastically rounded; with
+        ``torch.uint8`` uint8 codes (the parameter's shape) and float32 ``exp_avg_absmax`` and
+        ``hessian_absmax`` of shape ``(ceil(numel / 256),)`` (``sophia_pytorch._quantize``).
         """
         state: dict[str, Tensor] = self.state[param]
         if len(state) == 0:
@@ -246,6 +267,11 @@ class SophiaBase(Optimizer):
             for key in _COUNT_KEYS:
                 state[key] = torch.tensor(0.0, dtype=torch.float32)
             for key in _STATE_KEYS:
+                if dtype == torch.uint8:  # codes of 0, and a zero absmax per block of 256
+                    state[key], state[_ABSMAX_KEYS[key]] = quantize(
+                        torch.zeros_like(param, dtype=torch.float32,
+                                         memory_format=torch.preserve_format), _CODES[key])
+                    continue
                 state[key] = torch.zeros_like(
                     param, dtype=dtype, memory_format=torch.preserve_format
                 )
@@ -261,12 +287,14 @@ class SophiaBase(Optimizer):
         steps: list[Tensor],
         seeds: list[int] | None = None,
         first_seed: int = 0,
+        absmaxes: tuple[list[Tensor], list[Tensor]] | None = None,
     ) -> None:
         for ordinal, param in enumerate(group["params"], start=first_seed):
             if param.grad is None:
                 continue
             if param.grad.is_sparse:
                 raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+            _check_eight_bit_param(param, self.state_dtype)
             state = self._state_for(param)
             # FSDP2 (DTensor) parameters: update the local shards; see sophia_pytorch._dtensor.
             param, grad, exp_avg, hessian = local_shards(
@@ -281,6 +309,9 @@ class SophiaBase(Optimizer):
             steps.append(state["step"])
             if seeds is not None:
                 seeds.append(ordinal)
+            if absmaxes is not None:
+                absmaxes[0].append(state["exp_avg_absmax"])
+                absmaxes[1].append(state["hessian_absmax"])
 
     # torch's stubs type a closure as returning a float; closures return the loss Tensor.
     @overload
@@ -309,8 +340,11 @@ class SophiaBase(Optimizer):
             exp_avgs: list[Tensor] = []
             hessians: list[Tensor] = []
             steps: list[Tensor] = []
-            seeds: list[int] | None = [] if self.state_dtype == torch.bfloat16 else None
-            self._init_group(group, params, grads, exp_avgs, hessians, steps, seeds, first_seed)
+            seeds: list[int] | None = [] if self.state_dtype in _NARROW_STATE else None
+            absmaxes: tuple[list[Tensor], list[Tensor]] | None = (
+                ([], []) if self.state_dtype == torch.uint8 else None)
+            self._init_group(group, params, grads, exp_avgs, hessians, steps, seeds, first_seed,
+                             absmaxes)
             first_seed += len(group["params"])
             if not params:
                 continue
@@ -328,7 +362,8 @@ class SophiaBase(Optimizer):
                 lr=group["lr"], beta1=group["betas"][0], rho=group["rho"],
                 weight_decay=group["weight_decay"], eps=group["eps"],
                 maximize=group["maximize"], foreach=group["foreach"], fused=group["fused"],
-                rounding_keys=keys,
+                rounding_keys=keys, exp_avg_absmaxes=None if absmaxes is None else absmaxes[0],
+                hessian_absmaxes=None if absmaxes is None else absmaxes[1],
             )
         return loss
 
@@ -405,6 +440,9 @@ class SophiaBase(Optimizer):
                 if state["exp_avg"].device.type == "meta":
                     return math.nan
                 exp_avg, hessian = local_shards(state["exp_avg"], state["hessian"])
+                if exp_avg.dtype == torch.uint8:  # ρh in float32, as the step computes it
+                    exp_avg, hessian = (dequantize(state[k], state[_ABSMAX_KEYS[k]], _CODES[k])
+                                        for k in _STATE_KEYS)
                 count, size = unclipped_count(exp_avg, hessian, group["rho"] if rho is None
                                               else rho)
                 states.append(state["exp_avg"])
@@ -452,34 +490,41 @@ class SophiaBase(Optimizer):
             params = [p for p, _ in pairs]
             weights = self._fold_weights(group, params)
             for param, weight in zip(params, weights):
-                _check_representable(coefficient, weight, _state_dtype(param, self.state_dtype),
+                _check_representable(coefficient, weight, _computed_dtype(param, self.state_dtype),
                                      scale, grad_scale)
             plans.append((group, params, [e for _, e in pairs], weights))
         if grad_scale is not None and not _finite_and_valid(
                 [e for _, e in estimates], scale if squared else None, grad_scale):
             return False
         taken = self.steps_taken()
-        seeds = self._seeds() if self.state_dtype == torch.bfloat16 else {}
+        seeds = self._seeds() if self.state_dtype in _NARROW_STATE else {}
+        eight_bit = self.state_dtype == torch.uint8
         for group, params, es, weights in plans:
-            hessians, locals_, keys = [], [], []
+            hessians, locals_, keys, absmaxes = [], [], [], []
             for param, e in zip(params, es):
+                _check_eight_bit_param(param, self.state_dtype)
                 state = self._state_for(param)
                 _, hessian, e = local_shards(param, state["hessian"], e)
                 hessians.append(hessian)
                 locals_.append(e)
+                if eight_bit:
+                    absmaxes.append(state["hessian_absmax"])
                 if seeds:  # the count this fold makes, as steps count for m
                     refreshes = int(state.get("hessian_step", torch.tensor(0.0)).item()) + 1
                     keys.append(rounding_key(seeds[param], refreshes, H_STREAM))
             rounding_keys = keys if seeds else None
+            block_absmaxes = absmaxes if eight_bit else None
             if squared:
                 gauss_newton_ema_update(hessians, locals_, beta2=group["betas"][1],
                                         scale=coefficient, weights=weights,
-                                        foreach=group["foreach"], rounding_keys=rounding_keys)
+                                        foreach=group["foreach"], rounding_keys=rounding_keys,
+                                        absmaxes=block_absmaxes)
             else:
                 if grad_scale is not None:
                     locals_ = [e / grad_scale for e in locals_]
                 hessian_ema_update(hessians, locals_, beta2=group["betas"][1], weights=weights,
-                                   foreach=group["foreach"], rounding_keys=rounding_keys)
+                                   foreach=group["foreach"], rounding_keys=rounding_keys,
+                                   absmaxes=block_absmaxes)
             for param in params:
                 state = self.state[param]
                 for key in ("hessian_step", "last_refresh_step"):  # absent from old states
@@ -549,7 +594,7 @@ class SophiaBase(Optimizer):
                     "this optimizer fresh"
                 )
             saved[param_id] = {k: v for k, v in param_state.items()
-                               if k in _STATE_KEYS + _COUNT_KEYS}
+                               if k in _STATE_KEYS + _COUNT_KEYS + tuple(_ABSMAX_KEYS.values())}
         optimizer._saved_state_for_load = (saved, [g["params"] for g in state_dict["param_groups"]])
 
     @staticmethod
@@ -558,18 +603,46 @@ class SophiaBase(Optimizer):
         saved, saved_ids = optimizer.__dict__.pop("_saved_state_for_load", ({}, []))
         for ids, group in zip(saved_ids, optimizer.param_groups):
             for param_id, param in zip(ids, group["params"]):
-                for key, value in saved.get(param_id, {}).items():
-                    state = optimizer.state[param]
-                    if not isinstance(value, Tensor):
-                        continue
-                    if key in _COUNT_KEYS:  # counters stay float32 on the CPU, as torch's step
+                saved_state = saved.get(param_id, {})
+                state = optimizer.state[param]
+                for key, value in saved_state.items():
+                    if key in _COUNT_KEYS and isinstance(value, Tensor):
+                        # counters stay float32 on the CPU, as torch's step
                         state[key] = value.to(device="cpu", dtype=torch.float32, copy=True)
-                    elif optimizer.state_dtype is not None or param.dtype in _LOW_PRECISION:
-                        # float32 state into bf16 state rounds to nearest, bf16 into float32
-                        # is exact
-                        dtype = _state_dtype(param, optimizer.state_dtype)
-                        state[key] = value.to(device=param.device, dtype=dtype, copy=True)
+                for key in _STATE_KEYS:
+                    if isinstance(saved_state.get(key), Tensor):
+                        optimizer._load_state_tensor(param, state, key, saved_state)
         optimizer._infer_last_refresh_steps()
+
+    def _load_state_tensor(self, param: Tensor, state: dict[str, Tensor], key: str,
+                           saved: dict[str, Tensor]) -> None:
+        """Put m or h (``key``) of a loaded state into ``state`` in this optimizer's state
+        dtype: float32 into bf16 or 8-bit rounds to nearest (a one-off conversion), bf16 into
+        float32 is exact, 8-bit into any other is decoded to float32 first."""
+        value, absmax_key = saved[key], _ABSMAX_KEYS[key]
+        device = param.device
+        if value.dtype == torch.uint8:
+            absmax = saved.get(absmax_key)
+            if not isinstance(absmax, Tensor) or absmax.shape != (num_blocks(value.numel()),):
+                raise ValueError(
+                    f"{type(self).__name__}.load_state_dict: 8-bit {key} of shape "
+                    f"{tuple(value.shape)} needs {absmax_key} of shape "
+                    f"({num_blocks(value.numel())},), got "
+                    f"{tuple(absmax.shape) if isinstance(absmax, Tensor) else absmax!r}")
+            absmax = absmax.to(device=device, dtype=torch.float32, copy=True)
+            value = value.to(device=device, copy=True)
+            if self.state_dtype == torch.uint8:
+                state[key], state[absmax_key] = value, absmax
+                return
+            value = dequantize(value, absmax, _CODES[key])
+        state.pop(absmax_key, None)
+        if self.state_dtype == torch.uint8:
+            local = value.to(device=device, dtype=torch.float32)
+            state[key], state[absmax_key] = quantize(local, _CODES[key])
+        elif self.state_dtype is not None or param.dtype in _LOW_PRECISION \
+                or saved[key].dtype == torch.uint8:
+            dtype = _state_dtype(param, self.state_dtype)
+            state[key] = value.to(device=device, dtype=dtype, copy=True)
 
 
 class SophiaG(SophiaBase):
@@ -624,6 +697,8 @@ class SophiaG(SophiaBase):
     ``step(bs=bs)``, call ``update_hessian(scale=bs)`` and ``step()``; the trajectories agree.
     """
 
+    _hessian_is_nonnegative = True  # ĥ = B·g⊙g
+
     @torch.no_grad()
     def update_hessian(self, scale: float | Tensor = 1.0, *,
                        grad_scale: float | Tensor | None = None) -> bool:
@@ -655,6 +730,20 @@ class SophiaG(SophiaBase):
         estimates = [(p, p.grad) for group in self.param_groups for p in group["params"]
                      if p.grad is not None]
         return self._fold(estimates, squared=True, scale=scale, grad_scale=grad_scale)
+
+
+def _check_eight_bit_param(param: Tensor, state_dtype: torch.dtype | None) -> None:
+    """Refuse a DTensor (FSDP2) parameter for 8-bit state: its blocks of 256 would follow
+    each rank's shard, so the state would depend on the sharding."""
+    if state_dtype == torch.uint8 and is_dtensor(param):
+        raise ValueError("state_dtype=torch.uint8 does not support DTensor parameters (FSDP2 "
+                         "`fully_shard`): its blocks of 256 would follow each rank's shard. "
+                         "Use state_dtype=torch.bfloat16, or DistributedDataParallel")
+
+
+def _computed_dtype(param: Tensor, state_dtype: torch.dtype | None) -> torch.dtype:
+    """The dtype m and h are computed in: float32 for 8-bit state, else their own."""
+    return torch.float32 if state_dtype == torch.uint8 else _state_dtype(param, state_dtype)
 
 
 def _state_dtype(param: Tensor, state_dtype: torch.dtype | None) -> torch.dtype:
