@@ -96,8 +96,8 @@ def benchmark_set(name: str, rounds: int, steps: int) -> None:
         median = statistics.median(row.times)
         low, _, high = statistics.quantiles(row.times, n=4)
         moved = row.bytes_per_coordinate * numel / 1e9
-        print(f"| {row.name} | {state_bytes:.2f} | {row.bytes_per_coordinate} | {median * 1e3:.1f} |"
-              f" {low * 1e3:.1f}-{high * 1e3:.1f} | {moved / median:.1f} |"
+        print(f"| {row.name} | {state_bytes:.2f} | {row.bytes_per_coordinate} |"
+              f" {median * 1e3:.1f} | {low * 1e3:.1f}-{high * 1e3:.1f} | {moved / median:.1f} |"
               f" {median / reference:.2f} | {row.bytes_per_coordinate / 24:.2f} |")
     sys.stdout.flush()
 

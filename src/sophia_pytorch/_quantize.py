@@ -40,6 +40,7 @@ rescaled neighbours). A block of zeros has absmax 0 and decodes to zeros.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -72,26 +73,76 @@ def _dynamic_values(signed: bool) -> list[float]:
 
 @dataclass(frozen=True)
 class DynamicCode:
-    """One 8-bit code: its name, its sorted values (float32) and the byte of 0."""
+    """One 8-bit code: its name and sorted values (float32), with lookup tables per device."""
 
     name: str
     values: tuple[float, ...]
-    _tables: dict[torch.device, Tensor] = field(default_factory=dict, compare=False,
-                                                repr=False)
+    _tables: dict[tuple[str, torch.device], Tensor] = field(default_factory=dict, compare=False,
+                                                            repr=False)
 
     @property
     def zero(self) -> int:
         """The byte that decodes to 0."""
         return self.values.index(0.0)
 
+    @property
+    def signed(self) -> bool:
+        return self.values[0] < 0
+
     def table(self, device: torch.device) -> Tensor:
         """The values as a float32 tensor of 256 on ``device`` (bytes past the code: NaN)."""
-        table = self._tables.get(device)
+        return self._cached("table", device, lambda: torch.tensor(
+            list(self.values) + [math.nan] * (256 - len(self.values)), dtype=torch.float32))
+
+    def magnitudes(self, device: torch.device) -> Tensor:
+        """The code's values >= 0, ascending (float32), then +inf: rounding works on |v|."""
+        return self._cached("magnitudes", device, lambda: torch.tensor(
+            [v for v in self.values if v >= 0] + [math.inf], dtype=torch.float32))
+
+    def gaps(self, device: torch.device) -> Tensor:
+        """``(magnitudes[i + 1] − magnitudes[i])·2⁻²⁴``: the gap above each magnitude, scaled
+        to multiply a 24-bit uniform integer (exactly: a power of two); +inf above 1."""
+        def build() -> Tensor:
+            magnitudes = self.magnitudes(torch.device("cpu")).double()
+            return ((magnitudes[1:] - magnitudes[:-1]) * 2.0 ** -_UNIFORM_BITS).float()
+        return self._cached("gaps", device, build)
+
+    def buckets(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        """(floors, splits) for each of the 2¹⁶ buckets ``bits >> 15`` of a float32 >= 0:
+        floors (int32) is the index in :meth:`magnitudes` of the largest value <= the
+        bucket's start; splits (float32) the code value inside the bucket, or +inf if none.
+        The magnitude below v is ``floors[b] + (v >= splits[b])``.
+
+        A bucket spans 2⁻⁸ of its binade, narrower than the code's spacing there, so at most
+        one code value lies inside it. Buckets past 1 (and inf and NaN, which only blocks
+        whose absmax is NaN hold) map to 1.
+        """
+        def build() -> tuple[Tensor, Tensor]:
+            magnitudes = self.magnitudes(torch.device("cpu"))[:-1]
+            starts = (torch.arange(1 << 16, dtype=torch.int32) << _BUCKET_SHIFT).view(
+                torch.float32).clamp(max=1.0)
+            floors = torch.searchsorted(magnitudes, starts, right=True, out_int32=True) - 1
+            ends = torch.cat([torch.searchsorted(magnitudes, starts[1:], out_int32=True),
+                              torch.tensor([magnitudes.numel()], dtype=torch.int32)])
+            assert int((ends - floors).max()) <= 2, "a bucket holds two code values"
+            inside = ends - floors == 2  # ends: the first value at or past the next bucket
+            splits = torch.where(inside, magnitudes[(floors + 1).clamp(max=len(magnitudes) - 1)],
+                                 math.inf)
+            return floors, splits
+        if ("floors", device) not in self._tables:
+            floors, splits = build()
+            self._tables[("floors", device)] = floors.to(device)
+            self._tables[("splits", device)] = splits.to(device)
+        return self._tables[("floors", device)], self._tables[("splits", device)]
+
+    def _cached(self, kind: str, device: torch.device, build: Callable[[], Tensor]) -> Tensor:
+        table = self._tables.get((kind, device))
         if table is None:
-            padded = list(self.values) + [math.nan] * (256 - len(self.values))
-            table = torch.tensor(padded, dtype=torch.float32, device=device)
-            self._tables[device] = table
+            table = self._tables[(kind, device)] = build().to(device)
         return table
+
+
+_BUCKET_SHIFT = 23 - 8  # keep the exponent and 8 mantissa bits of |v|
 
 
 def _code(name: str, signed: bool) -> DynamicCode:
@@ -119,6 +170,14 @@ def _flat(tensor: Tensor) -> Tensor:
     return tensor.as_strided((tensor.numel(),), (1,))
 
 
+def _blocks(flat: Tensor) -> Tensor:
+    """1-D ``flat`` as (blocks, 256): a view where 256 divides it, else a zero-padded copy."""
+    numel = flat.numel()
+    if numel % BLOCK:
+        flat = torch.nn.functional.pad(flat, (0, num_blocks(numel) * BLOCK - numel))
+    return flat.view(-1, BLOCK)
+
+
 @torch.compiler.disable  # type: ignore[untyped-decorator]  # torch leaves it unannotated
 def dequantize(codes: Tensor, absmax: Tensor, code: DynamicCode) -> Tensor:
     """The float32 values of 8-bit state.
@@ -135,11 +194,9 @@ def dequantize(codes: Tensor, absmax: Tensor, code: DynamicCode) -> Tensor:
     """
     flat = _flat(codes)
     numel = flat.numel()
-    decoded = code.table(codes.device)[flat.int()]
-    blocks = num_blocks(numel)
-    padded = torch.nn.functional.pad(decoded, (0, blocks * BLOCK - numel)).view(blocks, BLOCK)
-    values = (padded * absmax.view(blocks, 1)).view(-1)[:numel]
-    return values.as_strided(codes.shape, codes.stride())
+    values = _blocks(code.table(codes.device).index_select(0, flat.int()))
+    values.mul_(absmax.view(-1, 1))
+    return values.view(-1)[:numel].as_strided(codes.shape, codes.stride())
 
 
 @torch.compiler.disable  # type: ignore[untyped-decorator]  # torch leaves it unannotated
@@ -155,7 +212,10 @@ def quantize_(codes: Tensor, absmax: Tensor, values: Tensor, code: DynamicCode,
         code: :data:`SIGNED` or :data:`UNSIGNED`.
         key: the stochastic-rounding key (``sophia_pytorch._rounding.rounding_key``): the
             stored value is unbiased, a pure function of values, key and layout; None rounds
-            to nearest (ties toward the smaller value), for one-off conversions.
+            to nearest (ties toward the smaller magnitude), for one-off conversions.
+
+    Rounding acts on |v| (the code is symmetric), so a negative v rounds as its magnitude
+    does; the code value below |v| is found from a table indexed by |v|'s top float bits.
     """
     if values.dtype != torch.float32:
         raise TypeError(f"quantize_ takes float32 values, got {values.dtype}")
@@ -163,27 +223,38 @@ def quantize_(codes: Tensor, absmax: Tensor, values: Tensor, code: DynamicCode,
         values = torch.empty_like(codes, dtype=torch.float32).copy_(values)
     flat = _flat(values)
     numel = flat.numel()
-    blocks = num_blocks(numel)
-    padded = torch.nn.functional.pad(flat, (0, blocks * BLOCK - numel)).view(blocks, BLOCK)
-    scale = padded.abs().amax(dim=1) if numel else padded.new_zeros(0)
-    finite = scale.isfinite()
-    divisor = torch.where(finite & (scale > 0), scale, 1.0).view(blocks, 1)
-    # |x| <= absmax, so the correctly rounded quotient lies in [-1, 1]
-    normalized = torch.where(finite.view(blocks, 1), padded / divisor, 0.0).view(-1)[:numel]
-    table = code.table(codes.device)[:len(code.values)]
-    low = (torch.searchsorted(table, normalized, right=True, out_int32=True) - 1).clamp_(
-        0, len(code.values) - 2)
-    below, above = table[low], table[low + 1]
-    if key is None:
-        up = (above - normalized) < (normalized - below)
+    device = codes.device
+    blocks = _blocks(flat)
+    if numel:
+        low_high = torch.aminmax(blocks, dim=1)  # NaN where a block holds NaN
+        scale = torch.maximum(low_high.min.neg(), low_high.max)
     else:
-        index = torch.arange(numel, dtype=torch.int64, device=codes.device)
-        noise = ((((index & _MASK) ^ (key & _MASK)) * _MUL1) & _MASK) >> (32 - _UNIFORM_BITS)
-        uniform = noise.to(torch.float32) * 2.0 ** -_UNIFORM_BITS
-        # the top value (v = 1 is clamped to the last pair) is not left to the product's rounding
-        up = (uniform * (above - below) < normalized - below) | (normalized >= above)
-    _flat(codes).copy_(low + up)
-    absmax.copy_(torch.where(finite, scale, math.nan))
+        scale = blocks.new_zeros(0)
+    # |x| <= absmax, so the correctly rounded quotient lies in [-1, 1]; an inf block gives
+    # 0 and NaN, a NaN block x itself: codes that its NaN absmax decodes to NaN anyway
+    normalized = (blocks / torch.where(scale > 0, scale, 1.0).view(-1, 1)).view(-1)[:numel]
+    # |v|, or v clamped to >= 0 with -0.0 made +0.0: the sign bit would index no bucket
+    magnitude = normalized.abs() if code.signed else normalized.clamp(min=0.0).abs_()
+    floors, splits = code.buckets(device)
+    bucket = magnitude.view(torch.int32) >> _BUCKET_SHIFT
+    low = floors.index_select(0, bucket)
+    low += (magnitude >= splits.index_select(0, bucket)).to(torch.int32)
+    del bucket
+    magnitude -= code.magnitudes(device).index_select(0, low)
+    gap = code.gaps(device).index_select(0, low)  # ·2⁻²⁴; inf above 1, which stays
+    if key is None:
+        up = magnitude > gap.mul_(2.0 ** (_UNIFORM_BITS - 1))
+    else:
+        noise = torch.arange(numel, dtype=torch.int64, device=device)
+        noise.bitwise_xor_(key & _MASK).mul_(_MUL1).bitwise_right_shift_(32 - _UNIFORM_BITS)
+        noise.bitwise_and_((1 << _UNIFORM_BITS) - 1)
+        up = gap.mul_(noise.to(torch.float32)) < magnitude  # P(up) = (|v| − below)/gap
+    low += up.to(torch.int32)
+    if code.signed:  # the byte of −v is zero − (the byte of |v| − zero)
+        negative = normalized.view(torch.int32) >> 31  # −1 where the sign bit is set, else 0
+        low.bitwise_xor_(negative).sub_(negative)
+    _flat(codes).copy_(low.add_(code.zero))
+    absmax.copy_(torch.where(scale.isfinite(), scale, math.nan))
 
 
 def quantize(values: Tensor, code: DynamicCode, key: int | None = None) -> tuple[Tensor, Tensor]:
