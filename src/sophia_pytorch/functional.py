@@ -112,7 +112,8 @@ def _widen(stored: Tensor, absmax: Tensor | None, code: DynamicCode) -> Tensor:
         if absmax is None:
             raise ValueError("8-bit state needs its absmaxes: one float32 tensor of block "
                              "scales per uint8 tensor (see sophia_pytorch._quantize)")
-        return dequantize(stored, absmax, code)
+        decoded: Tensor = dequantize(stored, absmax, code)
+        return decoded
     return stored.float()
 
 

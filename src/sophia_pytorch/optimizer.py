@@ -684,14 +684,23 @@ class SophiaG(SophiaBase):
             factors of √2 until the fraction of unclipped coordinates (|m| < ρh, counted
             at that refresh) lies in the band — the official advice of keeping it in 0.1–0.5,
             automated. ``group["rho"]`` then holds the current ρ (default None: fixed ρ).
-        state_dtype: None (m and h in float32, or float64 for float64 parameters) or
-            ``torch.bfloat16``: m and h in bf16, 2 bytes each a parameter, for float32, bf16
-            and fp16 parameters. The update is computed in float32 and m and h are rounded
-            back stochastically (unbiased), the random bits a hash of the parameter's index,
-            the step (or refresh count) and the element, so every path rounds alike and a
-            resume is bit-identical. It is the optimizer's, not a group's: a loaded
-            ``state_dict`` is converted to it (float32 → bf16 to nearest, bf16 → float32
-            exactly) (default None).
+        state_dtype: None (m and h in float32, or float64 for float64 parameters),
+            ``torch.bfloat16`` or ``torch.uint8``, the dtype m and h are stored in, for
+            float32, bf16 and fp16 parameters. bfloat16: 2 bytes each a parameter.
+            ``torch.uint8``: 8-bit block-wise quantized state (Dettmers et al., 2021), a byte
+            each and a float32 absmax per block of 256 (``state["exp_avg_absmax"]``,
+            ``state["hessian_absmax"]``), m in a signed dynamic code, h in an unsigned one
+            (see ``sophia_pytorch._quantize``); a block that holds NaN or inf decodes to NaN
+            whole. Either way the update is computed in float32 and m and h are rounded back
+            stochastically (unbiased), the random bits a hash of the parameter's index, the
+            step (or refresh count) and the element, so every path rounds alike and a resume
+            is bit-identical. 8-bit state steps on the for-loop and foreach paths, in torch
+            ops (on the CPU far slower than the fused step: it saves memory, not time); it
+            refuses ``fused=True`` and DTensor (FSDP2) parameters with a ValueError, and under
+            ``torch.compile`` its quantization runs eagerly (a graph break). It is the
+            optimizer's, not a group's: a loaded ``state_dict`` is converted to it (float32
+            → bf16 or 8-bit to nearest, bf16 → float32 exactly, 8-bit → float decoded)
+            (default None).
 
     Migrating from the official ``SophiaG``: where it called ``update_hessian()`` and
     ``step(bs=bs)``, call ``update_hessian(scale=bs)`` and ``step()``; the trajectories agree.
@@ -832,7 +841,9 @@ class SophiaH(SophiaBase):
         bias_correction: as in :class:`SophiaG` (default False).
         refresh_at_start: as in :class:`SophiaG` (default False).
         unclipped_band: as in :class:`SophiaG` (default None).
-        state_dtype: as in :class:`SophiaG` (default None).
+        state_dtype: as in :class:`SophiaG`, but not ``torch.uint8``: 8-bit state keeps h
+            in an unsigned code and a Hutchinson h can be negative, so it raises ValueError
+            (default None).
     """
 
     def update_hessian(
