@@ -11,9 +11,11 @@ a sign bit followed by seven bits read as: E zero bits, a one (the indicator), t
 fraction bits j; its magnitude is ``10^−E · (0.1 + 0.9·(j + 1)/2^F)``, E = 0 … 6 — a decimal
 exponent, then a linear fraction over the decade (10^−E−1, 10^−E] whose top value is the
 decade's end. Seven zero bits (no indicator) are 0. So every decade holds half as many values
-as the one above it: 64 in (0.1, 1], 32 in (0.01, 0.1], …, one (10^−6) in (10^−7, 10^−6]: a
-relative spacing of 1.4% of 1 near 1 and of ~0.9·10^−E/2^F at 10^−E, with 255 distinct
-values (+0 and −0 coincide) spanning ±[10^−6, 1] and 0. The *unsigned* code, for the
+as the one above it: 64 in (0.1, 1], 32 in (0.01, 0.1], …, one (10^−6) in (10^−7, 10^−6].
+The spacing in decade E is 0.9·10^−E/2^F: 0.014 of the absmax in (0.1, 1], which is 1.4% of
+a value near 1 and 14% of one near 0.1 (0.9/2^F relative at the decade's floor, 28% one
+decade down). 255 distinct values (+0 and −0 coincide) span ±[10^−6, 1] and 0; values below
+10^−6 of the absmax round between 0 and 10^−6. The *unsigned* code, for the
 Hessian EMA (Gauss-Newton-Bartlett's h ≥ 0), gives the sign bit to the fraction, as the
 paper's "dynamic quantization" does: F = 7 − E, 128 values in (0.1, 1] down to two in
 (10^−7, 10^−6], plus the code with no indicator and fraction 1, 10^−7, and 0: 256 values
@@ -24,8 +26,9 @@ The stored byte is not the tree's bit pattern but the value's rank in the code's
 rounding needs. Signed: bytes 0 … 254 are −1 … 1, 127 is 0 (255 is unused and decodes as NaN);
 unsigned: bytes 0 … 255 are 0 … 1.
 
-Rounding: x / absmax lies between two neighbouring code values lo ≤ v ≤ hi. Stochastic
-rounding takes hi with probability (v − lo)/(hi − lo), so its expectation is v: an EMA that
+Rounding: |x| / absmax lies between two neighbouring code values lo ≤ v ≤ hi (the codes are
+symmetric: the sign is kept apart). Stochastic rounding takes hi with probability
+(v − lo)/(hi − lo), so its expectation is v: an EMA that
 moves by (1 − β)·|x − m|, far below the code's spacing, keeps moving on average instead of
 stalling as round-to-nearest makes it. The uniform draw is the top 24 bits of
 ``(index ^ key)·C mod 2³²`` — the bits and keys of ``sophia_pytorch._rounding`` (see its
