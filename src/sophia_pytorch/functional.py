@@ -425,6 +425,9 @@ def unclipped_count(exp_avg: Tensor, hessian: Tensor, rho: float) -> tuple[Tenso
     The count is a 0-dim int64 tensor on the state's device, so that a caller summing over
     many parameters reads it back once rather than synchronising per parameter.
     """
+    if hessian.dtype == torch.uint8:
+        raise TypeError("unclipped_count takes float state; decode 8-bit state first "
+                        "(sophia_pytorch._quantize.dequantize)")
     exp_avg, hessian = _as_real(exp_avg, hessian)
     if hessian.dtype == torch.bfloat16:  # ρh in float32, as the step computes it
         exp_avg, hessian = exp_avg.float(), hessian.float()

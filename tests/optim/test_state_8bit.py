@@ -530,6 +530,9 @@ def test_unclipped_fraction_counts_on_the_decoded_state():
         total += p.numel()
     assert 0 < unclipped < total
     assert optimizer.unclipped_fraction() == unclipped / total
+    state = optimizer.state[next(model.parameters())]
+    with pytest.raises(TypeError, match="decode 8-bit state first"):
+        sophia_pytorch.functional.unclipped_count(state["exp_avg"], state["hessian"], rho)
 
 
 def test_what_8bit_state_cannot_serve_is_refused_with_the_fix():
