@@ -13,10 +13,27 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from ._checks import (
+    check_fused_param,
+    check_number,
+    check_representable,
+    check_scale,
+    finite_and_valid,
+    validate_hyperparameters,
+)
 from ._dtensor import all_reduce_mean, is_dtensor, local_shards, sum_over_shards
 from ._kernel.loader import unavailable_reason as fused_kernel_unavailable_reason
-from ._quantize import SIGNED, UNSIGNED, DynamicCode, dequantize, num_blocks, quantize
 from ._rounding import H_STREAM, M_STREAM, rounding_key
+from ._state import (
+    ABSMAX_KEYS,
+    LOW_PRECISION,
+    NARROW_STATE,
+    check_eight_bit_param,
+    computed_dtype,
+    decoded,
+    load_state_tensor,
+    new_state_tensor,
+)
 from .estimators import _hutchinson_estimate
 from .functional import (
     fused_kernel_available,
@@ -28,17 +45,9 @@ from .functional import (
 
 __all__ = ["OFFICIAL_DEFAULTS", "SophiaBase", "SophiaG", "SophiaH"]
 
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
-# parameter dtypes the fused CPU kernel steps (complex as real pairs; m, h float32 for bf16/fp16)
-_FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.complex64,
-                 torch.complex128)
 _STATE_KEYS = ("exp_avg", "hessian")  # shaped like the parameter
 # parameter dtypes that bfloat16 and 8-bit state (state_dtype=torch.bfloat16, torch.uint8) serve
 _BF16_STATE_PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_NARROW_STATE = (torch.bfloat16, torch.uint8)  # state dtypes rounded stochastically, with keys
-# 8-bit state: each state tensor's code and the key of its float32 block absmax
-_CODES: dict[str, DynamicCode] = {"exp_avg": SIGNED, "hessian": UNSIGNED}
-_ABSMAX_KEYS = {"exp_avg": "exp_avg_absmax", "hessian": "hessian_absmax"}
 # 0-dim float32 counters on the CPU: steps taken, estimates folded into h, and the step count
 # at the last fold (the refresh cadence counts from it).
 _COUNT_KEYS = ("step", "hessian_step", "last_refresh_step")
@@ -53,61 +62,6 @@ OFFICIAL_DEFAULTS: dict[str, Any] = dict(
 )
 """Constructor keywords that make ``SophiaG(params, **OFFICIAL_DEFAULTS)`` the authors' SophiaG
 (github.com/Liuhong99/Sophia, PyPI ``sophia-opt``): their defaults, every addition off."""
-
-
-def _check_number(name: str, value: Any, *, low: float = 0.0, high: float | None = None) -> None:
-    if isinstance(value, Tensor):
-        if value.numel() != 1:
-            short = name.split(" (")[-1].rstrip(")")  # "learning rate (lr)" -> "lr"
-            raise ValueError(f"Invalid {name}: Tensor {short} must be 1-element, got shape "
-                             f"{tuple(value.shape)}")
-        value = value.item()
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"Invalid {name}: expected a number, got {value!r}")
-    if not math.isfinite(value) or not value >= low or (high is not None and not value < high):
-        bounds = f"in [{low}, {high})" if high is not None else f">= {low}"
-        raise ValueError(f"Invalid {name}: {value!r}; it must be {bounds}")
-
-
-def _check_fused_param(param: Tensor) -> None:
-    """Refuse, as torch's fused optimizers do, a parameter that ``fused=True`` cannot step."""
-    if param.device.type != "cpu" or param.dtype not in _FUSED_DTYPES or param.is_sparse:
-        raise RuntimeError(
-            "`fused=True` requires all the params to be floating point Tensors of supported "
-            f"devices: ['cpu'] but {param.dtype} and {param.device.type} (the fused kernel of "
-            "sophia_pytorch is CPU-only). Pass fused=None to use it where it can run and the "
-            "foreach or for-loop path elsewhere"
-        )
-
-
-def _validate_hyperparameters(group: dict[str, Any]) -> None:
-    """Raise ValueError naming the first invalid hyperparameter of a group (or the defaults)."""
-    _check_number("learning rate (lr)", group["lr"])
-    betas = group["betas"]
-    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-        raise ValueError(f"Invalid betas: expected a pair (beta1, beta2), got {betas!r}")
-    _check_number("beta1 (betas[0])", betas[0], high=1.0)
-    _check_number("beta2 (betas[1])", betas[1], high=1.0)
-    _check_number("rho", group["rho"])
-    _check_number("weight_decay", group["weight_decay"])
-    _check_number("eps", group["eps"])
-    if not group["eps"] > 0:  # eps = 0 makes 0/0 = NaN where m = 0 and h <= 0
-        raise ValueError(f"Invalid eps: {group['eps']!r}; it must be > 0 (default 1e-15)")
-    refresh_every = group["refresh_every"]
-    if isinstance(refresh_every, bool) or not isinstance(refresh_every, int) or refresh_every < 1:
-        raise ValueError(f"Invalid refresh_every: {refresh_every!r}; it must be an int >= 1")
-    for flag in ("bias_correction", "refresh_at_start"):
-        if not isinstance(group[flag], bool):
-            raise ValueError(f"Invalid {flag}: {group[flag]!r}; expected True or False")
-    band = group["unclipped_band"]
-    if band is not None:
-        if not isinstance(band, (tuple, list)) or len(band) != 2:
-            raise ValueError(f"Invalid unclipped_band: {band!r}; expected None or a pair "
-                             "(low, high) of fractions, e.g. (0.1, 0.5)")
-        _check_number("unclipped_band[0]", band[0], high=1.0)
-        _check_number("unclipped_band[1]", band[1], high=1.0 + 1e-12)
-        if not band[0] < band[1]:
-            raise ValueError(f"Invalid unclipped_band: {band!r}; low must be < high")
 
 
 class SophiaBase(Optimizer):
@@ -161,7 +115,7 @@ class SophiaBase(Optimizer):
                        refresh_at_start=refresh_at_start,
                        unclipped_band=tuple(unclipped_band) if isinstance(unclipped_band, list)
                        else unclipped_band)
-        _validate_hyperparameters(
+        validate_hyperparameters(
             dict(lr=lr, betas=betas, rho=rho, weight_decay=weight_decay, eps=eps, fused=fused,
                  **options)
         )
@@ -194,7 +148,7 @@ class SophiaBase(Optimizer):
         """
         super().add_param_group(param_group)
         try:
-            _validate_hyperparameters(self.param_groups[-1])
+            validate_hyperparameters(self.param_groups[-1])
             self._check_state_dtype(self.param_groups[-1]["params"])
         except ValueError:
             self.param_groups.pop()
@@ -203,7 +157,7 @@ class SophiaBase(Optimizer):
     def _check_state_dtype(self, params: list[Tensor]) -> None:
         """Refuse parameters that bfloat16 or 8-bit state cannot serve (float64, complex;
         for 8-bit, DTensor)."""
-        if self.state_dtype not in _NARROW_STATE:
+        if self.state_dtype not in NARROW_STATE:
             return
         for param in params:
             if param.dtype not in _BF16_STATE_PARAM_DTYPES:
@@ -211,7 +165,7 @@ class SophiaBase(Optimizer):
                     f"state_dtype={self.state_dtype} serves float32, bfloat16 and float16 "
                     f"parameters, not {param.dtype}: put such parameters in an optimizer "
                     "with state_dtype=None")
-            _check_eight_bit_param(param, self.state_dtype)
+            check_eight_bit_param(param, self.state_dtype)
 
     def __getstate__(self) -> dict[str, Any]:
         return {**super().__getstate__(), "state_dtype": self.state_dtype}  # pickle, deepcopy
@@ -262,19 +216,12 @@ class SophiaBase(Optimizer):
         """
         state: dict[str, Tensor] = self.state[param]
         if len(state) == 0:
-            dtype = self.state_dtype or (torch.float32 if param.dtype in _LOW_PRECISION
+            dtype = self.state_dtype or (torch.float32 if param.dtype in LOW_PRECISION
                                          else param.dtype)
             for key in _COUNT_KEYS:
                 state[key] = torch.tensor(0.0, dtype=torch.float32)
             for key in _STATE_KEYS:
-                if dtype == torch.uint8:  # codes of 0, and a zero absmax per block of 256
-                    state[key], state[_ABSMAX_KEYS[key]] = quantize(
-                        torch.zeros_like(param, dtype=torch.float32,
-                                         memory_format=torch.preserve_format), _CODES[key])
-                    continue
-                state[key] = torch.zeros_like(
-                    param, dtype=dtype, memory_format=torch.preserve_format
-                )
+                new_state_tensor(state, key, param, dtype)
         return state
 
     def _init_group(
@@ -294,14 +241,14 @@ class SophiaBase(Optimizer):
                 continue
             if param.grad.is_sparse:
                 raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
-            _check_eight_bit_param(param, self.state_dtype)
+            check_eight_bit_param(param, self.state_dtype)
             state = self._state_for(param)
             # FSDP2 (DTensor) parameters: update the local shards; see sophia_pytorch._dtensor.
             param, grad, exp_avg, hessian = local_shards(
                 param, param.grad, state["exp_avg"], state["hessian"]
             )
             if group["fused"]:
-                _check_fused_param(param)
+                check_fused_param(param)
             params.append(param)
             grads.append(grad)
             exp_avgs.append(exp_avg)
@@ -340,7 +287,7 @@ class SophiaBase(Optimizer):
             exp_avgs: list[Tensor] = []
             hessians: list[Tensor] = []
             steps: list[Tensor] = []
-            seeds: list[int] | None = [] if self.state_dtype in _NARROW_STATE else None
+            seeds: list[int] | None = [] if self.state_dtype in NARROW_STATE else None
             absmaxes: tuple[list[Tensor], list[Tensor]] | None = (
                 ([], []) if self.state_dtype == torch.uint8 else None)
             self._init_group(group, params, grads, exp_avgs, hessians, steps, seeds, first_seed,
@@ -349,7 +296,7 @@ class SophiaBase(Optimizer):
             if not params:
                 continue
             if isinstance(group["lr"], Tensor):
-                _check_number("learning rate (lr)", group["lr"])  # one set after construction
+                check_number("learning rate (lr)", group["lr"])  # one set after construction
             if torch.compiler.is_compiling():
                 for step in steps:
                     step += 1
@@ -441,8 +388,7 @@ class SophiaBase(Optimizer):
                     return math.nan
                 exp_avg, hessian = local_shards(state["exp_avg"], state["hessian"])
                 if exp_avg.dtype == torch.uint8:  # ρh in float32, as the step computes it
-                    exp_avg, hessian = (dequantize(state[k], state[_ABSMAX_KEYS[k]], _CODES[k])
-                                        for k in _STATE_KEYS)
+                    exp_avg, hessian = decoded(state, "exp_avg"), decoded(state, "hessian")
                 count, size = unclipped_count(exp_avg, hessian, group["rho"] if rho is None
                                               else rho)
                 states.append(state["exp_avg"])
@@ -490,19 +436,19 @@ class SophiaBase(Optimizer):
             params = [p for p, _ in pairs]
             weights = self._fold_weights(group, params)
             for param, weight in zip(params, weights):
-                _check_representable(coefficient, weight, _computed_dtype(param, self.state_dtype),
+                check_representable(coefficient, weight, computed_dtype(param, self.state_dtype),
                                      scale, grad_scale)
             plans.append((group, params, [e for _, e in pairs], weights))
-        if grad_scale is not None and not _finite_and_valid(
+        if grad_scale is not None and not finite_and_valid(
                 [e for _, e in estimates], scale if squared else None, grad_scale):
             return False
         taken = self.steps_taken()
-        seeds = self._seeds() if self.state_dtype in _NARROW_STATE else {}
+        seeds = self._seeds() if self.state_dtype in NARROW_STATE else {}
         eight_bit = self.state_dtype == torch.uint8
         for group, params, es, weights in plans:
             hessians, locals_, keys, absmaxes = [], [], [], []
             for param, e in zip(params, es):
-                _check_eight_bit_param(param, self.state_dtype)
+                check_eight_bit_param(param, self.state_dtype)
                 state = self._state_for(param)
                 _, hessian, e = local_shards(param, state["hessian"], e)
                 hessians.append(hessian)
@@ -594,7 +540,7 @@ class SophiaBase(Optimizer):
                     "this optimizer fresh"
                 )
             saved[param_id] = {k: v for k, v in param_state.items()
-                               if k in _STATE_KEYS + _COUNT_KEYS + tuple(_ABSMAX_KEYS.values())}
+                               if k in _STATE_KEYS + _COUNT_KEYS + tuple(ABSMAX_KEYS.values())}
         optimizer._saved_state_for_load = (saved, [g["params"] for g in state_dict["param_groups"]])
 
     @staticmethod
@@ -611,39 +557,9 @@ class SophiaBase(Optimizer):
                         state[key] = value.to(device="cpu", dtype=torch.float32, copy=True)
                 for key in _STATE_KEYS:
                     if isinstance(saved_state.get(key), Tensor):
-                        optimizer._load_state_tensor(param, state, key, saved_state)
+                        load_state_tensor(param, state, key, saved_state,
+                                          optimizer.state_dtype, type(optimizer).__name__)
         optimizer._infer_last_refresh_steps()
-
-    def _load_state_tensor(self, param: Tensor, state: dict[str, Tensor], key: str,
-                           saved: dict[str, Tensor]) -> None:
-        """Put m or h (``key``) of a loaded state into ``state`` in this optimizer's state
-        dtype: float32 into bf16 or 8-bit rounds to nearest (a one-off conversion), bf16 into
-        float32 is exact, 8-bit into any other is decoded to float32 first."""
-        value, absmax_key = saved[key], _ABSMAX_KEYS[key]
-        device = param.device
-        if value.dtype == torch.uint8:
-            absmax = saved.get(absmax_key)
-            if not isinstance(absmax, Tensor) or absmax.shape != (num_blocks(value.numel()),):
-                raise ValueError(
-                    f"{type(self).__name__}.load_state_dict: 8-bit {key} of shape "
-                    f"{tuple(value.shape)} needs {absmax_key} of shape "
-                    f"({num_blocks(value.numel())},), got "
-                    f"{tuple(absmax.shape) if isinstance(absmax, Tensor) else absmax!r}")
-            absmax = absmax.to(device=device, dtype=torch.float32, copy=True)
-            value = value.to(device=device, copy=True)
-            if self.state_dtype == torch.uint8:
-                state[key], state[absmax_key] = value, absmax
-                return
-            value = dequantize(value, absmax, _CODES[key])
-        state.pop(absmax_key, None)
-        if self.state_dtype == torch.uint8:
-            local = value.to(device=device, dtype=torch.float32)
-            state[key], state[absmax_key] = quantize(local, _CODES[key])
-        elif self.state_dtype is not None or param.dtype in _LOW_PRECISION \
-                or saved[key].dtype == torch.uint8:
-            dtype = _state_dtype(param, self.state_dtype)
-            state[key] = value.to(device=device, dtype=dtype, copy=True)
-
 
 class SophiaG(SophiaBase):
     r"""Sophia with the Gauss-Newton-Bartlett Hessian estimate, for softmax/cross-entropy models.
@@ -733,87 +649,12 @@ class SophiaG(SophiaBase):
                 nothing is changed.
             RuntimeError: a sparse gradient.
         """
-        _check_scale("scale", scale, positive=False)
+        check_scale("scale", scale, positive=False)
         if grad_scale is not None:
-            _check_scale("grad_scale", grad_scale, positive=True)
+            check_scale("grad_scale", grad_scale, positive=True)
         estimates = [(p, p.grad) for group in self.param_groups for p in group["params"]
                      if p.grad is not None]
         return self._fold(estimates, squared=True, scale=scale, grad_scale=grad_scale)
-
-
-def _check_eight_bit_param(param: Tensor, state_dtype: torch.dtype | None) -> None:
-    """Refuse a DTensor (FSDP2) parameter for 8-bit state: its blocks of 256 would follow
-    each rank's shard, so the state would depend on the sharding."""
-    if state_dtype == torch.uint8 and is_dtensor(param):
-        raise ValueError("state_dtype=torch.uint8 does not support DTensor parameters (FSDP2 "
-                         "`fully_shard`): its blocks of 256 would follow each rank's shard. "
-                         "Use state_dtype=torch.bfloat16, or DistributedDataParallel")
-
-
-def _computed_dtype(param: Tensor, state_dtype: torch.dtype | None) -> torch.dtype:
-    """The dtype m and h are computed in: float32 for 8-bit state, else their own."""
-    return torch.float32 if state_dtype == torch.uint8 else _state_dtype(param, state_dtype)
-
-
-def _state_dtype(param: Tensor, state_dtype: torch.dtype | None) -> torch.dtype:
-    """The (real) dtype of m and h for ``param`` under the optimizer's ``state_dtype`` (see
-    ``SophiaBase._state_for``)."""
-    if state_dtype is not None:
-        return state_dtype
-    if param.dtype in _LOW_PRECISION:
-        return torch.float32
-    return param.dtype.to_real() if param.dtype.is_complex else param.dtype
-
-
-def _check_scale(name: str, value: float | Tensor, *, positive: bool) -> None:
-    """Refuse a ``scale`` (>= 0) or ``grad_scale`` (> 0) that is not a finite number or a
-    one-element tensor; a tensor's value is checked later, in the one host read of the fold."""
-    if isinstance(value, Tensor):
-        if value.numel() != 1:
-            raise ValueError(f"Invalid {name}: a Tensor {name} must have one element, got "
-                             f"shape {tuple(value.shape)}")
-        return
-    _check_number(name, value)
-    if positive and not value > 0:
-        raise ValueError(f"Invalid {name}: {value!r}; it must be > 0 (the loss scale the "
-                         "gradients carry, e.g. scaler.get_scale())")
-
-
-def _check_representable(coefficient: float | Tensor, weight: float, dtype: torch.dtype,
-                         scale: float | Tensor, grad_scale: float | Tensor | None) -> None:
-    """Refuse a number coefficient of ĥ whose product with the EMA weight overflows ``dtype``
-    (a Tensor one is on the device: it is not read)."""
-    if isinstance(coefficient, Tensor):
-        return
-    value = coefficient * weight
-    if not (math.isfinite(value) and abs(value) <= torch.finfo(dtype).max):
-        raise ValueError(
-            f"Invalid scale: scale={scale!r} with grad_scale={grad_scale!r} gives the estimate "
-            f"a factor {coefficient!r}, which overflows the {dtype} Hessian state; scale is "
-            "the sample count B and grad_scale the loss scale"
-        )
-
-
-def _finite_and_valid(estimates: list[Tensor], scale: float | Tensor | None,
-                      grad_scale: float | Tensor) -> bool:
-    """Whether every estimate is finite, reading the device once for all; a Tensor ``scale``
-    (< 0 or not finite) or ``grad_scale`` (<= 0 or not finite) found invalid in that same read
-    raises ValueError."""
-    checks: list[tuple[str, Tensor]] = []
-    if isinstance(scale, Tensor):
-        checks.append(("scale", scale.isfinite() & (scale >= 0)))
-    if isinstance(grad_scale, Tensor):
-        checks.append(("grad_scale", grad_scale.isfinite() & (grad_scale > 0)))
-    flags = [e.isfinite().all() for e in estimates] + [f.reshape(()) for _, f in checks]
-    if not flags:
-        return True
-    read = torch.stack([f.to(flags[0].device) for f in flags]).tolist()
-    for (name, _), ok in zip(checks, read[len(estimates):]):
-        if not ok:
-            value = scale if name == "scale" else grad_scale
-            raise ValueError(f"Invalid {name}: {value!r}; it must be finite and "
-                             f"{'>= 0' if name == 'scale' else '> 0'}")
-    return all(read[:len(estimates)])
 
 
 class SophiaH(SophiaBase):
@@ -871,7 +712,7 @@ class SophiaH(SophiaBase):
             under ``grad_scale``) — the same contract as :meth:`SophiaG.update_hessian`.
         """
         if grad_scale is not None:
-            _check_scale("grad_scale", grad_scale, positive=True)
+            check_scale("grad_scale", grad_scale, positive=True)
         params = [p for group in self.param_groups for p in group["params"] if p.requires_grad]
         if any(is_dtensor(p) for p in params):
             raise NotImplementedError(
