@@ -1,11 +1,13 @@
-"""Sophia's step with bfloat16 state against float32 state and fused AdamW, side by side.
+"""Sophia's step with bfloat16 and 8-bit state against float32 state and fused AdamW.
 
 One run prints, for each parameter set (a GPT's float32 parameters), a table of the median
 wall time of ``step()`` on the fused CPU kernel with ``state_dtype=None`` (float32 m and h,
 24 bytes a parameter moved: θ, g, m, h read, θ and m written) and ``state_dtype=torch.bfloat16``
-(18 bytes: m and h are 2 bytes), and of torch's fused AdamW (28 bytes), with each row's
-achieved GB/s, its ratio to the float32-state step, the state bytes a parameter and the byte
-limit (18/24 = 0.75).
+(18 bytes: m and h are 2 bytes), of ``state_dtype=torch.uint8`` (8-bit codes and a float32
+scale per 256: about 15 bytes) on the for-loop and foreach paths, which the fused kernel does
+not take (torch ops: many passes over memory, so the byte limit is no bound for them), and
+of torch's fused AdamW (28 bytes), with each row's achieved GB/s, its ratio to the
+float32-state step, the state bytes a parameter and the byte limit (moved bytes / 24).
 
 Rows are interleaved: every round times a few steps of each optimizer in an order that rotates
 between rounds, so load on a shared machine falls on all rows alike; medians are reported.
@@ -36,20 +38,26 @@ from step_time import (  # noqa: E402 - the shapes and machine description step_
     machine_description,
 )
 
-STATE_BYTES = {"float32": 8, "bfloat16": 4, "adamw": 8}  # m and h (AdamW: m and v), per param
+# m and h (AdamW: m and v) a parameter; 8-bit: a byte each and a float32 absmax per 256
+STATE_BYTES = {"float32": 8.0, "bfloat16": 4.0, "uint8": 2 + 8 / 256, "adamw": 8.0}
 
 
-def make_rows(params: list[torch.Tensor]) -> list[tuple[Row, int]]:
-    """(row, state bytes a parameter) for Sophia with float32 and bf16 state and fused AdamW,
-    each over ``params``, warmed up, Sophia's h set by one refresh so some coordinates clip."""
+def make_rows(params: list[torch.Tensor]) -> list[tuple[Row, float]]:
+    """(row, state bytes a parameter) for Sophia with float32, bf16 and 8-bit state and fused
+    AdamW, each over ``params``, warmed up, Sophia's h set by one refresh so some coordinates
+    clip."""
     from sophia_pytorch import SophiaG
 
     rows = []
-    for label, state_dtype, moved in (("float32", None, 24), ("bfloat16", torch.bfloat16, 18)):
-        optimizer = SophiaG(params, lr=LR, weight_decay=WEIGHT_DECAY, fused=True,
-                            state_dtype=state_dtype)
+    for path, label, state_dtype, moved in (
+            ("fused", "float32", None, 24), ("fused", "bfloat16", torch.bfloat16, 18),
+            ("for-loop", "uint8", torch.uint8, 15), ("foreach", "uint8", torch.uint8, 15)):
+        paths = dict(fused=True) if path == "fused" else dict(foreach=path == "foreach")
+        optimizer = SophiaG(params, lr=LR, weight_decay=WEIGHT_DECAY, state_dtype=state_dtype,
+                            **paths)
         optimizer.update_hessian(scale=480.0)
-        rows.append((Row(f"SophiaG fused, {label} state", moved, optimizer.step),
+        name = "8-bit" if label == "uint8" else label
+        rows.append((Row(f"SophiaG {path}, {name} state", moved, optimizer.step),
                      STATE_BYTES[label]))
     adamw = torch.optim.AdamW(params, lr=LR, weight_decay=WEIGHT_DECAY, fused=True)
     rows.append((Row("torch AdamW fused", 28, adamw.step), STATE_BYTES["adamw"]))
@@ -88,8 +96,8 @@ def benchmark_set(name: str, rounds: int, steps: int) -> None:
         median = statistics.median(row.times)
         low, _, high = statistics.quantiles(row.times, n=4)
         moved = row.bytes_per_coordinate * numel / 1e9
-        print(f"| {row.name} | {state_bytes} | {row.bytes_per_coordinate} | {median * 1e3:.1f} |"
-              f" {low * 1e3:.1f}-{high * 1e3:.1f} | {moved / median:.1f} |"
+        print(f"| {row.name} | {state_bytes:.2f} | {row.bytes_per_coordinate} |"
+              f" {median * 1e3:.1f} | {low * 1e3:.1f}-{high * 1e3:.1f} | {moved / median:.1f} |"
               f" {median / reference:.2f} | {row.bytes_per_coordinate / 24:.2f} |")
     sys.stdout.flush()
 

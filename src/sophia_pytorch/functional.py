@@ -19,7 +19,9 @@ with torch's foreach kernels; ``sophia_update`` picks one. The state (``exp_avgs
 ``hessians``) may be float32 for low-precision parameters: the update is then computed in the
 state's dtype and rounded once into the parameter. It may also be bfloat16 (``state_dtype`` of
 the optimizers): the update is then computed in float32 and m and h are stochastically rounded
-back (``sophia_pytorch._rounding``).
+back (``sophia_pytorch._rounding``). Or 8-bit: uint8 codes with a float32 absmax per block of
+256 (``sophia_pytorch._quantize``; m in the signed dynamic code, h in the unsigned one),
+decoded to float32 for the update and stochastically rounded back to codes.
 """
 
 from __future__ import annotations
@@ -28,9 +30,11 @@ import torch
 from torch import Tensor
 
 from ._kernel import loader as _kernel
+from ._quantize import SIGNED, UNSIGNED, DynamicCode, dequantize, quantize_
 from ._rounding import stochastic_round_bf16
 
 _ACCELERATORS = ("cuda", "xpu", "mps")
+_NARROW = (torch.bfloat16, torch.uint8)  # state dtypes stored narrower than they are computed
 
 __all__ = [
     "sophia_update",
@@ -64,13 +68,16 @@ def _single_tensor_sophia(
     eps: float,
     maximize: bool,
     rounding_keys: list[int] | None = None,
+    exp_avg_absmaxes: list[Tensor] | None = None,
+    hessian_absmaxes: list[Tensor] | None = None,
 ) -> None:
     for index, (param, grad, exp_avg, hessian) in enumerate(
             zip(params, grads, exp_avgs, hessians)):
         param, grad, exp_avg, hessian = _as_real(param, grad, exp_avg, hessian)
         stored = exp_avg
-        if exp_avg.dtype == torch.bfloat16:  # bf16 state: computed in float32, rounded back
-            exp_avg, hessian = exp_avg.float(), hessian.float()
+        if exp_avg.dtype in _NARROW:  # bf16 or 8-bit state: computed in float32, rounded back
+            exp_avg = _widen(exp_avg, _absmax(exp_avg_absmaxes, index), SIGNED)
+            hessian = _widen(hessian, _absmax(hessian_absmaxes, index), UNSIGNED)
         if maximize:
             grad = -grad
         if weight_decay != 0:
@@ -84,14 +91,40 @@ def _single_tensor_sophia(
         else:
             param.add_(ratio.mul_(-lr).to(param.dtype))
         if stored is not exp_avg:
-            stored.copy_(stochastic_round_bf16(exp_avg, _key(rounding_keys, index)))
+            _store(stored, exp_avg, _key(rounding_keys, index),
+                   _absmax(exp_avg_absmaxes, index), SIGNED)
 
 
 def _key(rounding_keys: list[int] | None, index: int) -> int:
     if rounding_keys is None:
-        raise ValueError("bfloat16 state needs rounding_keys: one stochastic-rounding key per "
-                         "tensor (see sophia_pytorch._rounding.rounding_key)")
+        raise ValueError("bfloat16 and 8-bit state need rounding_keys: one stochastic-rounding "
+                         "key per tensor (see sophia_pytorch._rounding.rounding_key)")
     return rounding_keys[index]
+
+
+def _absmax(absmaxes: list[Tensor] | None, index: int) -> Tensor | None:
+    return None if absmaxes is None else absmaxes[index]
+
+
+def _widen(stored: Tensor, absmax: Tensor | None, code: DynamicCode) -> Tensor:
+    """A float32 copy of bf16 or 8-bit state (``absmax``: its block scales) to compute in."""
+    if stored.dtype == torch.uint8:
+        if absmax is None:
+            raise ValueError("8-bit state needs its absmaxes: one float32 tensor of block "
+                             "scales per uint8 tensor (see sophia_pytorch._quantize)")
+        decoded: Tensor = dequantize(stored, absmax, code)
+        return decoded
+    return stored.float()
+
+
+def _store(home: Tensor, value: Tensor, key: int, absmax: Tensor | None,
+           code: DynamicCode) -> None:
+    """Round float32 ``value`` stochastically into its bf16 or 8-bit ``home``."""
+    if home.dtype == torch.uint8:
+        assert absmax is not None  # _widen made value and checked it
+        quantize_(home, absmax, value, code, key)
+    else:
+        home.copy_(stochastic_round_bf16(value, key))
 
 
 def _multi_tensor_sophia(
@@ -107,6 +140,8 @@ def _multi_tensor_sophia(
     eps: float,
     maximize: bool,
     rounding_keys: list[int] | None = None,
+    exp_avg_absmaxes: list[Tensor] | None = None,
+    hessian_absmaxes: list[Tensor] | None = None,
 ) -> None:
     if not params:
         return
@@ -121,10 +156,12 @@ def _multi_tensor_sophia(
         group_exp_avgs, group_hessians = stored_exp_avgs, _as_real(*[hessians[i]
                                                                      for i in indices])
         state_dtype = stored_dtype
-        if stored_dtype == torch.bfloat16:  # bf16 state: computed in float32, rounded back
+        if stored_dtype in _NARROW:  # bf16 or 8-bit state: computed in float32, rounded back
             state_dtype = torch.float32
-            group_exp_avgs = [m.float() for m in stored_exp_avgs]
-            group_hessians = [h.float() for h in group_hessians]
+            group_exp_avgs = [_widen(m, _absmax(exp_avg_absmaxes, i), SIGNED)
+                              for m, i in zip(stored_exp_avgs, indices)]
+            group_hessians = [_widen(h, _absmax(hessian_absmaxes, i), UNSIGNED)
+                              for h, i in zip(group_hessians, indices)]
 
         if state_dtype != param_dtype:
             group_grads = [g.to(state_dtype) for g in group_grads]
@@ -153,6 +190,9 @@ def _multi_tensor_sophia(
             rounded = [stochastic_round_bf16(m, _key(rounding_keys, i))
                        for m, i in zip(group_exp_avgs, indices)]
             torch._foreach_copy_(stored_exp_avgs, rounded)
+        elif stored_dtype == torch.uint8:
+            for home, m, i in zip(stored_exp_avgs, group_exp_avgs, indices):
+                _store(home, m, _key(rounding_keys, i), _absmax(exp_avg_absmaxes, i), SIGNED)
 
 
 def sophia_update(
@@ -170,16 +210,19 @@ def sophia_update(
     foreach: bool | None = None,
     fused: bool | None = None,
     rounding_keys: list[int] | None = None,
+    exp_avg_absmaxes: list[Tensor] | None = None,
+    hessian_absmaxes: list[Tensor] | None = None,
 ) -> None:
     """One Sophia step, in place, on matching lists of tensors.
 
     Args:
         params: parameters θ, any shape and floating dtype (complex is viewed as real pairs).
         grads: gradients, same shapes and dtypes as ``params``.
-        exp_avgs: m, same shapes; dtype of ``params``, float32 for low-precision params, or
-            bfloat16 (then the step is computed in float32 and m is stochastically rounded
-            back, see ``rounding_keys``).
-        hessians: h, same shapes and dtype as ``exp_avgs``.
+        exp_avgs: m, same shapes; dtype of ``params``, float32 for low-precision params,
+            bfloat16, or uint8: 8-bit codes of the signed dynamic code, in blocks of 256
+            with ``exp_avg_absmaxes`` (for bfloat16 and uint8 the step is computed in float32
+            and m is stochastically rounded back, see ``rounding_keys``).
+        hessians: h, same shapes and dtype as ``exp_avgs`` (uint8: the unsigned code).
         lr: step size, a float or a one-element tensor (units of θ per step); the fused
             kernel reads a tensor's value each step (as torch's CPU-fused AdamW takes one).
         beta1: EMA coefficient of m.
@@ -195,10 +238,19 @@ def sophia_update(
         rounding_keys: one 32-bit key per tensor (``sophia_pytorch._rounding.rounding_key``
             of a seed and the step), required where m is bfloat16: m's stochastic rounding
             draws its bits from a hash of the key and the element index, so every path
-            rounds alike (default None: no bfloat16 state).
+            rounds alike (default None: no bfloat16 or 8-bit state).
+        exp_avg_absmaxes, hessian_absmaxes: where m and h are uint8, one float32 tensor each
+            of shape ``(ceil(numel / 256),)``: the blocks' absmax, read and written (see
+            :mod:`sophia_pytorch._quantize`). The fused kernel does not step 8-bit state:
+            ``fused=True`` with it raises ValueError, None takes the other paths.
     """
     if isinstance(lr, Tensor) and lr.dim() != 0 and lr.numel() == 1:
         lr = lr.reshape(())  # a one-element lr of any shape, as torch's optimizers take it
+    if any(m.dtype == torch.uint8 for m in exp_avgs):
+        if fused:
+            raise ValueError("fused=True, but the fused kernel does not step 8-bit state "
+                             "(uint8 m and h); pass fused=False (or None)")
+        fused = False
     foreach, fused = _default_paths(params, lr, foreach, fused)
     if fused:
         left = _kernel.fused_sophia_(
@@ -217,7 +269,8 @@ def sophia_update(
     update(
         params, grads, exp_avgs, hessians,
         lr=lr, beta1=beta1, rho=rho, weight_decay=weight_decay, eps=eps, maximize=maximize,
-        rounding_keys=rounding_keys,
+        rounding_keys=rounding_keys, exp_avg_absmaxes=exp_avg_absmaxes,
+        hessian_absmaxes=hessian_absmaxes,
     )
 
 
@@ -258,6 +311,7 @@ def hessian_ema_update(
     weights: list[float] | None = None,
     foreach: bool | None = None,
     rounding_keys: list[int] | None = None,
+    absmaxes: list[Tensor] | None = None,
 ) -> None:
     """Fold fresh diagonal estimates ĥ into h, in place: ``h ← β2·h + (1 − β2)·ĥ``.
 
@@ -269,11 +323,14 @@ def hessian_ema_update(
         weights: optional per-tensor weights w replacing ``1 − β2``: ``h ← (1 − w)·h + w·ĥ``
             (bias correction passes ``(1 − β2) / (1 − β2^r)`` for the r-th estimate).
         foreach: use torch's multi-tensor kernels; None: on accelerators.
-        rounding_keys: one key per tensor, required where h is bfloat16 (see
+        rounding_keys: one key per tensor, required where h is bfloat16 or 8-bit (see
             :func:`sophia_update`).
+        absmaxes: where h is uint8 (8-bit codes of the unsigned dynamic code, which holds
+            h >= 0 only: a negative h is stored as 0), its blocks' absmax, one float32
+            tensor per h (see :func:`sophia_update`).
     """
     stored = _as_real(*hessians)
-    hessians = _compute_copies(stored)
+    hessians = _compute_copies(stored, absmaxes)
     estimates = [e.to(h.dtype) for e, h in zip(_as_real(*estimates), hessians)]
     for decay, weight, indices in _ema_buckets(beta2, weights, len(hessians)):
         group_h, group_e = [hessians[i] for i in indices], [estimates[i] for i in indices]
@@ -283,7 +340,7 @@ def hessian_ema_update(
         else:
             for hessian, estimate in zip(group_h, group_e):
                 hessian.mul_(decay).add_(estimate, alpha=weight)
-    _round_back(stored, hessians, rounding_keys)
+    _round_back(stored, hessians, rounding_keys, absmaxes)
 
 
 def gauss_newton_ema_update(
@@ -295,6 +352,7 @@ def gauss_newton_ema_update(
     weights: list[float] | None = None,
     foreach: bool | None = None,
     rounding_keys: list[int] | None = None,
+    absmaxes: list[Tensor] | None = None,
 ) -> None:
     """Fold ĥ = scale · g ⊙ g into h, in place: ``h ← β2·h + (1 − β2)·scale·g⊙g``.
 
@@ -302,17 +360,18 @@ def gauss_newton_ema_update(
     the Gauss-Newton-Bartlett estimate; it never materialises ĥ.
 
     Args:
-        hessians: h; ``grads`` match them in shape. A bfloat16 h is computed in float32 and
-            stochastically rounded back.
+        hessians: h; ``grads`` match them in shape. A bfloat16 or 8-bit h is computed in
+            float32 and stochastically rounded back.
         beta2: the EMA coefficient.
         scale: B (a number, or a 0-dim tensor on h's device, read without a host sync).
         weights: per-tensor weights replacing ``1 − β2``, as in :func:`hessian_ema_update`.
         foreach: use torch's multi-tensor kernels; None: on accelerators.
-        rounding_keys: one key per tensor, required where h is bfloat16 (see
+        rounding_keys: one key per tensor, required where h is bfloat16 or 8-bit (see
             :func:`sophia_update`).
+        absmaxes: where h is uint8, its blocks' absmax (see :func:`hessian_ema_update`).
     """
     stored = _as_real(*hessians)
-    hessians = _compute_copies(stored)
+    hessians = _compute_copies(stored, absmaxes)
     grads = [g.to(h.dtype) for g, h in zip(_as_real(*grads), hessians)]
     for decay, weight, indices in _ema_buckets(beta2, weights, len(hessians)):
         group_h, group_g = [hessians[i] for i in indices], [grads[i] for i in indices]
@@ -327,20 +386,23 @@ def gauss_newton_ema_update(
         else:
             for hessian, grad, other in zip(group_h, group_g, scaled):
                 hessian.mul_(decay).addcmul_(grad, other, value=value)
-    _round_back(stored, hessians, rounding_keys)
+    _round_back(stored, hessians, rounding_keys, absmaxes)
 
 
-def _compute_copies(stored: list[Tensor]) -> list[Tensor]:
-    """The tensors to compute in: float32 copies of bfloat16 ones, the others themselves."""
-    return [t.float() if t.dtype == torch.bfloat16 else t for t in stored]
+def _compute_copies(stored: list[Tensor], absmaxes: list[Tensor] | None) -> list[Tensor]:
+    """The tensors to compute in: float32 copies of bfloat16 and 8-bit ones (h: the unsigned
+    code), the others themselves."""
+    return [_widen(t, _absmax(absmaxes, i), UNSIGNED) if t.dtype in _NARROW else t
+            for i, t in enumerate(stored)]
 
 
 def _round_back(stored: list[Tensor], computed: list[Tensor],
-                rounding_keys: list[int] | None) -> None:
-    """Round each float32 copy made by ``_compute_copies`` stochastically into its bf16 home."""
+                rounding_keys: list[int] | None, absmaxes: list[Tensor] | None) -> None:
+    """Round each float32 copy made by ``_compute_copies`` stochastically into its bf16 or
+    8-bit home."""
     for index, (home, value) in enumerate(zip(stored, computed)):
         if home is not value:
-            home.copy_(stochastic_round_bf16(value, _key(rounding_keys, index)))
+            _store(home, value, _key(rounding_keys, index), _absmax(absmaxes, index), UNSIGNED)
 
 
 def _ema_buckets(beta2: float, weights: list[float] | None,
@@ -363,6 +425,9 @@ def unclipped_count(exp_avg: Tensor, hessian: Tensor, rho: float) -> tuple[Tenso
     The count is a 0-dim int64 tensor on the state's device, so that a caller summing over
     many parameters reads it back once rather than synchronising per parameter.
     """
+    if hessian.dtype == torch.uint8:
+        raise TypeError("unclipped_count takes float state; decode 8-bit state first "
+                        "(sophia_pytorch._quantize.dequantize)")
     exp_avg, hessian = _as_real(exp_avg, hessian)
     if hessian.dtype == torch.bfloat16:  # ρh in float32, as the step computes it
         exp_avg, hessian = exp_avg.float(), hessian.float()

@@ -13,9 +13,27 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from ._checks import (
+    check_fused_param,
+    check_number,
+    check_representable,
+    check_scale,
+    finite_and_valid,
+    validate_hyperparameters,
+)
 from ._dtensor import all_reduce_mean, is_dtensor, local_shards, sum_over_shards
 from ._kernel.loader import unavailable_reason as fused_kernel_unavailable_reason
 from ._rounding import H_STREAM, M_STREAM, rounding_key
+from ._state import (
+    ABSMAX_KEYS,
+    LOW_PRECISION,
+    NARROW_STATE,
+    check_eight_bit_param,
+    computed_dtype,
+    decoded,
+    load_state_tensor,
+    new_state_tensor,
+)
 from .estimators import _hutchinson_estimate
 from .functional import (
     fused_kernel_available,
@@ -27,12 +45,8 @@ from .functional import (
 
 __all__ = ["OFFICIAL_DEFAULTS", "SophiaBase", "SophiaG", "SophiaH"]
 
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
-# parameter dtypes the fused CPU kernel steps (complex as real pairs; m, h float32 for bf16/fp16)
-_FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.complex64,
-                 torch.complex128)
 _STATE_KEYS = ("exp_avg", "hessian")  # shaped like the parameter
-# parameter dtypes that bfloat16 state (state_dtype=torch.bfloat16) serves
+# parameter dtypes that bfloat16 and 8-bit state (state_dtype=torch.bfloat16, torch.uint8) serve
 _BF16_STATE_PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # 0-dim float32 counters on the CPU: steps taken, estimates folded into h, and the step count
 # at the last fold (the refresh cadence counts from it).
@@ -50,61 +64,6 @@ OFFICIAL_DEFAULTS: dict[str, Any] = dict(
 (github.com/Liuhong99/Sophia, PyPI ``sophia-opt``): their defaults, every addition off."""
 
 
-def _check_number(name: str, value: Any, *, low: float = 0.0, high: float | None = None) -> None:
-    if isinstance(value, Tensor):
-        if value.numel() != 1:
-            short = name.split(" (")[-1].rstrip(")")  # "learning rate (lr)" -> "lr"
-            raise ValueError(f"Invalid {name}: Tensor {short} must be 1-element, got shape "
-                             f"{tuple(value.shape)}")
-        value = value.item()
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"Invalid {name}: expected a number, got {value!r}")
-    if not math.isfinite(value) or not value >= low or (high is not None and not value < high):
-        bounds = f"in [{low}, {high})" if high is not None else f">= {low}"
-        raise ValueError(f"Invalid {name}: {value!r}; it must be {bounds}")
-
-
-def _check_fused_param(param: Tensor) -> None:
-    """Refuse, as torch's fused optimizers do, a parameter that ``fused=True`` cannot step."""
-    if param.device.type != "cpu" or param.dtype not in _FUSED_DTYPES or param.is_sparse:
-        raise RuntimeError(
-            "`fused=True` requires all the params to be floating point Tensors of supported "
-            f"devices: ['cpu'] but {param.dtype} and {param.device.type} (the fused kernel of "
-            "sophia_pytorch is CPU-only). Pass fused=None to use it where it can run and the "
-            "foreach or for-loop path elsewhere"
-        )
-
-
-def _validate_hyperparameters(group: dict[str, Any]) -> None:
-    """Raise ValueError naming the first invalid hyperparameter of a group (or the defaults)."""
-    _check_number("learning rate (lr)", group["lr"])
-    betas = group["betas"]
-    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-        raise ValueError(f"Invalid betas: expected a pair (beta1, beta2), got {betas!r}")
-    _check_number("beta1 (betas[0])", betas[0], high=1.0)
-    _check_number("beta2 (betas[1])", betas[1], high=1.0)
-    _check_number("rho", group["rho"])
-    _check_number("weight_decay", group["weight_decay"])
-    _check_number("eps", group["eps"])
-    if not group["eps"] > 0:  # eps = 0 makes 0/0 = NaN where m = 0 and h <= 0
-        raise ValueError(f"Invalid eps: {group['eps']!r}; it must be > 0 (default 1e-15)")
-    refresh_every = group["refresh_every"]
-    if isinstance(refresh_every, bool) or not isinstance(refresh_every, int) or refresh_every < 1:
-        raise ValueError(f"Invalid refresh_every: {refresh_every!r}; it must be an int >= 1")
-    for flag in ("bias_correction", "refresh_at_start"):
-        if not isinstance(group[flag], bool):
-            raise ValueError(f"Invalid {flag}: {group[flag]!r}; expected True or False")
-    band = group["unclipped_band"]
-    if band is not None:
-        if not isinstance(band, (tuple, list)) or len(band) != 2:
-            raise ValueError(f"Invalid unclipped_band: {band!r}; expected None or a pair "
-                             "(low, high) of fractions, e.g. (0.1, 0.5)")
-        _check_number("unclipped_band[0]", band[0], high=1.0)
-        _check_number("unclipped_band[1]", band[1], high=1.0 + 1e-12)
-        if not band[0] < band[1]:
-            raise ValueError(f"Invalid unclipped_band: {band!r}; low must be < high")
-
-
 class SophiaBase(Optimizer):
     """The Sophia step, state and diagnostics that SophiaG and SophiaH share.
 
@@ -116,6 +75,8 @@ class SophiaBase(Optimizer):
 
     # set by the load_state_dict pre-hook, popped by the post-hook: (states by id, group ids)
     _saved_state_for_load: tuple[dict[int, dict[str, Tensor]], list[list[int]]]
+    # whether every h the estimator makes is >= 0 (8-bit state stores h in an unsigned code)
+    _hessian_is_nonnegative = False
 
     def __init__(
         self,
@@ -135,16 +96,26 @@ class SophiaBase(Optimizer):
         unclipped_band: tuple[float, float] | None = None,
         state_dtype: torch.dtype | None = None,
     ) -> None:
-        if state_dtype not in (None, torch.bfloat16):
+        if state_dtype not in (None, torch.bfloat16, torch.uint8):
             raise ValueError(f"Invalid state_dtype: {state_dtype!r}; expected None (float32 "
-                             "m and h, float64 for float64 parameters) or torch.bfloat16")
+                             "m and h, float64 for float64 parameters), torch.bfloat16 or "
+                             "torch.uint8 (8-bit block-wise quantized)")
+        if state_dtype == torch.uint8:
+            if not self._hessian_is_nonnegative:
+                raise ValueError(
+                    f"state_dtype=torch.uint8 is not available for {type(self).__name__}: "
+                    "8-bit state stores h in an unsigned code, and this estimator's h can be "
+                    "negative (Hutchinson's). Use state_dtype=torch.bfloat16, or SophiaG")
+            if fused:
+                raise ValueError("fused=True with state_dtype=torch.uint8: the fused kernel "
+                                 "does not step 8-bit state; pass fused=False (or None)")
         # the optimizer's, not a group's: a loaded state_dict converts to it (see the hooks)
         self.state_dtype: torch.dtype | None = state_dtype
         options = dict(refresh_every=refresh_every, bias_correction=bias_correction,
                        refresh_at_start=refresh_at_start,
                        unclipped_band=tuple(unclipped_band) if isinstance(unclipped_band, list)
                        else unclipped_band)
-        _validate_hyperparameters(
+        validate_hyperparameters(
             dict(lr=lr, betas=betas, rho=rho, weight_decay=weight_decay, eps=eps, fused=fused,
                  **options)
         )
@@ -177,22 +148,24 @@ class SophiaBase(Optimizer):
         """
         super().add_param_group(param_group)
         try:
-            _validate_hyperparameters(self.param_groups[-1])
+            validate_hyperparameters(self.param_groups[-1])
             self._check_state_dtype(self.param_groups[-1]["params"])
         except ValueError:
             self.param_groups.pop()
             raise
 
     def _check_state_dtype(self, params: list[Tensor]) -> None:
-        """Refuse parameters that bfloat16 state cannot serve (float64, complex)."""
-        if self.state_dtype != torch.bfloat16:
+        """Refuse parameters that bfloat16 or 8-bit state cannot serve (float64, complex;
+        for 8-bit, DTensor)."""
+        if self.state_dtype not in NARROW_STATE:
             return
         for param in params:
             if param.dtype not in _BF16_STATE_PARAM_DTYPES:
                 raise ValueError(
-                    f"state_dtype=torch.bfloat16 serves float32, bfloat16 and float16 "
+                    f"state_dtype={self.state_dtype} serves float32, bfloat16 and float16 "
                     f"parameters, not {param.dtype}: put such parameters in an optimizer "
                     "with state_dtype=None")
+            check_eight_bit_param(param, self.state_dtype)
 
     def __getstate__(self) -> dict[str, Any]:
         return {**super().__getstate__(), "state_dtype": self.state_dtype}  # pickle, deepcopy
@@ -237,18 +210,18 @@ class SophiaBase(Optimizer):
 
         m and h are float32 for float16/bfloat16 parameters (they hold small, slowly moving
         averages that bf16's 8-bit mantissa would round to nearest away), else the parameter's
-        dtype; bfloat16 with ``state_dtype=torch.bfloat16``, stochastically rounded.
+        dtype; bfloat16 with ``state_dtype=torch.bfloat16``, stochastically rounded; with
+        ``torch.uint8`` uint8 codes (the parameter's shape) and float32 ``exp_avg_absmax`` and
+        ``hessian_absmax`` of shape ``(ceil(numel / 256),)`` (``sophia_pytorch._quantize``).
         """
         state: dict[str, Tensor] = self.state[param]
         if len(state) == 0:
-            dtype = self.state_dtype or (torch.float32 if param.dtype in _LOW_PRECISION
+            dtype = self.state_dtype or (torch.float32 if param.dtype in LOW_PRECISION
                                          else param.dtype)
             for key in _COUNT_KEYS:
                 state[key] = torch.tensor(0.0, dtype=torch.float32)
             for key in _STATE_KEYS:
-                state[key] = torch.zeros_like(
-                    param, dtype=dtype, memory_format=torch.preserve_format
-                )
+                new_state_tensor(state, key, param, dtype)
         return state
 
     def _init_group(
@@ -261,19 +234,21 @@ class SophiaBase(Optimizer):
         steps: list[Tensor],
         seeds: list[int] | None = None,
         first_seed: int = 0,
+        absmaxes: tuple[list[Tensor], list[Tensor]] | None = None,
     ) -> None:
         for ordinal, param in enumerate(group["params"], start=first_seed):
             if param.grad is None:
                 continue
             if param.grad.is_sparse:
                 raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+            check_eight_bit_param(param, self.state_dtype)
             state = self._state_for(param)
             # FSDP2 (DTensor) parameters: update the local shards; see sophia_pytorch._dtensor.
             param, grad, exp_avg, hessian = local_shards(
                 param, param.grad, state["exp_avg"], state["hessian"]
             )
             if group["fused"]:
-                _check_fused_param(param)
+                check_fused_param(param)
             params.append(param)
             grads.append(grad)
             exp_avgs.append(exp_avg)
@@ -281,6 +256,9 @@ class SophiaBase(Optimizer):
             steps.append(state["step"])
             if seeds is not None:
                 seeds.append(ordinal)
+            if absmaxes is not None:
+                absmaxes[0].append(state["exp_avg_absmax"])
+                absmaxes[1].append(state["hessian_absmax"])
 
     # torch's stubs type a closure as returning a float; closures return the loss Tensor.
     @overload
@@ -309,13 +287,16 @@ class SophiaBase(Optimizer):
             exp_avgs: list[Tensor] = []
             hessians: list[Tensor] = []
             steps: list[Tensor] = []
-            seeds: list[int] | None = [] if self.state_dtype == torch.bfloat16 else None
-            self._init_group(group, params, grads, exp_avgs, hessians, steps, seeds, first_seed)
+            seeds: list[int] | None = [] if self.state_dtype in NARROW_STATE else None
+            absmaxes: tuple[list[Tensor], list[Tensor]] | None = (
+                ([], []) if self.state_dtype == torch.uint8 else None)
+            self._init_group(group, params, grads, exp_avgs, hessians, steps, seeds, first_seed,
+                             absmaxes)
             first_seed += len(group["params"])
             if not params:
                 continue
             if isinstance(group["lr"], Tensor):
-                _check_number("learning rate (lr)", group["lr"])  # one set after construction
+                check_number("learning rate (lr)", group["lr"])  # one set after construction
             if torch.compiler.is_compiling():
                 for step in steps:
                     step += 1
@@ -328,7 +309,8 @@ class SophiaBase(Optimizer):
                 lr=group["lr"], beta1=group["betas"][0], rho=group["rho"],
                 weight_decay=group["weight_decay"], eps=group["eps"],
                 maximize=group["maximize"], foreach=group["foreach"], fused=group["fused"],
-                rounding_keys=keys,
+                rounding_keys=keys, exp_avg_absmaxes=None if absmaxes is None else absmaxes[0],
+                hessian_absmaxes=None if absmaxes is None else absmaxes[1],
             )
         return loss
 
@@ -405,6 +387,8 @@ class SophiaBase(Optimizer):
                 if state["exp_avg"].device.type == "meta":
                     return math.nan
                 exp_avg, hessian = local_shards(state["exp_avg"], state["hessian"])
+                if exp_avg.dtype == torch.uint8:  # ρh in float32, as the step computes it
+                    exp_avg, hessian = decoded(state, "exp_avg"), decoded(state, "hessian")
                 count, size = unclipped_count(exp_avg, hessian, group["rho"] if rho is None
                                               else rho)
                 states.append(state["exp_avg"])
@@ -452,34 +436,41 @@ class SophiaBase(Optimizer):
             params = [p for p, _ in pairs]
             weights = self._fold_weights(group, params)
             for param, weight in zip(params, weights):
-                _check_representable(coefficient, weight, _state_dtype(param, self.state_dtype),
+                check_representable(coefficient, weight, computed_dtype(param, self.state_dtype),
                                      scale, grad_scale)
             plans.append((group, params, [e for _, e in pairs], weights))
-        if grad_scale is not None and not _finite_and_valid(
+        if grad_scale is not None and not finite_and_valid(
                 [e for _, e in estimates], scale if squared else None, grad_scale):
             return False
         taken = self.steps_taken()
-        seeds = self._seeds() if self.state_dtype == torch.bfloat16 else {}
+        seeds = self._seeds() if self.state_dtype in NARROW_STATE else {}
+        eight_bit = self.state_dtype == torch.uint8
         for group, params, es, weights in plans:
-            hessians, locals_, keys = [], [], []
+            hessians, locals_, keys, absmaxes = [], [], [], []
             for param, e in zip(params, es):
+                check_eight_bit_param(param, self.state_dtype)
                 state = self._state_for(param)
                 _, hessian, e = local_shards(param, state["hessian"], e)
                 hessians.append(hessian)
                 locals_.append(e)
+                if eight_bit:
+                    absmaxes.append(state["hessian_absmax"])
                 if seeds:  # the count this fold makes, as steps count for m
                     refreshes = int(state.get("hessian_step", torch.tensor(0.0)).item()) + 1
                     keys.append(rounding_key(seeds[param], refreshes, H_STREAM))
             rounding_keys = keys if seeds else None
+            block_absmaxes = absmaxes if eight_bit else None
             if squared:
                 gauss_newton_ema_update(hessians, locals_, beta2=group["betas"][1],
                                         scale=coefficient, weights=weights,
-                                        foreach=group["foreach"], rounding_keys=rounding_keys)
+                                        foreach=group["foreach"], rounding_keys=rounding_keys,
+                                        absmaxes=block_absmaxes)
             else:
                 if grad_scale is not None:
                     locals_ = [e / grad_scale for e in locals_]
                 hessian_ema_update(hessians, locals_, beta2=group["betas"][1], weights=weights,
-                                   foreach=group["foreach"], rounding_keys=rounding_keys)
+                                   foreach=group["foreach"], rounding_keys=rounding_keys,
+                                   absmaxes=block_absmaxes)
             for param in params:
                 state = self.state[param]
                 for key in ("hessian_step", "last_refresh_step"):  # absent from old states
@@ -549,7 +540,7 @@ class SophiaBase(Optimizer):
                     "this optimizer fresh"
                 )
             saved[param_id] = {k: v for k, v in param_state.items()
-                               if k in _STATE_KEYS + _COUNT_KEYS}
+                               if k in _STATE_KEYS + _COUNT_KEYS + tuple(ABSMAX_KEYS.values())}
         optimizer._saved_state_for_load = (saved, [g["params"] for g in state_dict["param_groups"]])
 
     @staticmethod
@@ -558,19 +549,17 @@ class SophiaBase(Optimizer):
         saved, saved_ids = optimizer.__dict__.pop("_saved_state_for_load", ({}, []))
         for ids, group in zip(saved_ids, optimizer.param_groups):
             for param_id, param in zip(ids, group["params"]):
-                for key, value in saved.get(param_id, {}).items():
-                    state = optimizer.state[param]
-                    if not isinstance(value, Tensor):
-                        continue
-                    if key in _COUNT_KEYS:  # counters stay float32 on the CPU, as torch's step
+                saved_state = saved.get(param_id, {})
+                state = optimizer.state[param]
+                for key, value in saved_state.items():
+                    if key in _COUNT_KEYS and isinstance(value, Tensor):
+                        # counters stay float32 on the CPU, as torch's step
                         state[key] = value.to(device="cpu", dtype=torch.float32, copy=True)
-                    elif optimizer.state_dtype is not None or param.dtype in _LOW_PRECISION:
-                        # float32 state into bf16 state rounds to nearest, bf16 into float32
-                        # is exact
-                        dtype = _state_dtype(param, optimizer.state_dtype)
-                        state[key] = value.to(device=param.device, dtype=dtype, copy=True)
+                for key in _STATE_KEYS:
+                    if isinstance(saved_state.get(key), Tensor):
+                        load_state_tensor(param, state, key, saved_state,
+                                          optimizer.state_dtype, type(optimizer).__name__)
         optimizer._infer_last_refresh_steps()
-
 
 class SophiaG(SophiaBase):
     r"""Sophia with the Gauss-Newton-Bartlett Hessian estimate, for softmax/cross-entropy models.
@@ -611,18 +600,29 @@ class SophiaG(SophiaBase):
             factors of √2 until the fraction of unclipped coordinates (|m| < ρh, counted
             at that refresh) lies in the band — the official advice of keeping it in 0.1–0.5,
             automated. ``group["rho"]`` then holds the current ρ (default None: fixed ρ).
-        state_dtype: None (m and h in float32, or float64 for float64 parameters) or
-            ``torch.bfloat16``: m and h in bf16, 2 bytes each a parameter, for float32, bf16
-            and fp16 parameters. The update is computed in float32 and m and h are rounded
-            back stochastically (unbiased), the random bits a hash of the parameter's index,
-            the step (or refresh count) and the element, so every path rounds alike and a
-            resume is bit-identical. It is the optimizer's, not a group's: a loaded
-            ``state_dict`` is converted to it (float32 → bf16 to nearest, bf16 → float32
-            exactly) (default None).
+        state_dtype: None (m and h in float32, or float64 for float64 parameters),
+            ``torch.bfloat16`` or ``torch.uint8``, the dtype m and h are stored in, for
+            float32, bf16 and fp16 parameters. bfloat16: 2 bytes each a parameter.
+            ``torch.uint8``: 8-bit block-wise quantized state (Dettmers et al., 2021), a byte
+            each and a float32 absmax per block of 256 (``state["exp_avg_absmax"]``,
+            ``state["hessian_absmax"]``), m in a signed dynamic code, h in an unsigned one
+            (see ``sophia_pytorch._quantize``); a block that holds NaN or inf decodes to NaN
+            whole. Either way the update is computed in float32 and m and h are rounded back
+            stochastically (unbiased), the random bits a hash of the parameter's index, the
+            step (or refresh count) and the element, so every path rounds alike and a resume
+            is bit-identical. 8-bit state steps on the for-loop and foreach paths, in torch
+            ops (on the CPU far slower than the fused step: it saves memory, not time); it
+            refuses ``fused=True`` and DTensor (FSDP2) parameters with a ValueError, and under
+            ``torch.compile`` its quantization runs eagerly (a graph break). It is the
+            optimizer's, not a group's: a loaded ``state_dict`` is converted to it (float32
+            → bf16 or 8-bit to nearest, bf16 → float32 exactly, 8-bit → float decoded)
+            (default None).
 
     Migrating from the official ``SophiaG``: where it called ``update_hessian()`` and
     ``step(bs=bs)``, call ``update_hessian(scale=bs)`` and ``step()``; the trajectories agree.
     """
+
+    _hessian_is_nonnegative = True  # ĥ = B·g⊙g
 
     @torch.no_grad()
     def update_hessian(self, scale: float | Tensor = 1.0, *,
@@ -649,73 +649,12 @@ class SophiaG(SophiaBase):
                 nothing is changed.
             RuntimeError: a sparse gradient.
         """
-        _check_scale("scale", scale, positive=False)
+        check_scale("scale", scale, positive=False)
         if grad_scale is not None:
-            _check_scale("grad_scale", grad_scale, positive=True)
+            check_scale("grad_scale", grad_scale, positive=True)
         estimates = [(p, p.grad) for group in self.param_groups for p in group["params"]
                      if p.grad is not None]
         return self._fold(estimates, squared=True, scale=scale, grad_scale=grad_scale)
-
-
-def _state_dtype(param: Tensor, state_dtype: torch.dtype | None) -> torch.dtype:
-    """The (real) dtype of m and h for ``param`` under the optimizer's ``state_dtype`` (see
-    ``SophiaBase._state_for``)."""
-    if state_dtype is not None:
-        return state_dtype
-    if param.dtype in _LOW_PRECISION:
-        return torch.float32
-    return param.dtype.to_real() if param.dtype.is_complex else param.dtype
-
-
-def _check_scale(name: str, value: float | Tensor, *, positive: bool) -> None:
-    """Refuse a ``scale`` (>= 0) or ``grad_scale`` (> 0) that is not a finite number or a
-    one-element tensor; a tensor's value is checked later, in the one host read of the fold."""
-    if isinstance(value, Tensor):
-        if value.numel() != 1:
-            raise ValueError(f"Invalid {name}: a Tensor {name} must have one element, got "
-                             f"shape {tuple(value.shape)}")
-        return
-    _check_number(name, value)
-    if positive and not value > 0:
-        raise ValueError(f"Invalid {name}: {value!r}; it must be > 0 (the loss scale the "
-                         "gradients carry, e.g. scaler.get_scale())")
-
-
-def _check_representable(coefficient: float | Tensor, weight: float, dtype: torch.dtype,
-                         scale: float | Tensor, grad_scale: float | Tensor | None) -> None:
-    """Refuse a number coefficient of ĥ whose product with the EMA weight overflows ``dtype``
-    (a Tensor one is on the device: it is not read)."""
-    if isinstance(coefficient, Tensor):
-        return
-    value = coefficient * weight
-    if not (math.isfinite(value) and abs(value) <= torch.finfo(dtype).max):
-        raise ValueError(
-            f"Invalid scale: scale={scale!r} with grad_scale={grad_scale!r} gives the estimate "
-            f"a factor {coefficient!r}, which overflows the {dtype} Hessian state; scale is "
-            "the sample count B and grad_scale the loss scale"
-        )
-
-
-def _finite_and_valid(estimates: list[Tensor], scale: float | Tensor | None,
-                      grad_scale: float | Tensor) -> bool:
-    """Whether every estimate is finite, reading the device once for all; a Tensor ``scale``
-    (< 0 or not finite) or ``grad_scale`` (<= 0 or not finite) found invalid in that same read
-    raises ValueError."""
-    checks: list[tuple[str, Tensor]] = []
-    if isinstance(scale, Tensor):
-        checks.append(("scale", scale.isfinite() & (scale >= 0)))
-    if isinstance(grad_scale, Tensor):
-        checks.append(("grad_scale", grad_scale.isfinite() & (grad_scale > 0)))
-    flags = [e.isfinite().all() for e in estimates] + [f.reshape(()) for _, f in checks]
-    if not flags:
-        return True
-    read = torch.stack([f.to(flags[0].device) for f in flags]).tolist()
-    for (name, _), ok in zip(checks, read[len(estimates):]):
-        if not ok:
-            value = scale if name == "scale" else grad_scale
-            raise ValueError(f"Invalid {name}: {value!r}; it must be finite and "
-                             f"{'>= 0' if name == 'scale' else '> 0'}")
-    return all(read[:len(estimates)])
 
 
 class SophiaH(SophiaBase):
@@ -743,7 +682,9 @@ class SophiaH(SophiaBase):
         bias_correction: as in :class:`SophiaG` (default False).
         refresh_at_start: as in :class:`SophiaG` (default False).
         unclipped_band: as in :class:`SophiaG` (default None).
-        state_dtype: as in :class:`SophiaG` (default None).
+        state_dtype: as in :class:`SophiaG`, but not ``torch.uint8``: 8-bit state keeps h
+            in an unsigned code and a Hutchinson h can be negative, so it raises ValueError
+            (default None).
     """
 
     def update_hessian(
@@ -771,7 +712,7 @@ class SophiaH(SophiaBase):
             under ``grad_scale``) — the same contract as :meth:`SophiaG.update_hessian`.
         """
         if grad_scale is not None:
-            _check_scale("grad_scale", grad_scale, positive=True)
+            check_scale("grad_scale", grad_scale, positive=True)
         params = [p for group in self.param_groups for p in group["params"] if p.requires_grad]
         if any(is_dtensor(p) for p in params):
             raise NotImplementedError(

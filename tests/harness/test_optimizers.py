@@ -339,6 +339,19 @@ def test_state_dtype_bfloat16_reaches_sophia_and_float32_keeps_the_default(optim
         assert sophia.state_dtype == expected
 
 
+@pytest.mark.parametrize("optimizer", ["sophiag", "sophiag-official", "muon-sophiag"])
+def test_state_dtype_uint8_reaches_sophiag(optimizer):
+    config = make_config("tiny", {"optimizer": optimizer, "state_dtype": "uint8"})
+    built = build_optimizer(config, _model())
+    sophia = built.rest if optimizer == "muon-sophiag" else built
+    assert sophia.state_dtype == torch.uint8
+
+
+def test_state_dtype_uint8_for_sophiah_is_refused_with_the_fix():
+    with pytest.raises(SophiaError, match="uint8 does not apply to sophiah.*bfloat16"):
+        make_config("tiny", {"optimizer": "sophiah", "state_dtype": "uint8"})
+
+
 def test_state_dtype_for_another_optimizer_is_refused():
     with pytest.raises(SophiaError, match="--state-dtype bfloat16 applies to .* not adamw"):
         make_config("tiny", {"optimizer": "adamw", "state_dtype": "bfloat16"})

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
+from ..optimizer import SophiaH
 from .errors import SophiaError
 from .presets import PRESETS, OptimizerHparams, Preset
 from .registry import OPTIMIZERS, RESERVED_OPTIONS
@@ -64,7 +65,8 @@ DTYPES = ("auto", "float32", "bfloat16")
 TOKENIZERS = ("byte", "bpe")
 PARALLEL_MODES = ("none", "ddp", "fsdp")  # sophia_pytorch.harness.distributed.wrap_model
 SCHEDULES = ("cosine", "wsd")  # sophia_pytorch.harness.schedule
-STATE_DTYPES = ("float32", "bfloat16")  # Sophia's state_dtype: None, torch.bfloat16
+# Sophia's state_dtype: None, torch.bfloat16, torch.uint8 (8-bit block-wise quantized)
+STATE_DTYPES = ("float32", "bfloat16", "uint8")
 MAX_SEED = 2**63 - 1  # torch.manual_seed's range
 
 
@@ -206,8 +208,10 @@ class OptimizerConfig:
     refresh_fraction: float = setting(0.25, gt=0.0, le=1.0,
                                       doc="the share of the step's batch the refresh uses")
     state_dtype: str = setting("float32", choices=STATE_DTYPES,
-                               doc="Sophia's m and h: float32, or bfloat16 (stochastically "
-                                   "rounded; half the state memory)")
+                               doc="Sophia's m and h: float32, bfloat16 (stochastically "
+                                   "rounded; half the state memory), or uint8 (8-bit codes "
+                                   "and a scale per 256, stochastically rounded; a quarter; "
+                                   "SophiaG only)")
     sophia_options: dict[str, Any] = setting(
         default_factory=dict, doc="more SophiaG/SophiaH constructor keywords")
 
@@ -220,6 +224,12 @@ class OptimizerConfig:
             raise SophiaError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr}); lower "
                               "--min-lr")
         _check_sophia_options(self)
+        options_class = OPTIMIZERS[self.name].options_class
+        if self.state_dtype == "uint8" and options_class is not None \
+                and issubclass(options_class, SophiaH):
+            raise SophiaError(f"--state-dtype uint8 does not apply to {self.name}: 8-bit state "
+                              "keeps h in an unsigned code and Hutchinson's h can be negative; "
+                              "use --state-dtype bfloat16, or a SophiaG optimizer")
         if self.state_dtype != "float32" and not OPTIMIZERS[self.name].takes_options:
             takers = ", ".join(name for name, s in OPTIMIZERS.items() if s.takes_options)
             raise SophiaError(f"--state-dtype {self.state_dtype} applies to Sophia's state "

@@ -40,7 +40,7 @@ class OptimizerSettings:
     rho: float
     refresh_every: int
     sophia_options: Mapping[str, Any]
-    state_dtype: str = "float32"  # Sophia's m and h: "float32" or "bfloat16"
+    state_dtype: str = "float32"  # Sophia's m and h: "float32", "bfloat16" or "uint8"
 
 __all__ = ["OPTIMIZERS", "RESERVED_OPTIONS", "OptimizerSettings", "OptimizerSpec", "decay_groups"]
 
@@ -49,7 +49,7 @@ RESERVED_OPTIONS = {"params": "the model's parameters", "lr": "--lr", "betas": "
                     "weight_decay": "--weight-decay", "rho": "--rho",
                     "refresh_every": "--refresh-every", "state_dtype": "--state-dtype"}
 # the harness's --state-dtype -> Sophia's state_dtype keyword
-_STATE_DTYPES = {"float32": None, "bfloat16": torch.bfloat16}
+_STATE_DTYPES = {"float32": None, "bfloat16": torch.bfloat16, "uint8": torch.uint8}
 
 # build(settings, model, rows, device): ``rows`` are the preset's hyperparameter rows by name.
 Builder = Callable[[OptimizerSettings, nn.Module, Mapping[str, OptimizerHparams],
