@@ -54,6 +54,7 @@ case "${1:?a queue name}" in
   # and x1/3 of each row, one folder per multiplier; then Lion's seeds 1-2.
   grid-sophiag-up) small small-x3 sophiag 3 0 ;;
   grid-sophiag-down) small small-x0.333 sophiag 0.333 0 ;;
+  grid-sophiag-down2) small small-x0.111 sophiag 0.111 0 ;;
   grid-sophiag-up2) small small-x9 sophiag 9 0 ;;
   grid-adamw-up) small small-x3 adamw 3 0 ;;
   grid-adamw-down) small small-x0.333 adamw 0.333 0 ;;
