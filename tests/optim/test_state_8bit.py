@@ -24,6 +24,10 @@ from sophia_pytorch import SophiaG, SophiaH
 from sophia_pytorch._quantize import BLOCK, SIGNED, UNSIGNED, dequantize, quantize
 from sophia_pytorch._rounding import M_STREAM, rounding_key
 from sophia_pytorch.functional import gauss_newton_ema_update, sophia_update
+from tests.optim.state_model import small_batch as _batch
+from tests.optim.state_model import small_model as _model
+from tests.optim.state_model import train as _train
+from tests.optim.state_model import two_groups as _groups
 
 U8 = torch.uint8
 HYPER = dict(lr=3e-3, beta1=0.965, rho=0.04, weight_decay=0.1, eps=1e-15)
@@ -276,42 +280,6 @@ def test_the_refresh_folds_into_8bit_h_as_float64_says():
         gauss_newton_ema_update([codes], [grad], beta2=0.99, scale=8.0, absmaxes=[absmax])
 
 
-def _model(seed: int, dtype: torch.dtype) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    model = torch.nn.Sequential(torch.nn.Linear(12, 40), torch.nn.Tanh(),
-                                torch.nn.Linear(40, 5))
-    return model.to(dtype)
-
-
-def _batch(step: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    generator = torch.Generator().manual_seed(1000 + step)
-    return (torch.randn(64, 12, generator=generator).to(dtype),
-            torch.randint(0, 5, (64,), generator=generator))
-
-
-def _train(model, optimizer, steps, dtype) -> float:
-    loss = torch.tensor(0.0)
-    for t in steps:
-        inputs, targets = _batch(t, dtype)
-        if optimizer.hessian_due():
-            optimizer.zero_grad()
-            sampled, n = sophia_pytorch.sampled_cross_entropy(
-                model(inputs), generator=torch.Generator().manual_seed(t))
-            sampled.backward()
-            optimizer.update_hessian(scale=n)
-        optimizer.zero_grad()
-        loss = F.cross_entropy(model(inputs).float(), targets)
-        loss.backward()
-        optimizer.step()
-    return float(loss.detach())
-
-
-def _groups(model: torch.nn.Module) -> list[dict]:
-    first, second = list(model.children())[0], list(model.children())[2]
-    return [{"params": list(first.parameters())},
-            {"params": list(second.parameters()), "lr": 5e-3, "weight_decay": 0.0}]
-
-
 STATE_KEYS = ("exp_avg", "hessian", "exp_avg_absmax", "hessian_absmax")
 
 
@@ -353,37 +321,6 @@ def test_float16_parameters_step_with_8bit_state():
     for p, p0 in zip(model.parameters(), start, strict=True):
         assert p.dtype == torch.float16 and p.isfinite().all() and not torch.equal(p, p0)
         _assert_8bit_state(optimizer, p)
-
-
-def test_8bit_state_trajectory_stays_close_to_float32_state():
-    """300 full-batch steps on a teacher's labels: at every 25th step the 8-bit-state loss is
-    within 5% of what the float32-state run has shed by then."""
-    generator = torch.Generator().manual_seed(6)
-    inputs = torch.randn(512, 12, generator=generator)
-    targets = (inputs @ torch.randn(12, 5, generator=generator)).argmax(dim=1)
-    curves = []
-    for state_dtype in (None, U8):
-        model = _model(1, torch.float32)
-        optimizer = SophiaG(model.parameters(), lr=1e-2, refresh_every=5, state_dtype=state_dtype)
-        curve = []
-        for t in range(301):
-            if t % 25 == 0:
-                with torch.no_grad():
-                    curve.append(float(F.cross_entropy(model(inputs), targets)))
-            if optimizer.hessian_due():
-                optimizer.zero_grad()
-                sampled, n = sophia_pytorch.sampled_cross_entropy(
-                    model(inputs), generator=torch.Generator().manual_seed(t))
-                sampled.backward()
-                optimizer.update_hessian(scale=n)
-            optimizer.zero_grad()
-            F.cross_entropy(model(inputs), targets).backward()
-            optimizer.step()
-        curves.append(torch.tensor(curve, dtype=torch.float64))
-    fp32, eight_bit = curves
-    assert fp32[-1] < 0.5 * fp32[0]  # it learned
-    shed = fp32[0] - fp32
-    assert torch.all((eight_bit - fp32).abs()[1:] <= 0.05 * shed[1:])
 
 
 # ------------------------------------------------------------------------- checkpoints
