@@ -58,6 +58,18 @@ case "${1:?a queue name}" in
   grid-sophiag-up2) small small-x9 sophiag 9 0 ;;
   grid-adamw-up) small small-x3 adamw 3 0 ;;
   grid-adamw-down) small small-x0.333 adamw 0.333 0 ;;
+  grid-adamw-up2) small small-x9 adamw 9 0 ;;
+  grid-adamw-up3) small small-x27 adamw 27 0 ;;
+  # Seeds 1-2 at an optimizer's interior best, each in a folder of its own so no committed
+  # report is replaced by a report of fewer runs (a fresh checkout has no runs/ to reuse).
+  adamw-x3-seed1) small small-x3-seeds adamw 3 1 ;;
+  adamw-x3-seed2) small small-x3-seeds adamw 3 2 ;;
+  adamw-x9-seed1) small small-x9-seeds adamw 9 1 ;;
+  adamw-x9-seed2) small small-x9-seeds adamw 9 2 ;;
+  lion-x1-seed1) small small-lion-x1-seeds lion 1 1 ;;
+  lion-x1-seed2) small small-lion-x1-seeds lion 1 2 ;;
+  grid-lion-up2) small small-x9 lion 3 0 ;;
+  norefresh) small small-norefresh sophiag 1 0 --refresh-every 1000000 ;;
   grid-lion-up) small small-x3 lion 1 0 ;;
   grid-lion-down) small small-x0.333 lion 0.111 0 ;;
   lion-seeds) small small-lion lion 0.333 1
