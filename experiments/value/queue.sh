@@ -70,6 +70,14 @@ case "${1:?a queue name}" in
   lion-x1-seed2) small small-lion-x1-seeds lion 1 2 ;;
   grid-lion-up2) small small-x9 lion 3 0 ;;
   norefresh) small small-norefresh sophiag 1 0 --refresh-every 1000000 ;;
+  # Where the clip binds, per parameter kind, every 100 steps of Sophia-G's seed-0 run at its
+  # best lr (it repeats that committed run; its final loss checks the repeat).
+  diagnose-sophiag)
+    OMP_NUM_THREADS=1 python "$here/clip_by_kind.py" "$here/small-seeds/results-sophiag.json" \
+      --seed 0 --out "$OUT/clip-by-kind" --json "$here/small-diagnosis/sophiag-seed0.json"
+    [ "$COMMIT" = 1 ] && git add "$here/small-diagnosis/sophiag-seed0.json" && \
+      git commit -q -m "value study: Sophia-G's clip by parameter kind, small preset, seed 0" \
+        -- "$here/small-diagnosis/sophiag-seed0.json" ;;
   grid-lion-up) small small-x3 lion 1 0 ;;
   grid-lion-down) small small-x0.333 lion 0.111 0 ;;
   lion-seeds) small small-lion lion 0.333 1
