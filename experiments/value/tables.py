@@ -259,6 +259,34 @@ def small_curve() -> str:
     return _table(["step", *labels, *(f"{label} − adamw" for label in labels[1:])], rows)
 
 
+def small_clip() -> str:
+    """Where Sophia-G's clip binds on the small preset, seed 0 at its best lr, every 200 steps
+    (experiments/value/clip_by_kind.py): per parameter kind the unclipped share and the mean
+    step in units of the lr (Lion's is 1), beside the validation gap to Lion on the same seed."""
+    path = VALUE / "small-diagnosis" / "sophiag-seed0.json"
+    if not path.exists():
+        return "(not run yet: `experiments/value/queue.sh diagnose-sophiag`)"
+    diagnosis = json.loads(path.read_text())
+    records = {r["step"]: r for r in diagnosis["records"]}
+    runs = _small_runs()
+    lion = {r.seed: r for r in _lr_runs(runs, "lion", diagnosis["lr"]) if r.steps == 2000}
+    sophia = {r.seed: r for r in _lr_runs(runs, "sophiag", diagnosis["lr"])
+              if r.steps == 2000 and not r.variant}
+    seed = diagnosis["seed"]
+    gaps = dict(sophia[seed].evals) if seed in sophia and seed in lion else {}
+    kinds = [k for k in ("embedding+head", "position", "attention", "mlp", "norm", "bias")
+             if k in records[max(records)]["kinds"]]
+    rows = []
+    for step in range(200, diagnosis["steps"] + 1, 200):
+        if step not in records:
+            continue
+        kinds_at = records[step]["kinds"]
+        gap = (f"{gaps[step] - dict(lion[seed].evals)[step]:+.3f}" if step in gaps else "")
+        rows.append([str(step), f"{records[step]['lr']:.2e}", gap] + [
+            f"{kinds_at[k]['unclipped']:.2f} / {kinds_at[k]['step/lr']:.2f}" for k in kinds])
+    return _table(["step", "lr", "sophiag − lion (val)", *kinds], rows)
+
+
 def hybrids() -> str:
     """Muon beside Sophia-G against Muon beside AdamW on the tiny preset, 800 steps: each
     tuned on the part that differs, then 5 seeds at the best; AdamW alone for scale."""
@@ -299,7 +327,7 @@ def outside() -> str:
 TABLES: dict[str, Callable[[], str]] = {
     "outside": outside, "batch-map": batch_map, "small-grid": small_grid,
     "small-rung": small_rung, "small-control": small_control,
-    "small-curve": small_curve, "hybrids": hybrids,
+    "small-curve": small_curve, "small-clip": small_clip, "hybrids": hybrids,
 }
 # A block's body never holds another block's marker, so an empty or unclosed block cannot
 # swallow the text up to the next block's end.
