@@ -92,6 +92,8 @@ case "${1:?a queue name}" in
                  small small-hybrids-x1 muon-sophiag 1 0
                  small small-hybrids-x3.33 muon-adamw 3.33 0
                  small small-hybrids-x3.33 muon-sophiag 3.33 0 ;;
+  hybrid-adamw-x3.33) small small-hybrids-x3.33 muon-adamw 3.33 0 ;;
+  hybrid-sophiag-x3.33) small small-hybrids-x3.33 muon-sophiag 3.33 0 ;;
   # Muon on the hidden matrices with Sophia-G (or, the control, AdamW) on embeddings, head and
   # the rest, each tuned on its own part: the seed-0 grid, then seeds 1-4 at the best.
   muon-adamw) tiny muon-adamw 1,3.33,10,30 0 5 ;;

@@ -208,10 +208,11 @@ def small_grid() -> str:
 
 def small_rung() -> str:
     """The small preset (5.3M, 2000 steps, fully decayed): every optimizer and control at
-    every lr run, paired by seed with AdamW at its row's lr (1e-3, the lr with 3 seeds; its
-    grid's ×3 ended lower on seed 0, so these gaps understate AdamW's lead)."""
+    every lr run, paired by seed with AdamW at its seed-0 grid's best lr once that lr has 3
+    seeds (until then at its row's lr, 1e-3)."""
     runs = [r for r in _small_runs() if r.steps == 2000]
-    reference = _lr_runs(runs, "adamw", 1e-3)
+    tuned = _best_lr_runs(runs, "adamw")
+    reference = tuned if len(tuned) >= 3 else _lr_runs(runs, "adamw", 1e-3)
     rows = []
     labels = sorted({r.label for r in runs}, key=lambda label: (label != "adamw", label))
     for label in labels:
@@ -245,18 +246,21 @@ def _by_seed(runs: list[Run]) -> dict[int, float]:
 
 
 def small_curve() -> str:
-    """Seed 0's validation loss every 200 steps on the small preset, and the gaps to AdamW."""
-    runs = {r.label: r for r in _small_runs() if r.seed == 0 and r.steps == 2000
-            and r.lr == {"adamw": 1e-3, "sophiag": 3.33e-4, "lion": 3.33e-4,
-                         "muon": 0.05}.get(r.label)}
-    labels = [label for label in ("adamw", "sophiag", "lion", "muon") if label in runs]
+    """Seed 0's validation loss every 200 steps on the small preset, each optimizer at its
+    seed-0 grid's best lr, and the gaps to AdamW."""
+    small = [r for r in _small_runs() if r.steps == 2000 and not r.variant]
+    labels = [label for label in ("adamw", "sophiag", "lion", "muon")
+              if any(r.label == label for r in small)]
+    runs = {label: next(r for r in _best_lr_runs(small, label) if r.seed == 0)
+            for label in labels}
     curves = {label: dict(runs[label].evals) for label in labels}
     rows = []
     for step in range(200, 2001, 200):
         row = [str(step)] + [f"{curves[label][step]:.3f}" for label in labels]
         row += [f"{curves[label][step] - curves['adamw'][step]:+.3f}" for label in labels[1:]]
         rows.append(row)
-    return _table(["step", *labels, *(f"{label} − adamw" for label in labels[1:])], rows)
+    header = [f"{label} ({runs[label].lr:.3g})" for label in labels]
+    return _table(["step", *header, *(f"{label} − adamw" for label in labels[1:])], rows)
 
 
 def small_clip() -> str:
