@@ -241,6 +241,28 @@ def small_control() -> str:
                    "sophiag − lion, mean [95% interval]"], rows)
 
 
+def small_phase() -> str:
+    """When in the run Sophia-G loses: its validation gap to Lion on each seed every 200
+    steps (each at its grid's best lr), and the mean gap to AdamW (the small-rung table's
+    reference) over the same seeds."""
+    runs = [r for r in _small_runs() if r.steps == 2000 and not r.variant]
+    sophia, lion = _best_lr_runs(runs, "sophiag"), _best_lr_runs(runs, "lion")
+    tuned = _best_lr_runs(runs, "adamw")
+    adamw = tuned if len(tuned) >= 3 else _lr_runs(runs, "adamw", 1e-3)
+    curves = {name: {r.seed: dict(r.evals) for r in group}
+              for name, group in (("sophiag", sophia), ("lion", lion), ("adamw", adamw))}
+    seeds = sorted(set(curves["sophiag"]) & set(curves["lion"]))
+    both = sorted(set(curves["sophiag"]) & set(curves["adamw"]))
+    rows = []
+    for step in range(200, 2001, 200):
+        to_lion = [curves["sophiag"][s][step] - curves["lion"][s][step] for s in seeds]
+        to_adamw = [curves["sophiag"][s][step] - curves["adamw"][s][step] for s in both]
+        rows.append([str(step), *(f"{gap:+.3f}" for gap in to_lion),
+                     f"{statistics.fmean(to_lion):+.3f}", f"{statistics.fmean(to_adamw):+.3f}"])
+    return _table(["step", *(f"seed {s}: sophiag − lion" for s in seeds), "mean",
+                   f"mean sophiag − adamw ({adamw[0].lr:.3g}), seeds {_seeds(adamw)}"], rows)
+
+
 def _by_seed(runs: list[Run]) -> dict[int, float]:
     return {r.seed: r.final for r in runs}
 
@@ -330,7 +352,7 @@ def outside() -> str:
 
 TABLES: dict[str, Callable[[], str]] = {
     "outside": outside, "batch-map": batch_map, "small-grid": small_grid,
-    "small-rung": small_rung, "small-control": small_control,
+    "small-rung": small_rung, "small-control": small_control, "small-phase": small_phase,
     "small-curve": small_curve, "small-clip": small_clip, "hybrids": hybrids,
 }
 # A block's body never holds another block's marker, so an empty or unclosed block cannot
