@@ -339,6 +339,26 @@ def hybrids() -> str:
                    "verdict"], rows)
 
 
+def small_hybrids() -> str:
+    """The hybrids on the small preset, seed 0, 2000 steps: Muon beside Sophia-G and beside
+    AdamW, each part at ×3.33 of its row (the tiny preset's best for both), with Muon alone and
+    tuned AdamW on the same seed for scale."""
+    runs = [r for r in _small_runs() if r.steps == 2000 and r.seed == 0 and not r.variant]
+    hybrids = {r.label: r for r in runs if r.label in ("muon-adamw", "muon-sophiag")}
+    if not hybrids:
+        return "(not run yet: `experiments/value/queue.sh hybrid-adamw-x3.33`, " \
+            "`hybrid-sophiag-x3.33`)"
+    shown = [*(hybrids[label] for label in ("muon-adamw", "muon-sophiag") if label in hybrids),
+             *(_best_lr_runs(runs, label)[0] for label in ("muon", "adamw")
+               if any(r.label == label for r in runs))]
+    reference = hybrids.get("muon-adamw")
+    rows = [[r.label, f"{r.lr:.3g}", f"{r.final:.3f}",
+             f"{r.final - reference.final:+.3f}" if reference and r is not reference else "—"]
+            for r in shown]
+    return _table(["optimizer", "lr (hybrids: of the part that differs)", "seed-0 final val loss",
+                   "gap to muon-adamw"], rows)
+
+
 def outside() -> str:
     """The outside evidence: final losses from other groups' tuned comparisons, with sources
     (experiments/value/outside_evidence.json)."""
@@ -354,6 +374,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "outside": outside, "batch-map": batch_map, "small-grid": small_grid,
     "small-rung": small_rung, "small-control": small_control, "small-phase": small_phase,
     "small-curve": small_curve, "small-clip": small_clip, "hybrids": hybrids,
+    "small-hybrids": small_hybrids,
 }
 # A block's body never holds another block's marker, so an empty or unclosed block cannot
 # swallow the text up to the next block's end.
